@@ -1,0 +1,234 @@
+"""`livepred` command line: parse, call, print. Errors are one line with the fix."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _version() -> str:
+    try:
+        return version("livepred")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"livepred: error: {message}", file=sys.stderr)
+    return code
+
+
+# ---- run ----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.observe import configure_logging
+    from daemon.service import NoModelsError, Service, build_engine
+    from daemon.settings import ConfigError, load_settings
+    from handlers.errors import LivepredError
+
+    try:
+        settings = load_settings(args.config, os.environ)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    configure_logging(settings.log.level, settings.log.format)
+    if args.check:
+        try:
+            engine = build_engine(settings)
+        except (NoModelsError, LivepredError, OSError) as exc:
+            return _fail(str(exc))
+        _print_models(engine)
+        print("config ok", file=sys.stderr)
+        return 0
+
+    async def main() -> int:
+        service = Service(
+            settings,
+            notify_socket=os.environ.get("NOTIFY_SOCKET"),
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+        )
+        service.install_signal_handlers()
+        try:
+            await service.start()
+        except (NoModelsError, LivepredError) as exc:
+            await service.close()
+            return _fail(str(exc))
+        return await service.run()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_models(engine: Any) -> None:
+    for fam in engine.families():
+        print(
+            f"loaded  {fam.target}/{fam.family}: {fam.format_name}, "
+            f"{len(fam.meta.feature_list)} features, window {fam.meta.window}",
+            file=sys.stderr,
+        )
+    for (target, family), reason in sorted(engine.load_errors.items()):
+        print(f"refused {target}/{family}: {reason}", file=sys.stderr)
+
+
+# ---- inspect ------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from daemon.inspect_run import inspect_run
+
+    try:
+        report = inspect_run(
+            Path(args.run),
+            view=args.view,
+            allow_pickle=not args.no_pickle,
+            interval_minutes=args.interval_minutes,
+        )
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from daemon.inspect_run import render
+
+        render(report)
+    return 0
+
+
+# ---- replay -------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon.replay import BarsFileError, read_bars, replay
+    from daemon.service import run_id_of
+    from handlers.engine import InferenceEngine
+    from handlers.errors import LivepredError
+    from handlers.run import ModelLoader
+
+    bars_path = Path(args.bars)
+    try:
+        frame = read_bars(bars_path)
+        loader = ModelLoader(args.run, allow_pickle=not args.no_pickle)
+        engine = InferenceEngine(loader, view=args.view).load_all()
+    except (BarsFileError, LivepredError, FileNotFoundError, NotADirectoryError) as exc:
+        return _fail(str(exc))
+    for (target, family), reason in sorted(engine.load_errors.items()):
+        print(f"refused {target}/{family}: {reason}", file=sys.stderr)
+    show = sys.stderr.isatty()
+
+    def progress(rows: int) -> None:
+        if show:
+            print(f"\r{rows}/{len(frame)} rows", end="", file=sys.stderr, flush=True)
+
+    out_path = Path(args.out)
+    with out_path.open("w") as out:
+        counts = replay(
+            engine,
+            frame,
+            out,
+            source=bars_path.name,
+            ttl_s=args.ttl_s,
+            with_features=args.with_features,
+            run_id=run_id_of(engine),
+            progress=progress,
+        )
+    if show:
+        print(file=sys.stderr)
+    print(
+        f"{counts['predictions']} predictions from {counts['rows']} rows "
+        f"({counts['rejected']} rejected, {counts['duplicates']} duplicates) -> {out_path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ---- demo and bench -----------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from daemon.bench import run_bench
+
+    return run_bench(args)
+
+
+# ---- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="livepred",
+        description="Live model inference on OHLCV bars from Redis streams.",
+    )
+    parser.add_argument("--version", action="version", version=f"livepred {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", "-c", metavar="PATH", help="TOML config file (see config/)")
+    run.add_argument(
+        "--check", action="store_true", help="validate the config, load the models, and exit"
+    )
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser(
+        "demo", help="self-contained demo: embedded Redis, demo models, feeder, live view"
+    )
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds to run (default 20)")
+    demo.add_argument("--symbols", type=int, default=40, help="number of symbols (default 40)")
+    demo.add_argument("--redis-url", help="use this Redis instead of an embedded one")
+    demo.add_argument("--keep-run", metavar="DIR", help="write the demo training run here")
+    demo.add_argument("--no-live", action="store_true", help="no live view; summary only")
+    demo.set_defaults(func=cmd_demo)
+
+    replay = sub.add_parser("replay", help="offline: bars file through the same engine, no Redis")
+    replay.add_argument("--run", required=True, help="training run directory")
+    replay.add_argument("--bars", required=True, help="bars file (.csv or .parquet)")
+    replay.add_argument("--out", required=True, help="output JSON Lines file")
+    replay.add_argument("--with-features", action="store_true", help="add each bar's features")
+    replay.add_argument("--view", default="CROSS_SECTIONAL")
+    replay.add_argument("--ttl-s", type=float, default=900.0, help="state.symbol_ttl_s")
+    replay.add_argument("--no-pickle", action="store_true", help="refuse pickled models")
+    replay.set_defaults(func=cmd_replay)
+
+    inspect = sub.add_parser("inspect", help="describe a training run: targets, families, refusals")
+    inspect.add_argument("run", help="training run directory")
+    inspect.add_argument("--view", default="CROSS_SECTIONAL")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--no-pickle", action="store_true", help="as models.allow_pickle=false")
+    inspect.add_argument("--interval-minutes", type=float, default=0.0)
+    inspect.set_defaults(func=cmd_inspect)
+
+    bench = sub.add_parser("bench", help="benchmarks against baselines (see BENCHMARKS.md)")
+    bench.add_argument("--quick", action="store_true", help="short run (CI smoke test)")
+    bench.add_argument("--json", metavar="OUT", help="write results as JSON")
+    bench.add_argument("--plot", metavar="OUT.png", help="write a latency plot")
+    bench.add_argument("--redis-url", default=None, help="Redis to use (default: local)")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

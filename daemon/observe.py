@@ -1,0 +1,241 @@
+"""Metrics, /healthz, the heartbeat key and systemd notification. No math, no business logic."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = structlog.get_logger("livepred.observe")
+
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+FAMILY_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+
+
+def _p(partition: int | None) -> str:
+    return "-" if partition is None else str(partition)
+
+
+class Metrics:
+    """Every Prometheus series of the daemon, on its own registry (tests make many)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.bars_in = Counter("livepred_bars_in", "Input entries read", ["partition"], registry=r)
+        self.predictions_out = Counter(
+            "livepred_predictions_out", "Prediction entries published", ["partition"], registry=r
+        )
+        self.dead_letters = Counter(
+            "livepred_dead_letters", "Entries dead-lettered by reason", ["reason"], registry=r
+        )
+        self.duplicates = Counter("livepred_duplicates", "Duplicate bars skipped", registry=r)
+        self.batch_size = Histogram(
+            "livepred_batch_size", "Entries per batch", registry=r,
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 512, 1000, 2000, 5000, 10000),
+        )
+        self.family_seconds = Histogram(
+            "livepred_family_inference_seconds", "Inference time per family call",
+            ["target", "family"], registry=r, buckets=FAMILY_BUCKETS_S,
+        )
+        self.stage_seconds = Histogram(
+            "livepred_stage_seconds", "Time per batch stage", ["stage"], registry=r,
+            buckets=FAMILY_BUCKETS_S,
+        )
+        self.latency = Histogram(
+            "livepred_read_to_publish_seconds", "Read-to-publish latency per batch", registry=r,
+            buckets=LATENCY_BUCKETS_S,
+        )
+        self.active_symbols = Gauge(
+            "livepred_active_symbols", "Symbols held in state", ["partition"], registry=r
+        )
+        self.evictions = Counter("livepred_evictions", "Symbols evicted by TTL", registry=r)
+        self.resets = Counter("livepred_state_resets", "Symbol states restarted", registry=r)
+        self.lag = Gauge(
+            "livepred_consumer_lag", "Entries not yet delivered to the group", ["stream"],
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "livepred_model_load_failures", "Families refused or broken at load", registry=r
+        )
+        self.models_loaded = Gauge("livepred_models_loaded", "Families loaded", registry=r)
+        self.redis_errors = Counter("livepred_redis_errors", "Transient Redis errors", registry=r)
+        self.partitions_owned = Gauge(
+            "livepred_partitions_owned", "Partitions this instance processes", registry=r
+        )
+        self.partition_role = Gauge(
+            "livepred_partition_role", "1 for the partition's current role", ["partition", "role"],
+            registry=r,
+        )
+        self.lease_renewals = Counter(
+            "livepred_lease_renewals", "Lease renewals", ["partition"], registry=r
+        )
+        self.lease_losses = Counter("livepred_lease_losses", "Leases lost", ["partition"], registry=r)
+        self.failovers = Counter(
+            "livepred_lease_acquisitions", "Leases taken (start or failover)", ["partition"],
+            registry=r,
+        )
+        self.rebuild_bars = Counter("livepred_rebuild_bars", "Bars replayed into state", registry=r)
+        self.rebuild_seconds = Counter(
+            "livepred_rebuild_seconds", "Time spent rebuilding state", registry=r
+        )
+        self.reloads = Counter("livepred_reloads", "Model reloads by result", ["result"], registry=r)
+        self._roles: dict[str, str] = {}
+
+    # ---- hooks the workers call ----------------------------------------------------------
+
+    def batch(self, partition: int | None, report: Any, read_at_us: int, now_us: int) -> None:
+        p = _p(partition)
+        self.bars_in.labels(p).inc(report.bars)
+        self.predictions_out.labels(p).inc(report.predictions)
+        if report.duplicates:
+            self.duplicates.inc(report.duplicates)
+        for reason in report.dead_reasons:
+            self.dead_letters.labels(reason.split(":", 1)[0] if ":" in reason else reason).inc()
+        self.batch_size.observe(report.bars)
+        for (target, family), seconds in report.family_seconds.items():
+            self.family_seconds.labels(target, family).observe(seconds)
+        for stage, seconds in report.stage_seconds.items():
+            self.stage_seconds.labels(stage).observe(seconds)
+        self.latency.observe(max(0, now_us - read_at_us) / 1e6)
+        if report.evicted:
+            self.evictions.inc(report.evicted)
+        if report.resets:
+            self.resets.inc(report.resets)
+
+    def symbols(self, partition: int | None, count: int) -> None:
+        self.active_symbols.labels(_p(partition)).set(count)
+
+    def redis_error(self) -> None:
+        self.redis_errors.inc()
+
+    def role(self, partition: int | None, role: str) -> None:
+        p = _p(partition)
+        old = self._roles.get(p)
+        if old is not None:
+            self.partition_role.labels(p, old).set(0)
+        self.partition_role.labels(p, role).set(1)
+        self._roles[p] = role
+        self.partitions_owned.set(sum(1 for r in self._roles.values() if r == "active"))
+
+    def lease_acquired(self, partition: int | None) -> None:
+        self.failovers.labels(_p(partition)).inc()
+
+    def lease_renewed(self, partition: int | None) -> None:
+        self.lease_renewals.labels(_p(partition)).inc()
+
+    def lease_lost(self, partition: int | None) -> None:
+        self.lease_losses.labels(_p(partition)).inc()
+
+    def rebuild(self, bars: int, seconds: float) -> None:
+        self.rebuild_bars.inc(bars)
+        self.rebuild_seconds.inc(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """GET /metrics (Prometheus text) and GET /healthz (200 ok / 503 with the reason)."""
+
+    def __init__(self, metrics: Metrics, health: Any, host: str = "0.0.0.0", port: int = 9464):
+        self.metrics, self.health, self.host, self.port = metrics, health, host, port
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), timeout=5)
+            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) > 1 else "/"
+            if path.startswith("/metrics"):
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.metrics.render()
+            elif path.startswith("/healthz"):
+                problem = await self.health()
+                status = "200 OK" if problem is None else "503 Service Unavailable"
+                ctype, body = "text/plain; charset=utf-8", (problem or "ok").encode() + b"\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+
+class SystemdNotifier:
+    """sd_notify over the $NOTIFY_SOCKET datagram socket; a no-op outside systemd."""
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address
+        self._sock: socket.socket | None = None
+        if address:
+            addr = "\0" + address[1:] if address.startswith("@") else address
+            try:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sock.connect(addr)
+            except OSError as exc:
+                log.warning("systemd notify socket unusable", error=str(exc))
+                self._sock = None
+
+    def notify(self, message: str) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.send(message.encode())
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    """structlog: JSON lines when not on a TTY (journald, files), console lines on a TTY."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    )
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(name)s: %(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def process_rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

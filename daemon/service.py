@@ -1,0 +1,296 @@
+"""Wiring: settings -> models -> one worker per partition; signals, reload, health, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError
+
+from daemon.observe import HealthServer, Metrics, SystemdNotifier
+from daemon.settings import Settings, partition_keys
+from daemon.streams import StreamIO
+from daemon.worker import PartitionWorker, Role
+from handlers.engine import InferenceEngine
+from handlers.run import ModelLoader
+
+log = structlog.get_logger("livepred.service")
+
+STOP_GRACE_S = 10.0
+HEARTBEAT_EVERY_S = 1.0
+
+
+class NoModelsError(RuntimeError):
+    """Not one family of the run could be loaded: nothing to serve."""
+
+
+def build_engine(settings: Settings) -> InferenceEngine:
+    """Load every selected family (blocking: call it off the event loop)."""
+    m = settings.models
+    loader = ModelLoader(
+        m.run_root,
+        allow_pickle=m.allow_pickle,
+        interval_minutes=float(m.interval_minutes),
+        device=m.device,
+    )
+    engine = InferenceEngine(
+        loader, device=m.device, view=m.view, targets=m.targets, families=m.families
+    )
+    engine.load_all()
+    if not any(True for _ in engine.families()):
+        reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
+        raise NoModelsError(
+            f"no model could be loaded from models.run_root = {m.run_root!r}"
+            + (f" ({reasons})" if reasons else " (no targets/families found)")
+        )
+    return engine
+
+
+def make_redis(settings: Settings) -> Any:
+    socket_timeout_s = max(5.0, settings.streams.block_ms / 1000 + 5.0)
+    common: dict[str, Any] = {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 15,
+    }
+    if settings.redis.cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.redis.url, **common)
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(settings.redis.url, **common)
+
+
+def run_id_of(engine: InferenceEngine) -> str:
+    loader = engine.loader
+    return str(getattr(loader, "run_id", "") or "")
+
+
+class Service:
+    """The daemon. Takes its Redis client and clock from outside so tests can inject them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis: Any = None,
+        engine: InferenceEngine | None = None,
+        metrics: Metrics | None = None,
+        notify_socket: str | None = None,
+        hostname: str | None = None,
+        pid: int = 0,
+        clock_us: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self._owns_redis = redis is None
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self.notifier = SystemdNotifier(notify_socket)
+        self.consumer = settings.consumer_name(hostname or socket.gethostname(), pid)
+        self.token = f"{self.consumer}:{uuid.uuid4().hex[:12]}"
+        self.clock_us = clock_us or (lambda: time.time_ns() // 1000)
+        self.stop_event = asyncio.Event()
+        self.reload_event = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepred-infer")
+        self.workers: list[PartitionWorker] = []
+        self.health_server: HealthServer | None = None
+        self.redis_ok = True
+        self._started = False
+
+    # ---- control -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    def request_reload(self) -> None:
+        self.reload_event.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    # ---- run -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.engine is None:
+            self.engine = await loop.run_in_executor(self.executor, build_engine, self.settings)
+        self._report_models(self.engine)
+        if self.redis is None:
+            self.redis = make_redis(self.settings)
+        s = self.settings.streams
+        for keys in partition_keys(self.settings):
+            io = StreamIO(
+                self.redis,
+                inputs=keys.inputs,
+                output=keys.output,
+                dead_letter=keys.dead_letter,
+                group=s.group,
+                consumer=self.consumer,
+                lease_key=keys.lease_key,
+                output_maxlen=s.output_maxlen,
+            )
+            self.workers.append(
+                PartitionWorker(
+                    io,
+                    partition=keys.partition,
+                    engine=lambda: self.engine,  # type: ignore[arg-type,return-value]
+                    ttl_s=float(self.settings.state.symbol_ttl_s),
+                    run_id=lambda: run_id_of(self.engine),  # type: ignore[arg-type]
+                    executor=self.executor,
+                    token=self.token,
+                    batch=s.batch,
+                    block_ms=s.block_ms,
+                    lease_ms=s.lease_ms,
+                    warmup_bars=self.settings.state.warmup_bars,
+                    metrics=self.metrics,
+                    clock_us=self.clock_us,
+                )
+            )
+        if self.settings.metrics.port:
+            self.health_server = HealthServer(self.metrics, self.health, port=self.settings.metrics.port)
+            await self.health_server.start()
+        self._started = True
+
+    async def run(self) -> int:
+        if not self._started:
+            await self.start()
+        tasks = [asyncio.create_task(w.run(self.stop_event)) for w in self.workers]
+        background = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._reload_loop()),
+        ]
+        self.notifier.notify("READY=1\nSTATUS=serving")
+        log.info(
+            "livepred running",
+            consumer=self.consumer,
+            partitions=[w.partition for w in self.workers],
+            families=sum(1 for _ in self.engine.families()) if self.engine else 0,
+        )
+        try:
+            await self.stop_event.wait()
+        finally:
+            self.notifier.notify("STOPPING=1")
+            log.info("stopping: finishing the batch in hand")
+            done, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+            for t in pending:
+                t.cancel()
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*pending, *background, return_exceptions=True)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    log.error("worker failed", error=repr(t.exception()))
+            await self.close()
+        return 0
+
+    async def close(self) -> None:
+        if self.health_server is not None:
+            await self.health_server.close()
+        if self._owns_redis and self.redis is not None:
+            try:
+                await self.redis.aclose()
+            except (RedisError, OSError):
+                pass
+        self.executor.shutdown(wait=True)
+        if self.engine is not None:
+            self.engine.close()
+        self.notifier.close()
+
+    # ---- background loops ----------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        key = f"{self.settings.streams.group}:heartbeat:{self.consumer}"
+        last_lag = 0.0
+        while True:
+            try:
+                await self.redis.set(key, str(int(time.time() * 1000)), ex=10)
+                self.redis_ok = True
+                if time.monotonic() - last_lag > 5:
+                    last_lag = time.monotonic()
+                    await self._update_lag()
+            except (RedisError, OSError):
+                self.redis_ok = False
+            for w in self.workers:
+                if w.pipeline is not None:
+                    self.metrics.symbols(w.partition, len(w.pipeline.table))
+            if await self.health() is None:
+                self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+
+    async def _update_lag(self) -> None:
+        for w in self.workers:
+            if w.role != Role.ACTIVE:
+                continue
+            for stream in w.io.inputs:
+                for g in await self.redis.xinfo_groups(stream):
+                    name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                    if name == self.settings.streams.group and g.get("lag") is not None:
+                        self.metrics.lag.labels(stream).set(int(g["lag"]))
+
+    async def health(self) -> str | None:
+        """None when healthy, else the reason (for /healthz and the watchdog)."""
+        try:
+            await asyncio.wait_for(self.redis.ping(), timeout=1.0)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return f"redis unreachable: {exc}"
+        stall_s = max(10.0, 50 * self.settings.streams.block_ms / 1000)
+        now = time.monotonic()
+        for w in self.workers:
+            if w.role == Role.ACTIVE and now - w.last_progress_s > stall_s:
+                return f"partition {w.partition} stalled for {now - w.last_progress_s:.0f}s"
+        return None
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self.reload_event.wait()
+            self.reload_event.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Load the models again from run_root; swap them in between batches, or keep the old."""
+        self.notifier.notify("RELOADING=1")
+        log.info("reloading models", run_root=self.settings.models.run_root)
+        try:
+            engine = await asyncio.to_thread(build_engine, self.settings)
+        except Exception as exc:
+            self.metrics.reloads.labels("failed").inc()
+            log.error("reload failed: keeping the current models", error=str(exc))
+            self.notifier.notify("READY=1")
+            return False
+        old = self.engine
+        self._report_models(engine)
+        self.engine = engine
+        self.metrics.reloads.labels("ok").inc()
+        log.info("models reloaded", run=run_id_of(engine))
+        self.notifier.notify("READY=1")
+        if old is not None:
+            # Close after the batch that may still use it has finished (same executor).
+            asyncio.get_running_loop().run_in_executor(self.executor, old.close)
+        return True
+
+    def _report_models(self, engine: InferenceEngine) -> None:
+        loaded = list(engine.families())
+        self.metrics.models_loaded.set(len(loaded))
+        for (target, family), reason in sorted(engine.load_errors.items()):
+            self.metrics.model_load_failures.inc()
+            log.warning("model refused", target=target, family=family, reason=reason)
+        for fam in loaded:
+            log.info(
+                "model loaded",
+                target=fam.target,
+                family=fam.family,
+                format=fam.format_name,
+                features=len(fam.meta.feature_list),
+                window=fam.meta.window,
+            )

@@ -1,0 +1,256 @@
+"""The per-symbol state table: slots, event-time TTL, duplicates, and batched model inputs.
+
+Pure: no Redis, no asyncio, no wall clock. The state after a sequence of bars depends only on
+that sequence (not on how it was cut into batches), which crash recovery relies on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from handlers.engine import BatchInputs, InputSpec
+from handlers.features import FeatureState
+from handlers.sequences import RAW, SequenceBuffers
+
+OUT_OF_ORDER = "out_of_order"
+
+
+class BarLike(Protocol):
+    symbol: str
+    ts: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """Outcome of one batch: indices refer to the bars passed to `apply`."""
+
+    accepted: list[int]
+    inputs: BatchInputs | None  # rows aligned with `accepted`; None when not gathered
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    duplicates: list[int] = field(default_factory=list)
+    resets: int = 0  # symbols whose state restarted (TTL gap or evicted earlier)
+    evicted: int = 0  # slots freed at the end of this batch
+
+
+class SymbolTable:
+    """Symbol -> slot, plus the feature state and ring buffers indexed by slot."""
+
+    def __init__(self, spec: InputSpec, ttl_s: float, capacity: int = 1024) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be > 0")
+        self.spec = spec
+        self.ttl_ms = int(round(ttl_s * 1000))
+        capacity = max(int(capacity), 16)
+        self._capacity = capacity
+        self.features = FeatureState(spec.feature_names, capacity=capacity)
+        self.buffers = {s: SequenceBuffers(s, capacity=capacity) for s in spec.sequences}
+        index = {name: i for i, name in enumerate(spec.feature_names)}
+        # Which columns of the feature values (or OHLCV channels) each buffer stores.
+        self._buffer_columns = {
+            s: np.array(
+                [(_CHANNEL if s.kind == RAW else index)[c] for c in s.columns], dtype=np.int64
+            )
+            for s in spec.sequences
+        }
+        self.slot_of: dict[str, int] = {}
+        self._symbols: list[str | None] = [None] * capacity
+        self.last_ts = np.zeros(capacity, dtype=np.int64)
+        self.bars_seen = np.zeros(capacity, dtype=np.int64)
+        self._active = np.zeros(capacity, dtype=bool)
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self.max_ts_seen = 0
+        self.duplicates_total = 0
+        self.evictions_total = 0
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def __contains__(self, symbol: object) -> bool:
+        return symbol in self.slot_of
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def nbytes_per_slot(self) -> int:
+        total = self.features.nbytes_per_slot() + 2 * 8 + 8  # ts, count, symbol ref
+        return total + sum(b.nbytes_per_slot() for b in self.buffers.values())
+
+    def _grow(self, needed: int) -> None:
+        new_cap = max(needed, 2 * self._capacity)
+        self.features.ensure_capacity(new_cap)
+        for buf in self.buffers.values():
+            buf.ensure_capacity(new_cap)
+        self.last_ts = np.concatenate([self.last_ts, np.zeros(new_cap - self._capacity, np.int64)])
+        self.bars_seen = np.concatenate(
+            [self.bars_seen, np.zeros(new_cap - self._capacity, np.int64)]
+        )
+        self._active = np.concatenate([self._active, np.zeros(new_cap - self._capacity, bool)])
+        self._symbols.extend([None] * (new_cap - self._capacity))
+        self._free.extend(range(new_cap - 1, self._capacity - 1, -1))
+        self._capacity = new_cap
+
+    def _allocate(self, symbol: str) -> int:
+        if not self._free:
+            self._grow(self._capacity + 1)
+        slot = self._free.pop()
+        self.slot_of[symbol] = slot
+        self._symbols[slot] = symbol
+        self._active[slot] = True
+        return slot
+
+    def _fresh(self, slots: np.ndarray) -> None:
+        self.features.reset(slots)
+        for buf in self.buffers.values():
+            buf.reset(slots)
+        self.bars_seen[slots] = 0
+
+    def evict_stale(self) -> int:
+        """Free every symbol whose last bar is older than the newest ts seen minus the TTL."""
+        if not self.slot_of:
+            return 0
+        horizon = self.max_ts_seen - self.ttl_ms
+        stale = np.flatnonzero(self._active & (self.last_ts < horizon))
+        for slot in stale.tolist():
+            symbol = self._symbols[slot]
+            assert symbol is not None
+            del self.slot_of[symbol]
+            self._symbols[slot] = None
+            self._free.append(slot)
+        self._active[stale] = False
+        self.evictions_total += int(stale.size)
+        return int(stale.size)
+
+    def symbols(self) -> list[str]:
+        return sorted(self.slot_of)
+
+    # ---- the batch -----------------------------------------------------------------------
+
+    def apply(self, bars: Sequence[BarLike], *, gather: bool = True) -> ApplyResult:
+        """Update state with `bars` in order; return model inputs for the accepted ones."""
+        ttl_ms = self.ttl_ms
+        accepted: list[int] = []
+        rejected: list[tuple[int, str]] = []
+        duplicates: list[int] = []
+        # Per accepted bar: its slot, its wave (k-th occurrence of the slot in this batch),
+        # and whether its symbol restarts fresh before it.
+        slots: list[int] = []
+        waves: list[int] = []
+        fresh: list[bool] = []
+        occurrences: dict[int, int] = {}
+        pending_ts: dict[int, int] = {}
+        max_seen = self.max_ts_seen
+        slot_of = self.slot_of
+        for i, bar in enumerate(bars):
+            ts = bar.ts
+            slot = slot_of.get(bar.symbol)
+            restart = False
+            if slot is None:
+                slot = self._allocate(bar.symbol)
+                restart = True
+            else:
+                last = pending_ts.get(slot)
+                if last is None:
+                    last = int(self.last_ts[slot])
+                if last < max_seen - ttl_ms:
+                    restart = True  # evicted by event time: the next bar starts afresh
+                elif ts == last:
+                    duplicates.append(i)
+                    continue
+                elif ts < last:
+                    rejected.append((i, OUT_OF_ORDER))
+                    continue
+                elif ts - last > ttl_ms:
+                    restart = True
+            pending_ts[slot] = ts
+            if ts > max_seen:
+                max_seen = ts
+            wave = occurrences.get(slot, 0)
+            occurrences[slot] = wave + 1
+            accepted.append(i)
+            slots.append(slot)
+            waves.append(wave)
+            fresh.append(restart)
+        self.max_ts_seen = max_seen
+        self.duplicates_total += len(duplicates)
+
+        n = len(accepted)
+        inputs = None
+        if gather:
+            inputs = BatchInputs(
+                features=np.empty((n, len(self.spec.feature_names)), dtype=np.float64),
+                bars_seen=np.empty(n, dtype=np.int64),
+                sequences={
+                    s: np.empty((n, s.length, len(s.columns)), dtype=np.float32)
+                    for s in self.spec.sequences
+                },
+            )
+        resets = sum(fresh)
+        if n:
+            self._run_waves(bars, accepted, slots, waves, fresh, inputs)
+        evicted = self.evict_stale()
+        return ApplyResult(accepted, inputs, rejected, duplicates, resets, evicted)
+
+    def _run_waves(
+        self,
+        bars: Sequence[BarLike],
+        accepted: list[int],
+        slots_list: list[int],
+        waves_list: list[int],
+        fresh_list: list[bool],
+        inputs: BatchInputs | None,
+    ) -> None:
+        n = len(accepted)
+        slots_all = np.asarray(slots_list, dtype=np.int64)
+        waves = np.asarray(waves_list, dtype=np.int64)
+        fresh_all = np.asarray(fresh_list, dtype=bool)
+        need_raw = any(s.kind == RAW for s in self.spec.sequences)
+        close = np.fromiter((bars[i].close for i in accepted), dtype=np.float64, count=n)
+        ts_all = np.fromiter((bars[i].ts for i in accepted), dtype=np.int64, count=n)
+        ohlcv = None
+        if need_raw:
+            ohlcv = np.array(
+                [
+                    (bars[i].open, bars[i].high, bars[i].low, bars[i].close, bars[i].volume)
+                    for i in accepted
+                ],
+                dtype=np.float64,
+            ).reshape(n, 5)
+        n_waves = int(waves.max()) + 1
+        order = np.argsort(waves, kind="stable") if n_waves > 1 else np.arange(n)
+        bounds = np.searchsorted(waves[order], np.arange(n_waves + 1))
+        for w in range(n_waves):
+            rows = order[bounds[w] : bounds[w + 1]]
+            slots = slots_all[rows]
+            restart = slots[fresh_all[rows]]
+            if restart.size:
+                self._fresh(restart)
+            values = self.features.update(slots, close[rows])
+            self.bars_seen[slots] += 1
+            self.last_ts[slots] = ts_all[rows]
+            for spec, buf in self.buffers.items():
+                cols = self._buffer_columns[spec]
+                if spec.kind == RAW:
+                    assert ohlcv is not None
+                    buf.push(slots, ohlcv[rows][:, cols])
+                else:
+                    buf.push(slots, values[:, cols])
+            if inputs is not None:
+                inputs.features[rows] = values
+                inputs.bars_seen[rows] = self.bars_seen[slots]
+                for spec, buf in self.buffers.items():
+                    inputs.sequences[spec][rows] = buf.gather(slots)
+
+
+_CHANNEL = {"open": 0, "high": 1, "low": 2, "close": 3, "volume": 4}

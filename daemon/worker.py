@@ -1,0 +1,349 @@
+"""One partition's life: stand by for the lease, rebuild state, drain pending, serve new bars."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from enum import StrEnum
+from typing import Any
+
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from daemon.batch import BatchReport, run_batch, warm_from_history
+from daemon.pipeline import Pipeline
+from handlers.engine import InferenceEngine
+from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, Entry, StreamIO
+from daemon.wire import Bar, decode_bar
+
+log = structlog.get_logger("livepred.worker")
+
+MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class Role(StrEnum):
+    STANDBY = "standby"
+    REBUILDING = "rebuilding"
+    ACTIVE = "active"
+    STOPPED = "stopped"
+
+
+class LeaseLost(Exception):
+    """Another instance owns the partition now: stop touching it at once."""
+
+
+class Backoff:
+    """Capped, jittered exponential backoff."""
+
+    def __init__(self, base_s: float = 0.05, cap_s: float = 2.0) -> None:
+        self.base_s, self.cap_s, self.attempt = base_s, cap_s, 0
+
+    def next_s(self) -> float:
+        self.attempt += 1
+        return random.uniform(0.5, 1.0) * min(self.cap_s, self.base_s * 2**self.attempt)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class PartitionWorker:
+    """Owns one partition while it holds the partition's lease."""
+
+    def __init__(
+        self,
+        io: StreamIO,
+        *,
+        partition: int | None,
+        engine: Callable[[], InferenceEngine],
+        ttl_s: float,
+        run_id: Callable[[], str],
+        executor: Executor,
+        token: str,
+        batch: int,
+        block_ms: int,
+        lease_ms: int,
+        warmup_bars: int,
+        metrics: Any,
+        clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+    ) -> None:
+        self.io = io
+        self.partition = partition
+        self.engine = engine  # the current engine; replaced on reload by the service
+        self.ttl_s = ttl_s
+        self.run_id = run_id
+        self.executor = executor
+        self.token = token
+        self.batch = batch
+        self.block_ms = block_ms
+        self.lease_ms = lease_ms
+        self.warmup_bars = warmup_bars
+        self.metrics = metrics
+        self.clock_us = clock_us
+        self.role = Role.STANDBY
+        self.pipeline: Pipeline | None = None
+        self.last_progress_s = time.monotonic()
+        self._lost = asyncio.Event()
+        self._log = log.bind(partition=partition if partition is not None else "-")
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        try:
+            while not stop.is_set():
+                try:
+                    if not await self._acquire():
+                        self._set_role(Role.STANDBY)
+                        await _wait(stop, self.lease_ms / 4000)
+                        continue
+                    backoff.reset()
+                    await self._own(stop)
+                except LeaseLost:
+                    self._log.warning("lease lost: stopped processing this partition")
+                    self.metrics.lease_lost(self.partition)
+                    self.pipeline = None
+                    self._set_role(Role.STANDBY)
+                except TRANSIENT as exc:
+                    delay = backoff.next_s()
+                    self.metrics.redis_error()
+                    self._log.warning("redis unavailable, retrying", error=str(exc), delay_s=delay)
+                    await _wait(stop, delay)
+        finally:
+            self._set_role(Role.STOPPED)
+            try:
+                await asyncio.wait_for(self.io.release_lease(self.token), timeout=1.0)
+            except (RedisError, OSError, TimeoutError):
+                pass  # the lease expires by itself
+
+    def _set_role(self, role: Role) -> None:
+        if role != self.role:
+            self._log.info("partition role", role=str(role))
+            self.role = role
+            self.metrics.role(self.partition, str(role))
+
+    async def _acquire(self) -> bool:
+        if await self.io.acquire_lease(self.token, self.lease_ms):
+            self.metrics.lease_acquired(self.partition)
+            return True
+        return False
+
+    async def _own(self, stop: asyncio.Event) -> None:
+        self._lost.clear()
+        renewer = asyncio.create_task(self._renew_forever())
+        try:
+            await self.io.ensure_groups()
+            self._set_role(Role.REBUILDING)
+            await self.rebuild()
+            claimed = await self.io.claim_all_pending()
+            if claimed:
+                self._log.info("claimed pending entries of gone consumers", entries=claimed)
+            self._set_role(Role.ACTIVE)
+            await self._drain_pending(stop)
+            await self._serve_new(stop)
+        finally:
+            renewer.cancel()
+            try:
+                await renewer
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _renew_forever(self) -> None:
+        interval_s = self.lease_ms / 3000
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                ok = await self.io.renew_lease(self.token, self.lease_ms)
+            except (RedisError, OSError):
+                ok = None  # unknown: keep trying until the lease would have expired
+            if ok:
+                last_ok = time.monotonic()
+                self.metrics.lease_renewed(self.partition)
+            elif ok is False or time.monotonic() - last_ok > self.lease_ms / 1000:
+                self._lost.set()
+                return
+
+    def _check_lease(self) -> None:
+        if self._lost.is_set():
+            raise LeaseLost()
+
+    # ---- state rebuild -------------------------------------------------------------------
+
+    async def rebuild(self) -> None:
+        """State from the retained history up to the last acknowledged entry (CONTRACT §5)."""
+        started = time.perf_counter()
+        pipeline = Pipeline(self.engine(), ttl_s=self.ttl_s)
+        loop = asyncio.get_running_loop()
+        total = 0
+        for stream in self.io.inputs:
+            boundary = await self.io.history_boundary(stream)
+            if boundary is None:
+                continue
+            kept: list[Entry] = []
+            per_symbol: dict[str, int] = {}
+            async for chunk in self.io.scan_history_backwards(stream, boundary):
+                for entry_id, fields in chunk:
+                    item = decode_bar(fields, stream, entry_id)
+                    if not isinstance(item, Bar):
+                        continue
+                    seen = per_symbol.get(item.symbol, 0)
+                    if seen < self.warmup_bars:
+                        per_symbol[item.symbol] = seen + 1
+                        kept.append(Entry(stream, entry_id, fields))
+                self._check_lease()
+            kept.reverse()
+            for i in range(0, len(kept), 20_000):
+                total += await loop.run_in_executor(
+                    self.executor, warm_from_history, pipeline, kept[i : i + 20_000]
+                )
+        self.pipeline = pipeline
+        elapsed = time.perf_counter() - started
+        self.metrics.rebuild(total, elapsed)
+        self._log.info(
+            "state rebuilt",
+            bars=total,
+            symbols=len(pipeline.table),
+            seconds=round(elapsed, 3),
+            bars_per_s=round(total / elapsed) if elapsed > 0 else None,
+        )
+
+    # ---- processing ----------------------------------------------------------------------
+
+    async def _drain_pending(self, stop: asyncio.Event) -> None:
+        cursor: dict[str, str] = {}
+        while not stop.is_set():
+            self._check_lease()
+            entries = await self.io.read_own_pending(self.batch, cursor)
+            if not entries:
+                return
+            stream = entries[0].stream
+            counts = await self.io.delivery_counts(stream, [e.entry_id for e in entries])
+            entries = [
+                Entry(e.stream, e.entry_id, e.fields, counts.get(e.entry_id, 1)) for e in entries
+            ]
+            cursor[stream] = entries[-1].entry_id
+            await self._process(entries, self.clock_us())
+
+    async def _serve_new(self, stop: asyncio.Event) -> None:
+        next_read: asyncio.Task[tuple[list[Entry], int]] | None = None
+        try:
+            while True:
+                self._check_lease()
+                if next_read is None:
+                    if stop.is_set():
+                        return
+                    next_read = asyncio.create_task(self._read())
+                entries, read_at = await next_read
+                next_read = None
+                self.last_progress_s = time.monotonic()
+                if not entries:
+                    continue
+                # Overlap: the next read runs while this batch computes (bounded to one).
+                if not stop.is_set():
+                    next_read = asyncio.create_task(self._read())
+                await self._process(entries, read_at)
+        finally:
+            if next_read is not None:
+                # Never cancel a read mid-flight (an entry could be delivered and forgotten):
+                # what it returns stays pending and is handled on the next start.
+                try:
+                    await next_read
+                except Exception:
+                    pass
+
+    async def _read(self) -> tuple[list[Entry], int]:
+        backoff = Backoff()
+        while True:
+            try:
+                return await self._read_once()
+            except TRANSIENT as exc:
+                # Keep state through an outage; the lease renewer decides if we lost it.
+                self._check_lease()
+                delay = backoff.next_s()
+                self.metrics.redis_error()
+                self._log.warning("read failed, retrying", error=str(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+
+    async def _read_once(self) -> tuple[list[Entry], int]:
+        try:
+            entries = await self.io.read_new(self.batch, self.block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group vanished (Redis restarted without persistence, or a
+            # manual delete): recreate it and carry on from now.
+            self._log.warning("consumer group missing, recreating", error=str(exc))
+            await self.io.ensure_groups()
+            return [], self.clock_us()
+        return entries, self.clock_us()
+
+    async def _process(self, entries: list[Entry], read_at_us: int) -> None:
+        assert self.pipeline is not None
+        engine = self.engine()
+        if engine is not self.pipeline.engine and self.pipeline.rebind(engine):
+            # Between batches: the new models read other inputs, so state is rebuilt from
+            # the stream (a pure function of the bars), then this batch runs on it.
+            self._log.info("model inputs changed: rebuilding state from the stream")
+            await self.rebuild()
+        assert self.pipeline is not None
+        loop = asyncio.get_running_loop()
+        commit, report = await loop.run_in_executor(
+            self.executor,
+            _run_batch_job,
+            self.pipeline,
+            entries,
+            self.run_id(),
+            read_at_us,
+            self.clock_us,
+        )
+        started = time.perf_counter()
+        await asyncio.shield(self._commit(commit))
+        report.stage_seconds["redis_commit"] = time.perf_counter() - started
+        self.last_progress_s = time.monotonic()
+        self.metrics.batch(self.partition, report, read_at_us, self.clock_us())
+
+    async def _commit(self, commit: Commit) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                result = await self.io.commit(self.token, commit)
+            except TRANSIENT as exc:
+                if self._lost.is_set():
+                    raise LeaseLost() from exc
+                delay = backoff.next_s()
+                self.metrics.redis_error()
+                self._log.warning("commit failed, retrying", error=str(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+                continue
+            if result == LEASE_LOST:
+                self._lost.set()
+                raise LeaseLost()
+            if result == ALREADY_COMMITTED:
+                self._log.info("batch was already committed before a dropped connection")
+            return
+
+
+def _run_batch_job(
+    pipeline: Pipeline, entries: list[Entry], run_id: str, read_at_us: int, clock_us: Any
+) -> tuple[Commit, BatchReport]:
+    return run_batch(
+        pipeline,
+        entries,
+        run_id=run_id,
+        read_at_us=read_at_us,
+        now_us=clock_us,
+        max_deliveries=MAX_DELIVERIES,
+    )
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        pass

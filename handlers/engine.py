@@ -1,0 +1,406 @@
+"""`InferenceEngine`: every loaded family of every target, predicted a whole batch at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from handlers.errors import InferenceError, ModelLoadError
+from handlers.features import parse_feature, warmup_bars
+from handlers.meta import ModelMeta
+from handlers.sequences import FEATURES, SequenceSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VIEW = "CROSS_SECTIONAL"
+NON_FINITE_OUTPUT = "non_finite_output"
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """What the state must compute for the loaded models: feature columns and ring buffers."""
+
+    feature_names: tuple[str, ...]
+    sequences: tuple[SequenceSpec, ...]
+
+
+@dataclass(slots=True)
+class BatchInputs:
+    """Model inputs for B accepted bars, in bar order."""
+
+    features: np.ndarray  # (B, len(InputSpec.feature_names)) float64
+    bars_seen: np.ndarray  # (B,) int64: bars in the symbol's state including this one
+    sequences: dict[SequenceSpec, np.ndarray] = field(default_factory=dict)  # (B, T, F) f32
+
+    def __len__(self) -> int:
+        return int(self.bars_seen.shape[0])
+
+
+@dataclass(slots=True)
+class TargetBatch:
+    """Columnar results of one target for a batch. NaN pred = not published."""
+
+    selected: str | None
+    preds: dict[str, np.ndarray]  # family -> (B,) float64
+    warming: dict[str, np.ndarray]  # family -> (B,) int64, 0 = ready
+    failed: dict[str, list[str | None]]  # family -> reason per row or None
+
+    def row(self, i: int) -> dict[str, Any]:
+        """The wire map of one row: finite preds only; warming and failed as in CONTRACT §4."""
+        preds: dict[str, float] = {}
+        warming: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        for family, values in self.preds.items():
+            reason = self.failed[family][i]
+            if reason is not None:
+                failed[family] = reason
+            elif self.warming[family][i] > 0:
+                warming[family] = int(self.warming[family][i])
+            else:
+                value = float(values[i])
+                if np.isfinite(value):
+                    preds[family] = value
+                else:
+                    failed[family] = NON_FINITE_OUTPUT
+        pred = preds.get(self.selected) if self.selected is not None else None
+        return {
+            "preds": preds,
+            "selected": self.selected,
+            "pred": pred,
+            "warming": warming,
+            "failed": failed,
+        }
+
+
+@dataclass(slots=True)
+class BatchResult:
+    targets: dict[str, TargetBatch]
+    family_seconds: dict[tuple[str, str], float]  # (target, family) -> wall time of its call
+
+    def row(self, i: int) -> dict[str, dict[str, Any]]:
+        return {target: batch.row(i) for target, batch in self.targets.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedFamily:
+    target: str
+    family: str
+    model: Any  # a handlers.base.ModelHandler
+    meta: ModelMeta
+    sequence: SequenceSpec | None
+    needs_finite: bool
+    unknown_features: tuple[str, ...]
+    bars_to_ready: int  # bars in a fresh state before every input can be finite
+
+    @property
+    def format_name(self) -> str:
+        return str(getattr(self.model, "format_name", type(self.model).__name__))
+
+
+def bars_to_ready(meta: ModelMeta, sequence: SequenceSpec | None) -> int:
+    if sequence is not None and sequence.kind != FEATURES:
+        return sequence.length
+    known = [warmup_bars(f) for f in meta.feature_list if parse_feature(f) is not None]
+    rows = sequence.length if sequence is not None else 1
+    return max(known, default=1) + rows - 1
+
+
+class InferenceEngine:
+    """Loads families from a loader and predicts batches; failures stay per family.
+
+    Works with any loader that has `load_model(target, family, view=...)` and
+    `list_available_families(target, view=...)`.
+    """
+
+    def __init__(
+        self,
+        loader: Any,
+        device: str = "cpu",
+        *,
+        view: str = DEFAULT_VIEW,
+        targets: Sequence[str] = (),
+        families: Sequence[str] = (),
+    ) -> None:
+        self.loader = loader
+        self.device = device
+        self.view = view
+        self.target_filter = tuple(targets)
+        self.family_filter = tuple(families)
+        self.models: dict[str, dict[str, LoadedFamily]] = {}
+        self.selected: dict[str, str | None] = {}
+        self.load_errors: dict[tuple[str, str], str] = {}
+        self._spec: InputSpec | None = None
+        self._columns: dict[tuple[str, str], np.ndarray] = {}
+        # Seed single-row API: per (symbol, target, family) history of feature rows.
+        self._rows: dict[tuple[str, str, str], deque[np.ndarray]] = {}
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def load_all(self) -> InferenceEngine:
+        """Load every selected family of every selected target; refusals go to load_errors."""
+        targets = self.target_filter or tuple(self.loader.list_available_targets())
+        for target in targets:
+            self.load_models_for_target(target)
+        return self
+
+    def load_models_for_target(self, target: str, view: str | None = None) -> list[str]:
+        view = view or self.view
+        try:
+            names = list(self.loader.list_available_families(target, view=view))
+        except Exception as exc:  # a missing target is a refusal, not a crash
+            self.load_errors[(target, "*")] = _short(exc)
+            return []
+        if self.family_filter:
+            names = [n for n in names if n in self.family_filter]
+        loaded = self.models.setdefault(target, {})
+        for family in names:
+            try:
+                loaded[family] = self._load_family(target, family, view)
+                self.load_errors.pop((target, family), None)
+            except Exception as exc:
+                reason = exc.reason if isinstance(exc, ModelLoadError) else _short(exc)
+                self.load_errors[(target, family)] = reason
+                log.warning("model refused: %s/%s: %s", target, family, reason)
+        self.selected[target] = self._routing(target, view)
+        self._spec = None
+        return sorted(loaded)
+
+    def _routing(self, target: str, view: str) -> str | None:
+        getter = getattr(self.loader, "get_routing_decision", None)
+        if getter is None:
+            return None
+        try:
+            return getter(target, view=view)
+        except Exception as exc:
+            log.warning("routing decision of %s unreadable: %s", target, exc)
+            return None
+
+    def _load_family(self, target: str, family: str, view: str) -> LoadedFamily:
+        model, meta = self.loader.load_model(target, family, view=view)
+        if not isinstance(meta, ModelMeta):
+            meta = ModelMeta.from_dict(meta, family)
+        sequence = SequenceSpec.for_meta(meta)
+        unknown = tuple(f for f in meta.feature_list if parse_feature(f) is None)
+        if unknown:
+            log.warning("%s/%s uses unknown features %s: they are NaN", target, family, unknown)
+        return LoadedFamily(
+            target=target,
+            family=family,
+            model=model,
+            meta=meta,
+            sequence=sequence,
+            needs_finite=not bool(getattr(model, "accepts_nan", True)),
+            unknown_features=unknown,
+            bars_to_ready=bars_to_ready(meta, sequence),
+        )
+
+    def families(self) -> Iterable[LoadedFamily]:
+        for target in sorted(self.models):
+            for family in sorted(self.models[target]):
+                yield self.models[target][family]
+
+    @property
+    def input_spec(self) -> InputSpec:
+        if self._spec is None:
+            names: dict[str, None] = {}
+            sequences: dict[SequenceSpec, None] = {}
+            for fam in self.families():
+                if fam.sequence is None or fam.sequence.kind == FEATURES:
+                    names.update(dict.fromkeys(fam.meta.feature_list))
+                if fam.sequence is not None:
+                    sequences[fam.sequence] = None
+            self._spec = InputSpec(tuple(names), tuple(sequences))
+            index = {name: i for i, name in enumerate(self._spec.feature_names)}
+            self._columns = {
+                (fam.target, fam.family): np.array(
+                    [index[f] for f in fam.meta.feature_list], dtype=np.int64
+                )
+                for fam in self.families()
+                if fam.sequence is None
+            }
+        return self._spec
+
+    def close(self) -> None:
+        for fam in self.families():
+            closer = getattr(fam.model, "close", None)
+            if closer is not None:
+                try:
+                    closer()
+                except Exception:  # closing must never mask the real shutdown reason
+                    log.exception("closing %s/%s failed", fam.target, fam.family)
+
+    # ---- batch inference -----------------------------------------------------------------
+
+    def predict_batch(self, inputs: BatchInputs) -> BatchResult:
+        spec = self.input_spec
+        n = len(inputs)
+        results: dict[str, TargetBatch] = {}
+        seconds: dict[tuple[str, str], float] = {}
+        for target in sorted(self.models):
+            batch = TargetBatch(self.selected.get(target), {}, {}, {})
+            for family in sorted(self.models[target]):
+                fam = self.models[target][family]
+                started = time.perf_counter()
+                preds, warming, failed = self._predict_family(fam, inputs, n, spec)
+                seconds[(target, family)] = time.perf_counter() - started
+                batch.preds[family] = preds
+                batch.warming[family] = warming
+                batch.failed[family] = failed
+            results[target] = batch
+        return BatchResult(results, seconds)
+
+    def _family_input(self, fam: LoadedFamily, inputs: BatchInputs) -> np.ndarray:
+        if fam.sequence is not None:
+            return inputs.sequences[fam.sequence]
+        cols = self._columns[(fam.target, fam.family)]
+        return inputs.features[:, cols].astype(np.float32)
+
+    def _predict_family(
+        self, fam: LoadedFamily, inputs: BatchInputs, n: int, spec: InputSpec
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        preds = np.full(n, np.nan)
+        warming = np.zeros(n, dtype=np.int64)
+        failed: list[str | None] = [None] * n
+        if n == 0:
+            return preds, warming, failed
+        try:
+            x = self._family_input(fam, inputs)
+        except KeyError as exc:
+            return preds, warming, [f"missing_input:{exc}"] * n
+        rows = np.arange(n)
+        if fam.needs_finite:
+            if fam.unknown_features:
+                reason = "unknown_feature:" + ",".join(fam.unknown_features)
+                return preds, warming, [reason] * n
+            flat = x.reshape(n, -1)
+            ready = np.isfinite(flat).all(axis=1)
+            if not ready.all():
+                needed = np.maximum(fam.bars_to_ready - inputs.bars_seen, 1)
+                warming = np.where(ready, 0, needed).astype(np.int64)
+                rows = np.flatnonzero(ready)
+                x = x[rows]
+        if rows.size == 0:
+            return preds, warming, failed
+        try:
+            out = np.asarray(fam.model.predict(x), dtype=np.float64).reshape(-1)
+            if out.shape[0] != rows.size:
+                raise ValueError(f"model returned {out.shape[0]} values for {rows.size} rows")
+        except Exception as exc:
+            reason = f"error:{type(exc).__name__}"
+            log.warning("family %s/%s failed on %d rows: %s", fam.target, fam.family, rows.size, exc)
+            for i in rows:
+                failed[int(i)] = reason
+            return preds, warming, failed
+        preds[rows] = out
+        return preds, warming, failed
+
+    # ---- the seed's single-row API -------------------------------------------------------
+
+    def _family(self, target: str, family: str, view: str | None) -> LoadedFamily:
+        fam = self.models.get(target, {}).get(family)
+        if fam is not None:
+            return fam
+        try:
+            fam = self._load_family(target, family, view or self.view)
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, ModelLoadError) else _short(exc)
+            raise InferenceError(family, "*", f"load failed: {reason}") from exc
+        self.models.setdefault(target, {})[family] = fam
+        self._spec = None
+        return fam
+
+    def predict(
+        self,
+        target: str,
+        family: str,
+        features: Any,
+        symbol: str = "default",
+        view: str | None = None,
+    ) -> float:
+        """One prediction for one symbol. A sequential family keeps the symbol's last T rows."""
+        try:
+            fam = self._family(target, family, view)
+            row = np.asarray(features, dtype=np.float32)
+            if fam.sequence is not None and row.ndim == 1:
+                history = self._history(symbol, fam)
+                history.append(row)
+                if len(history) < fam.sequence.length:
+                    need = fam.sequence.length - len(history)
+                    raise InferenceError(family, symbol, f"warming: {need} more rows needed")
+                x = np.stack(list(history))[None, ...]
+            else:
+                x = row[None, ...]
+            if fam.needs_finite and not np.isfinite(x).all():
+                raise InferenceError(family, symbol, "inputs not finite yet (warming)")
+            value = float(np.asarray(fam.model.predict(x), dtype=np.float64).reshape(-1)[0])
+        except InferenceError:
+            raise
+        except Exception as exc:
+            raise InferenceError(family, symbol, _short(exc)) from exc
+        if not np.isfinite(value):
+            raise InferenceError(family, symbol, NON_FINITE_OUTPUT)
+        return value
+
+    def predict_all_families(
+        self, target: str, features: Any, symbol: str = "default", view: str | None = None
+    ) -> dict[str, float]:
+        """Every family of the target that can predict now; failures are logged and left out."""
+        if target not in self.models:
+            self.load_models_for_target(target, view)
+        out: dict[str, float] = {}
+        for family in sorted(self.models.get(target, {})):
+            fam = self.models[target][family]
+            feats = features.get(family) if isinstance(features, Mapping) else features
+            if isinstance(features, Mapping) and feats is None:
+                continue
+            try:
+                out[family] = self.predict(target, family, feats, symbol=symbol, view=view)
+            except InferenceError as exc:
+                log.info("%s/%s skipped for %s: %s", target, fam.family, symbol, exc.reason)
+        return out
+
+    def _history(self, symbol: str, fam: LoadedFamily) -> deque[np.ndarray]:
+        key = (symbol, fam.target, fam.family)
+        history = self._rows.get(key)
+        if history is None:
+            assert fam.sequence is not None
+            history = self._rows[key] = deque(maxlen=fam.sequence.length)
+        return history
+
+    def warmup_sequential(
+        self, target: str, family: str, rows: Any, symbol: str = "default", view: str | None = None
+    ) -> int:
+        """Fill a symbol's buffer with historical rows (oldest first); returns rows held."""
+        try:
+            fam = self._family(target, family, view)
+        except InferenceError:
+            raise
+        if fam.sequence is None:
+            raise InferenceError(family, symbol, "not a sequential family")
+        history = self._history(symbol, fam)
+        for row in np.asarray(rows, dtype=np.float32).reshape(-1, len(fam.sequence.columns)):
+            history.append(row)
+        return len(history)
+
+    def reset_buffers(self, symbol: str | None = None) -> None:
+        if symbol is None:
+            self._rows.clear()
+            return
+        for key in [k for k in self._rows if k[0] == symbol]:
+            del self._rows[key]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+
+
+def predict(loader: Any, target: str, family: str, features: Any) -> float:
+    """Seed convenience: one prediction with a throwaway engine."""
+    return InferenceEngine(loader).predict(target, family, features)

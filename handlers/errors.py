@@ -1,0 +1,36 @@
+"""The model side's exceptions: one class per kind of failure, each naming what failed."""
+
+from __future__ import annotations
+
+
+class LivepredError(Exception):
+    """Base class of every error livepred raises on purpose."""
+
+
+class ModelLoadError(LivepredError):
+    """A model could not be loaded or was refused (integrity, pickle rules, interval)."""
+
+    def __init__(self, family: str, target: str, reason: str) -> None:
+        self.family = family
+        self.target = target
+        self.reason = reason
+        super().__init__(f"model {target}/{family}: {reason}")
+
+
+class InferenceError(LivepredError):
+    """A prediction failed for one family (and one symbol, for the single-row API)."""
+
+    def __init__(self, family: str, symbol: str, reason: str) -> None:
+        self.family = family
+        self.symbol = symbol
+        self.reason = reason
+        super().__init__(f"inference {family} for {symbol}: {reason}")
+
+
+class MissingDependencyError(LivepredError):
+    """An optional framework is not installed; the message names the pip extra."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(f"{package} is not installed: pip install 'livepred[{extra}]'")

@@ -1,0 +1,47 @@
+"""An XGBoost native Booster (`model.json` / `model.ubj`): load and batch predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import xgboost as xgb
+
+from handlers.meta import ModelMeta
+from handlers.registry import INFERENCE_THREADS, check_batch, to_prediction_vector
+
+
+class XGBoostBoosterHandler:
+    """Booster.inplace_predict on float32 rows (NaN = missing); binary:logistic gives probability."""
+
+    format_name: ClassVar[str] = "xgboost"
+    accepts_nan: ClassVar[bool] = True
+
+    def __init__(self, booster: xgb.Booster, meta: ModelMeta) -> None:
+        expected = len(meta.feature_list)
+        actual = booster.num_features()
+        if expected and actual != expected:
+            raise ValueError(
+                f"booster expects {actual} features, model_meta.json feature_list has {expected}"
+            )
+        # CPU prediction whatever the training device: inplace_predict on numpy input
+        # would otherwise copy every batch to the GPU and warn about mismatched devices.
+        booster.set_param({"nthread": INFERENCE_THREADS, "device": "cpu"})
+        self._booster = booster
+        self._binary = meta.binary
+        self._num_features = actual
+
+    @classmethod
+    def load(cls, path: Path, meta: ModelMeta, *, device: str = "cpu") -> XGBoostBoosterHandler:
+        booster = xgb.Booster()
+        booster.load_model(str(path))
+        return cls(booster, meta)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        rows = check_batch(batch, (self._num_features,))
+        raw = self._booster.inplace_predict(rows, missing=np.nan)
+        return to_prediction_vector(raw, rows.shape[0], binary=self._binary)
+
+    def close(self) -> None:
+        self._booster = None  # type: ignore[assignment]

@@ -1,0 +1,133 @@
+"""The symbol table: duplicates, out-of-order, TTL resets, eviction, batch-cut invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from daemon.state import OUT_OF_ORDER, SymbolTable
+from daemon.wire import Bar
+from handlers.engine import InputSpec
+from handlers.features import exact_reference_frame
+from handlers.sequences import FEATURES, RAW, SequenceSpec
+
+NAMES = ("ret_1d", "ret_5d", "vol_10d", "rsi_14", "ma_ratio_20", "bb_position")
+SEQ = SequenceSpec(FEATURES, ("ret_1d", "rsi_14"), 4)
+RAWSEQ = SequenceSpec(RAW, ("close", "volume"), 3, "none")
+SPEC = InputSpec(NAMES, (SEQ, RAWSEQ))
+MIN = 60_000
+
+
+def bar(symbol: str, ts: int, close: float, volume: float = 10.0) -> Bar:
+    return Bar(symbol, ts, close, close, close, close, volume, "bars", f"{ts}-0")
+
+
+def walk(rng: np.random.Generator, n: int, start: float = 100.0) -> np.ndarray:
+    return start * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+
+
+def test_duplicates_are_skipped_and_out_of_order_rejected() -> None:
+    table = SymbolTable(SPEC, ttl_s=900)
+    res = table.apply([bar("A", MIN, 1.0), bar("A", MIN, 1.0), bar("A", MIN * 2, 2.0)])
+    assert res.accepted == [0, 2] and res.duplicates == [1]
+    res = table.apply([bar("A", MIN, 3.0), bar("A", MIN * 2, 3.0), bar("A", MIN * 3, 3.0)])
+    assert res.rejected == [(0, OUT_OF_ORDER)]
+    assert res.duplicates == [1] and res.accepted == [2]
+    assert table.duplicates_total == 2
+
+
+def test_features_equal_the_reference_per_symbol_with_interleaving() -> None:
+    rng = np.random.default_rng(1)
+    paths = {s: walk(rng, 80, 10 ** (i - 1)) for i, s in enumerate(["A", "B", "C"])}
+    table = SymbolTable(SPEC, ttl_s=10**6)
+    got: dict[str, list[np.ndarray]] = {s: [] for s in paths}
+    # One batch per step with all symbols, in varying order.
+    for t in range(80):
+        order = list(rng.permutation(list(paths)))
+        bars = [bar(s, (t + 1) * MIN, paths[s][t]) for s in order]
+        res = table.apply(bars)
+        assert res.inputs is not None
+        for row, i in enumerate(res.accepted):
+            got[bars[i].symbol].append(res.inputs.features[row])
+    for s, closes in paths.items():
+        expected = exact_reference_frame(pd.Series(closes), NAMES).to_numpy()
+        np.testing.assert_allclose(np.stack(got[s]), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_a_symbol_repeated_in_one_batch_is_updated_in_order() -> None:
+    rng = np.random.default_rng(2)
+    closes = walk(rng, 40)
+    bars = [bar("X", (i + 1) * MIN, c) for i, c in enumerate(closes)]
+    one_batch = SymbolTable(SPEC, ttl_s=10**6).apply(bars)
+    assert one_batch.inputs is not None
+    one_at_a_time = SymbolTable(SPEC, ttl_s=10**6)
+    rows = []
+    for b in bars:
+        r = one_at_a_time.apply([b])
+        assert r.inputs is not None
+        rows.append((r.inputs.features[0], r.inputs.sequences[SEQ][0], r.inputs.sequences[RAWSEQ][0]))
+    np.testing.assert_array_equal(one_batch.inputs.features, np.stack([r[0] for r in rows]))
+    np.testing.assert_array_equal(one_batch.inputs.sequences[SEQ], np.stack([r[1] for r in rows]))
+    np.testing.assert_array_equal(
+        one_batch.inputs.sequences[RAWSEQ], np.stack([r[2] for r in rows])
+    )
+    np.testing.assert_array_equal(one_batch.inputs.bars_seen, np.arange(1, 41))
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 50, 1000])
+def test_state_is_a_function_of_the_bars_not_of_the_batching(cut: int) -> None:
+    rng = np.random.default_rng(3)
+    bars = []
+    ts = {s: 0 for s in "ABCDE"}
+    for _ in range(300):
+        s = str(rng.choice(list("ABCDE")))
+        step = int(rng.choice([0, 1, 1, 1, 30]))  # duplicates and TTL gaps mixed in
+        ts[s] += step * MIN
+        bars.append(bar(s, max(ts[s], MIN), float(rng.uniform(1, 2))))
+    reference = SymbolTable(SPEC, ttl_s=600).apply(bars)
+    table = SymbolTable(SPEC, ttl_s=600)
+    feats, seen, dups = [], [], []
+    for start in range(0, len(bars), cut):
+        r = table.apply(bars[start : start + cut])
+        assert r.inputs is not None
+        feats.append(r.inputs.features)
+        seen.append(r.inputs.bars_seen)
+        dups.extend(start + d for d in r.duplicates)
+    assert reference.inputs is not None
+    np.testing.assert_array_equal(np.concatenate(feats), reference.inputs.features)
+    np.testing.assert_array_equal(np.concatenate(seen), reference.inputs.bars_seen)
+    assert dups == reference.duplicates
+
+
+def test_gap_longer_than_ttl_resets_the_symbol() -> None:
+    table = SymbolTable(SPEC, ttl_s=300)
+    table.apply([bar("A", MIN * i, 100.0 + i) for i in range(1, 30)])
+    res = table.apply([bar("A", MIN * 29 + 301_000, 50.0)])
+    assert res.resets == 1
+    assert res.inputs is not None
+    assert res.inputs.bars_seen[0] == 1
+    assert np.isnan(res.inputs.features[0]).all()  # every window starts empty again
+    assert np.isnan(res.inputs.sequences[SEQ][0][:-1]).all()
+
+
+def test_stale_symbols_are_evicted_and_their_slots_reused() -> None:
+    table = SymbolTable(SPEC, ttl_s=60)
+    table.apply([bar(f"S{i}", MIN, 1.0) for i in range(100)])
+    assert len(table) == 100
+    res = table.apply([bar("LIVE", MIN * 3, 1.0)])
+    assert res.evicted == 100 and len(table) == 1
+    capacity = table.capacity
+    table.apply([bar(f"N{i}", MIN * 3, 1.0) for i in range(100)])
+    assert table.capacity == capacity  # freed slots were reused, nothing grew
+    # An evicted symbol's next bar starts afresh, even with an older ts.
+    res = table.apply([bar("S5", MIN // 2, 1.0)])
+    assert res.accepted == [0] and res.inputs is not None and res.inputs.bars_seen[0] == 1
+
+
+def test_memory_per_symbol_with_default_features_and_one_buffer() -> None:
+    from handlers.features import DEFAULT_FEATURES
+
+    spec = InputSpec(tuple(DEFAULT_FEATURES), (SequenceSpec(FEATURES, tuple(DEFAULT_FEATURES), 20),))
+    table = SymbolTable(spec, ttl_s=900)
+    assert table.nbytes_per_slot() < 4096
