@@ -51,6 +51,9 @@ class ConfigError(LivepredError, ValueError):
             text += f" [from {source}]"
         super().__init__(text)
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str, str | None]]:
+        return type(self), (self.key, self.message, self.source)
+
 
 # --- field validators -------------------------------------------------------------------------
 

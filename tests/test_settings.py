@@ -418,3 +418,16 @@ def test_partition_for_symbol_is_crc32() -> None:
     assert spread == {0, 1, 2, 3}
     with pytest.raises(ValueError):
         partition_for_symbol("AAPL", 0)
+
+
+def test_config_error_survives_pickling() -> None:
+    import pickle
+
+    error = ConfigError("streams.batch", "must be between 1 and 100000 (got 0)", "config.toml")
+    again = pickle.loads(pickle.dumps(error))
+    assert (
+        str(again)
+        == str(error)
+        == ("streams.batch: must be between 1 and 100000 (got 0) [from config.toml]")
+    )
+    assert (again.key, again.source) == ("streams.batch", "config.toml")

@@ -1,0 +1,203 @@
+"""The daemon loop on fakeredis: outputs, dead letters, acks, duplicates, recovery of pending."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import fakeredis
+import lightgbm as lgb
+import msgpack
+import numpy as np
+import pandas as pd
+import pytest
+
+from daemon.service import Service
+from daemon.settings import load_settings
+from daemon.wire import decode_prediction, encode_bar
+from handlers.features import FeatureBuilder
+from tests import model_factory as mf
+
+FEATURES = ["ret_1d", "ret_5d", "vol_10d", "rsi_14", "ma_ratio_20", "bb_position"]
+MIN = 60_000
+
+
+@pytest.fixture(scope="module")
+def lgb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, len(FEATURES)))
+    X[rng.random(X.shape) < 0.1] = np.nan
+    y = np.nan_to_num(X[:, 0]) * 0.5 + rng.normal(0, 0.1, 400)
+    mf.write_lightgbm(root, "fwd", "LightGBM", X, y, FEATURES)
+    mf.write_routing(root, "fwd", "LightGBM")
+    mf.write_manifest(root, run_id="fake-run")
+    return root
+
+
+def settings_for(run: Path, **env: str):
+    environ = {
+        "LIVEPRED_MODELS__RUN_ROOT": str(run),
+        "LIVEPRED_METRICS__PORT": "0",
+        "LIVEPRED_STREAMS__BLOCK_MS": "20",
+        "LIVEPRED_STREAMS__CONSUMER": "test-consumer",
+        **env,
+    }
+    return load_settings(None, environ)
+
+
+def walk_bars(symbols: list[str], n: int, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    bars = []
+    closes = {s: 100.0 * (i + 1) for i, s in enumerate(symbols)}
+    for t in range(1, n + 1):
+        for s in symbols:
+            closes[s] *= float(np.exp(rng.normal(0, 0.01)))
+            c = closes[s]
+            bars.append(
+                {"symbol": s, "ts": t * MIN, "open": c, "high": c, "low": c, "close": c,
+                 "volume": 1000.0}
+            )
+    return bars
+
+
+async def run_until(service: Service, redis, predicate, timeout_s: float = 20.0) -> None:
+    task = asyncio.create_task(service.run())
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not await predicate(redis):
+            if task.done():
+                task.result()
+            assert asyncio.get_running_loop().time() < deadline, "timed out waiting for output"
+            await asyncio.sleep(0.02)
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+
+
+def expected_lgb(run: Path, bars: list[dict]) -> dict[tuple[str, int], float]:
+    booster = lgb.Booster(
+        model_file=str(mf.family_dir(run, "fwd", "LightGBM") / "model.txt")
+    )
+    out = {}
+    frame = pd.DataFrame(bars)
+    for symbol, g in frame.groupby("symbol", sort=False):
+        builder = FeatureBuilder(FEATURES)
+        full = builder.build_frame(g.reset_index(drop=True))
+        preds = booster.predict(full.to_numpy(dtype=np.float32).astype(np.float64))
+        for ts, p in zip(g["ts"], preds, strict=True):
+            out[(symbol, int(ts))] = float(p)
+    return out
+
+
+async def test_every_bar_gets_one_output_equal_to_the_framework(lgb_run: Path) -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()  # creates the group at $: bars from now on are live
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB", "CCC"], 40)
+    for b in bars:
+        await redis.xadd("bars", encode_bar(b))
+    # Malformed input of every kind, a duplicate, and an out-of-order bar.
+    await redis.xadd("bars", {"data": b"\xc1not msgpack"})
+    await redis.xadd("bars", {"data": msgpack.packb({"symbol": "AAA", "ts": 1})})
+    await redis.xadd("bars", {"data": msgpack.packb({**bars[-1], "close": -1.0, "ts": 10**9})})
+    await redis.xadd("bars", encode_bar(bars[-1]))  # duplicate of the last CCC bar
+    await redis.xadd("bars", encode_bar({**bars[0], "ts": MIN // 2}))  # AAA out of order
+    flat = {"symbol": "DDD", "ts": str(MIN), "open": "1", "high": "1", "low": "1", "close": "1",
+            "volume": "5"}
+    await redis.xadd("bars", flat)
+
+    async def done(r) -> bool:
+        return await r.xlen("predictions") >= len(bars) + 1 and await r.xlen("bars:dead") >= 4
+
+    await run_until(service, redis, done)
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert len(outputs) == len(bars) + 1
+    assert len({o.src for o in outputs}) == len(outputs)
+    expected = expected_lgb(lgb_run, bars)
+    for o in outputs:
+        assert o.run == "fake-run"
+        t = o.targets["fwd"]
+        assert t.selected == "LightGBM"
+        if o.symbol == "DDD":
+            continue
+        assert t.preds["LightGBM"] == pytest.approx(expected[(o.symbol, o.ts)], rel=1e-6, abs=1e-9)
+        assert t.pred == t.preds["LightGBM"]
+    dead = await redis.xrange("bars:dead")
+    reasons = sorted(f[b"error"].decode() for _, f in dead)
+    assert reasons == ["bad_value:close", "decode_error", "missing_field:open", "out_of_order"]
+    for _, f in dead:
+        assert f[b"src_stream"] == b"bars" and f[b"src_id"]
+    assert (await redis.xpending("bars", "livepred"))["pending"] == 0
+    await redis.aclose()
+
+
+async def test_pending_entries_of_a_crashed_consumer_are_processed_once(lgb_run: Path) -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB"], 30, seed=5)
+    for b in bars[:20]:
+        await redis.xadd("bars", encode_bar(b))
+    # A consumer that died after reading: its entries are pending, nothing was published.
+    await redis.xreadgroup("livepred", "dead-consumer", {"bars": ">"}, count=20)
+    for b in bars[20:]:
+        await redis.xadd("bars", encode_bar(b))
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+
+    async def done(r) -> bool:
+        return await r.xlen("predictions") >= len(bars)
+
+    await run_until(service, redis, done)
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert len(outputs) == len(bars)
+    expected = expected_lgb(lgb_run, bars)
+    for o in outputs:
+        got = o.targets["fwd"].preds["LightGBM"]
+        assert got == pytest.approx(expected[(o.symbol, o.ts)], rel=1e-6, abs=1e-9)
+    assert (await redis.xpending("bars", "livepred"))["pending"] == 0
+    await redis.aclose()
+
+
+async def test_restart_rebuilds_state_from_acknowledged_history(lgb_run: Path) -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB"], 40, seed=9)
+    first, second = bars[:50], bars[50:]
+    for b in first:
+        await redis.xadd("bars", encode_bar(b))
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+    await run_until(service, redis, lambda r: _xlen_at_least(r, len(first)))
+    for b in second:
+        await redis.xadd("bars", encode_bar(b))
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+    await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars)))
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    expected = expected_lgb(lgb_run, bars)
+    assert len(outputs) == len(bars)
+    for o in outputs:
+        got = o.targets["fwd"].preds["LightGBM"]
+        assert got == pytest.approx(expected[(o.symbol, o.ts)], rel=1e-6, abs=1e-9)
+    await redis.aclose()
+
+
+async def _xlen_at_least(r, n: int) -> bool:
+    return await r.xlen("predictions") >= n
+
+
+async def test_a_second_instance_stands_by_while_the_lease_is_held(lgb_run: Path) -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.set("livepred:lease", "someone-else", px=60_000)
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+    await redis.xadd("bars", encode_bar(walk_bars(["AAA"], 1)[0]))
+    task = asyncio.create_task(service.run())
+    await asyncio.sleep(0.5)
+    assert await redis.xlen("predictions") == 0
+    assert service.workers[0].role == "standby"
+    service.request_stop()
+    assert await asyncio.wait_for(task, 10) == 0
+    await redis.aclose()
