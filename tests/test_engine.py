@@ -1,0 +1,230 @@
+"""InferenceEngine: batched fan-out over families, readiness, failure isolation, seed API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from daemon.state import SymbolTable
+from daemon.wire import Bar
+from handlers import engine as engine_mod
+from handlers.engine import InferenceEngine, bars_to_ready
+from handlers.errors import InferenceError, ModelLoadError
+from handlers.features import FeatureBuilder
+from handlers.meta import ModelMeta
+from handlers.run import ModelLoader
+from tests import model_factory as mf
+
+FEATS = ["ret_1d", "ret_5d", "vol_10d", "rsi_14", "ma_ratio_20", "bb_position"]
+T = 6
+MIN = 60_000
+
+
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LightGBM, a Keras MLP and a TorchScript LSTM on the same features; one raw-sequence
+    torch model; a second target whose only family is broken."""
+    root = tmp_path_factory.mktemp("run3")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, len(FEATS))).astype(np.float32)
+    y = X[:, 0] * 0.3 + rng.normal(0, 0.1, 300)
+    mf.write_lightgbm(root, "fwd", "LightGBM", X, y, FEATS)
+    mf.write_keras(root, "fwd", "MLP", X, y, FEATS, epochs=1)
+    Xs = rng.normal(size=(200, T, len(FEATS))).astype(np.float32)
+    mf.write_torchscript(root, "fwd", "LSTM", Xs, Xs[:, -1, 0], FEATS, epochs=2)
+    Xr = rng.normal(size=(200, 4, 5)).astype(np.float32)
+    mf.write_torchscript(
+        root, "fwd", "RawLSTM", Xr, Xr[:, -1, 3], [], epochs=2,
+        input_mode="raw_sequence", sequence_normalization="zscore",
+    )
+    mf.write_routing(root, "fwd", "MLP")
+    broken = mf.family_dir(root, "other", "Broken")
+    (broken / "model.txt").write_text("this is not a LightGBM model")
+    mf.write_meta(broken, FEATS)
+    return root
+
+
+def bars_for(symbols: list[str], n: int, seed: int = 3) -> list[Bar]:
+    rng = np.random.default_rng(seed)
+    out = []
+    closes = {s: 50.0 * (i + 1) for i, s in enumerate(symbols)}
+    for t in range(1, n + 1):
+        for s in symbols:
+            closes[s] *= float(np.exp(rng.normal(0, 0.01)))
+            c = closes[s]
+            out.append(Bar(s, t * MIN, c, c * 1.01, c * 0.99, c, float(rng.integers(1, 100)),
+                           "bars", f"{t}-{len(out)}"))
+    return out
+
+
+def test_load_all_isolates_a_broken_family(run3: Path) -> None:
+    engine = InferenceEngine(ModelLoader(run3)).load_all()
+    assert sorted(engine.models["fwd"]) == ["LSTM", "LightGBM", "MLP", "RawLSTM"]
+    assert ("other", "Broken") in engine.load_errors
+    assert engine.selected["fwd"] == "MLP"
+
+
+def test_batch_predictions_equal_each_framework_on_reference_features(run3: Path) -> None:
+    import keras
+    import lightgbm as lgb
+    import torch
+
+    engine = InferenceEngine(ModelLoader(run3), targets=["fwd"]).load_all()
+    table = SymbolTable(engine.input_spec, ttl_s=10**6)
+    bars = bars_for(["A", "B", "C"], 40)
+    rows: list[tuple[Bar, dict[str, Any]]] = []
+    for start in range(0, len(bars), 7):
+        chunk = bars[start : start + 7]
+        applied = table.apply(chunk)
+        assert applied.inputs is not None
+        result = engine.predict_batch(applied.inputs)
+        rows += [(chunk[j], result.row(r)["fwd"]) for r, j in enumerate(applied.accepted)]
+
+    fam = lambda name: mf.family_dir(run3, "fwd", name)  # noqa: E731
+    booster = lgb.Booster(model_file=str(fam("LightGBM") / "model.txt"))
+    mlp = keras.saving.load_model(fam("MLP") / "model.keras", compile=False)
+    lstm = torch.jit.load(str(fam("LSTM") / "model.pt"))
+    raw = torch.jit.load(str(fam("RawLSTM") / "model.pt"))
+    frame = pd.DataFrame([{"symbol": b.symbol, "ts": b.ts, "open": b.open, "high": b.high,
+                           "low": b.low, "close": b.close, "volume": b.volume} for b in bars])
+    checked = {"LightGBM": 0, "MLP": 0, "LSTM": 0, "RawLSTM": 0}
+    by_symbol = {s: g.reset_index(drop=True) for s, g in frame.groupby("symbol")}
+    feats = {s: FeatureBuilder(FEATS).build_frame(g).to_numpy(np.float64) for s, g in by_symbol.items()}
+    index = {s: 0 for s in by_symbol}
+    for bar, out in rows:
+        i = index[bar.symbol]
+        index[bar.symbol] += 1
+        f = feats[bar.symbol][: i + 1].astype(np.float32)
+        row = f[-1:]
+        assert out["preds"]["LightGBM"] == pytest.approx(float(booster.predict(row)[0]), rel=1e-6)
+        checked["LightGBM"] += 1
+        if np.isfinite(row).all():
+            want = float(np.asarray(mlp(row)).reshape(-1)[0])
+            assert out["preds"]["MLP"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+            assert out["pred"] == out["preds"]["MLP"]
+            checked["MLP"] += 1
+        else:
+            assert out["warming"]["MLP"] >= 1 and "MLP" not in out["preds"]
+            assert out["pred"] is None
+        window = f[-T:]
+        if len(window) == T and np.isfinite(window).all():
+            want = float(lstm(torch.from_numpy(window[None])).reshape(-1)[0])
+            assert out["preds"]["LSTM"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+            checked["LSTM"] += 1
+        else:
+            need = max(bars_to_ready(engine.models["fwd"]["LSTM"].meta,
+                                     engine.models["fwd"]["LSTM"].sequence) - (i + 1), 1)
+            assert out["warming"]["LSTM"] == need
+        ohlcv = by_symbol[bar.symbol][["open", "high", "low", "close", "volume"]].to_numpy()
+        if i + 1 >= 4:
+            w = ohlcv[i - 3 : i + 1]
+            z = (w - w.mean(0)) / w.std(0)
+            want = float(raw(torch.from_numpy(z.astype(np.float32)[None])).reshape(-1)[0])
+            assert out["preds"]["RawLSTM"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+            checked["RawLSTM"] += 1
+        else:
+            assert out["warming"]["RawLSTM"] == 4 - (i + 1)
+    assert all(n > 10 for n in checked.values()), checked
+
+
+class _Raises:
+    format_name = "boom"
+    accepts_nan = True
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("model exploded")
+
+
+class _Constant:
+    format_name = "const"
+    accepts_nan = True
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.full(batch.shape[0], self.value)
+
+
+class FakeLoader:
+    """Any object with load_model and list_available_families works (the seed's contract)."""
+
+    def __init__(self, models: dict[str, Any]) -> None:
+        self.models = models
+
+    def list_available_targets(self) -> list[str]:
+        return ["t"]
+
+    def list_available_families(self, target: str, view: str = "") -> list[str]:
+        return sorted(self.models)
+
+    def load_model(self, target: str, family: str, view: str = "") -> tuple[Any, dict]:
+        model = self.models[family]
+        if isinstance(model, Exception):
+            raise model
+        return model, {"feature_list": ["ret_1d", "f_unknown"]}
+
+
+def test_a_failing_family_fails_alone_and_non_finite_outputs_are_not_published() -> None:
+    loader = FakeLoader({"Good": _Constant(0.25), "Bad": _Raises(), "Inf": _Constant(np.inf),
+                         "Refused": ModelLoadError("Refused", "t", "sha256 mismatch")})
+    engine = InferenceEngine(loader).load_all()
+    assert engine.load_errors[("t", "Refused")] == "sha256 mismatch"
+    table = SymbolTable(engine.input_spec, ttl_s=60)
+    applied = table.apply(bars_for(["A", "B"], 1))
+    assert applied.inputs is not None
+    result = engine.predict_batch(applied.inputs)
+    for i in range(2):
+        row = result.row(i)["t"]
+        assert row["preds"] == {"Good": 0.25}
+        assert row["failed"] == {"Bad": "error:RuntimeError", "Inf": "non_finite_output"}
+        assert row["selected"] is None and row["pred"] is None
+
+
+def test_seed_api_predict_and_predict_all_families_with_a_mock_loader() -> None:
+    engine = InferenceEngine(FakeLoader({"Good": _Constant(1.5), "Bad": _Raises()}))
+    assert engine.predict("t", "Good", [0.1, 0.2]) == 1.5
+    with pytest.raises(InferenceError) as info:
+        engine.predict("t", "Bad", [0.1, 0.2], symbol="AAPL")
+    assert info.value.symbol == "AAPL" and "exploded" in info.value.reason
+    assert engine.predict_all_families("t", [0.1, 0.2]) == {"Good": 1.5}
+    assert engine_mod.predict(FakeLoader({"Good": _Constant(2.0)}), "t", "Good", [0, 0]) == 2.0
+
+
+def test_seed_api_load_failure_becomes_inference_error() -> None:
+    engine = InferenceEngine(FakeLoader({"X": ModelLoadError("X", "t", "corrupt file")}))
+    with pytest.raises(InferenceError) as info:
+        engine.predict("t", "X", [1.0, 2.0])
+    assert "corrupt file" in info.value.reason
+
+
+def test_seed_api_sequential_warmup_and_reset(run3: Path) -> None:
+    import torch
+
+    engine = InferenceEngine(ModelLoader(run3))
+    rng = np.random.default_rng(1)
+    history = rng.normal(size=(T, len(FEATS))).astype(np.float32)
+    with pytest.raises(InferenceError, match="warming"):
+        engine.predict("fwd", "LSTM", history[0], symbol="S")
+    engine.reset_buffers("S")
+    assert engine.warmup_sequential("fwd", "LSTM", history[:-1], symbol="S") == T - 1
+    value = engine.predict("fwd", "LSTM", history[-1], symbol="S")
+    lstm = torch.jit.load(str(mf.family_dir(run3, "fwd", "LSTM") / "model.pt"))
+    assert value == pytest.approx(float(lstm(torch.from_numpy(history[None])).reshape(-1)[0]), rel=1e-5)
+    engine.reset_buffers()
+    with pytest.raises(InferenceError, match="warming"):
+        engine.predict("fwd", "LSTM", history[-1], symbol="S")
+
+
+def test_bars_to_ready_counts_feature_warmup_and_window() -> None:
+    meta = ModelMeta.from_dict({"feature_list": ["ret_5d", "vol_10d"], "sequence_length": 5})
+    from handlers.sequences import SequenceSpec
+
+    # vol_10d is first finite at bar 11; five finite rows need bars 11..15.
+    assert bars_to_ready(meta, SequenceSpec.for_meta(meta)) == 15
+    tab = ModelMeta.from_dict({"feature_list": ["rsi_14"]})
+    assert bars_to_ready(tab, None) == 14

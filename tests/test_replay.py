@@ -1,0 +1,113 @@
+"""`livepred replay` and `livepred inspect`: offline, same state and engine, no Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pytest
+
+from daemon.cli import main
+from handlers.features import FeatureBuilder
+from tests import model_factory as mf
+
+FEATS = ["ret_1d", "ret_5d", "ret_10d", "vol_10d", "rsi_14", "ma_ratio_20", "bb_position"]
+MIN = 60_000
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("replay-run")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, len(FEATS)))
+    mf.write_lightgbm(root, "fwd", "LightGBM", X, X[:, 1] - X[:, 0], FEATS)
+    mf.write_routing(root, "fwd", "LightGBM")
+    mf.write_manifest(root, run_id="replay-test")
+    return root
+
+
+def make_bars(n: int = 60) -> pd.DataFrame:
+    rng = np.random.default_rng(11)
+    rows = []
+    closes = {"AAA": 10.0, "BBB": 2500.0, "CCC": 0.01}
+    for t in range(1, n + 1):
+        for s in closes:
+            closes[s] *= float(np.exp(rng.normal(0, 0.02)))
+            rows.append((s, t * MIN, closes[s], closes[s], closes[s], closes[s], 100.0))
+    frame = pd.DataFrame(rows, columns=["symbol", "ts", "open", "high", "low", "close", "volume"])
+    # A duplicate, an out-of-order bar and an invalid one, which produce no line.
+    bad = pd.DataFrame(
+        [("AAA", n * MIN, 1.0, 1.0, 1.0, 1.0, 1.0), ("BBB", MIN, 1.0, 1.0, 1.0, 1.0, 1.0),
+         ("CCC", (n + 1) * MIN, 1.0, 1.0, 1.0, -5.0, 1.0)],
+        columns=frame.columns,
+    )
+    return pd.concat([frame, bad], ignore_index=True)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_replay_writes_one_line_per_accepted_bar_equal_to_the_reference(
+    run_dir: Path, tmp_path: Path, suffix: str
+) -> None:
+    bars = make_bars()
+    path = tmp_path / f"bars{suffix}"
+    if suffix == ".csv":
+        bars.to_csv(path, index=False)
+    else:
+        bars.to_parquet(path)
+    out = tmp_path / "out.jsonl"
+    code = main(["replay", "--run", str(run_dir), "--bars", str(path), "--out", str(out),
+                 "--with-features"])
+    assert code == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    good = bars.iloc[:-3]
+    assert len(lines) == len(good)
+    assert [x["src"] for x in lines] == [f"{path.name}/{i}" for i in range(len(good))]
+    booster = lgb.Booster(model_file=str(mf.family_dir(run_dir, "fwd", "LightGBM") / "model.txt"))
+    for symbol, g in good.groupby("symbol"):
+        ref = FeatureBuilder(FEATS).build_frame(g.reset_index(drop=True))
+        got = [x for x in lines if x["symbol"] == symbol]
+        assert [x["ts"] for x in got] == g["ts"].tolist()
+        for k, x in enumerate(got):
+            assert x["run"] == "replay-test"
+            for name in FEATS:
+                want = ref[name].iloc[k]
+                if np.isnan(want):
+                    assert x["features"][name] is None
+                else:
+                    assert x["features"][name] == pytest.approx(want, rel=1e-6, abs=1e-9)
+            row = ref.iloc[k : k + 1].to_numpy(np.float32)
+            want_pred = float(booster.predict(row)[0])
+            assert x["targets"]["fwd"]["preds"]["LightGBM"] == pytest.approx(want_pred, rel=1e-6)
+            assert x["targets"]["fwd"]["pred"] == x["targets"]["fwd"]["preds"]["LightGBM"]
+
+
+def test_replay_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bars.csv"
+    bad.write_text("symbol,ts,close\nA,1,1\n")
+    code = main(["replay", "--run", str(run_dir), "--bars", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "missing column" in err[0] and "open" in err[0]
+    code = main(["replay", "--run", str(tmp_path / "nope"), "--bars", str(bad),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+
+
+def test_inspect_lists_families_and_refusals(run_dir: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    broken = mf.family_dir(run, "fwd", "Pickled")
+    mf.write_meta(broken, FEATS)
+    (broken / "model.pkl").write_bytes(b"not a pickle")
+    assert main(["inspect", str(run), "--json", "--no-pickle"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fams = report["targets"]["fwd"]["families"]
+    assert fams["LightGBM"]["status"] == "loaded" and fams["LightGBM"]["handler"] == "lightgbm"
+    assert fams["Pickled"]["status"] == "refused" and "allow_pickle" in fams["Pickled"]["reason"]
+    assert report["targets"]["fwd"]["selected"] == "LightGBM"
+    assert main(["inspect", str(run)]) == 0  # the rich table renders
