@@ -51,8 +51,9 @@ class Pipeline:
             return outcome
         result = self.engine.predict_batch(applied.inputs)
         outcome.inputs, outcome.result = applied.inputs, result
-        for row, j in enumerate(applied.accepted):
-            outcome.predictions.append((positions[j], bars[j], result.row(row)))
+        rows = result.rows() if result.targets else [{} for _ in applied.accepted]
+        for doc, j in zip(rows, applied.accepted, strict=True):
+            outcome.predictions.append((positions[j], bars[j], doc))
         return outcome
 
     def rebind(self, engine: InferenceEngine) -> bool:

@@ -78,6 +78,36 @@ class TargetBatch:
         }
 
 
+    def rows(self) -> list[dict[str, Any]]:
+        """`row(i)` for every row, built from plain lists (the hot path of every batch)."""
+        n = len(next(iter(self.preds.values()))) if self.preds else 0
+        out: list[dict[str, Any]] = [
+            {"preds": {}, "selected": self.selected, "pred": None, "warming": {}, "failed": {}}
+            for _ in range(n)
+        ]
+        selected = self.selected
+        for family, values in self.preds.items():
+            vals = values.tolist()
+            warm = self.warming[family]
+            warm_list = warm.tolist() if warm.any() else None
+            failed = self.failed[family]
+            for i, doc in enumerate(out):
+                reason = failed[i]
+                if reason is not None:
+                    doc["failed"][family] = reason
+                elif warm_list is not None and warm_list[i] > 0:
+                    doc["warming"][family] = warm_list[i]
+                else:
+                    value = vals[i]
+                    if value - value == 0.0:  # finite
+                        doc["preds"][family] = value
+                        if family == selected:
+                            doc["pred"] = value
+                    else:
+                        doc["failed"][family] = NON_FINITE_OUTPUT
+        return out
+
+
 @dataclass(slots=True)
 class BatchResult:
     targets: dict[str, TargetBatch]
@@ -85,6 +115,12 @@ class BatchResult:
 
     def row(self, i: int) -> dict[str, dict[str, Any]]:
         return {target: batch.row(i) for target, batch in self.targets.items()}
+
+    def rows(self) -> list[dict[str, dict[str, Any]]]:
+        """Every row's target map, in batch order."""
+        per_target = {target: batch.rows() for target, batch in self.targets.items()}
+        n = len(next(iter(per_target.values()))) if per_target else 0
+        return [{t: docs[i] for t, docs in per_target.items()} for i in range(n)]
 
 
 @dataclass(frozen=True, slots=True)
