@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from daemon.pipeline import Pipeline
-from daemon.streams import Commit, Entry
 from typing import Any
 
 import msgpack
 
+from daemon.pipeline import Pipeline
+from daemon.streams import Commit, Entry
 from daemon.wire import WIRE_VERSION, Bar, Rejection, dead_letter_fields, decode_bar
 
 POISON = "max_deliveries"
-_packer = msgpack.Packer(use_bin_type=True)
 
 
 def pack_prediction(
@@ -22,9 +20,10 @@ def pack_prediction(
 ) -> bytes:
     """The `data` field of CONTRACT §4 from plain values (the engine's rows are already plain
     Python floats/ints/str, so this skips the dataclass round trip on the hot path)."""
-    return _packer.pack(
+    return msgpack.packb(
         {"v": WIRE_VERSION, "symbol": symbol, "ts": ts, "src": src, "run": run,
-         "lat_us": lat_us, "targets": targets}
+         "lat_us": lat_us, "targets": targets},
+        use_bin_type=True,
     )
 
 

@@ -25,6 +25,8 @@ BAD_VALUE = "bad_value:"
 
 PRICE_FIELDS = ("open", "high", "low", "close")
 BAR_FIELDS = ("symbol", "ts", *PRICE_FIELDS, "volume")
+_BAD = {key: BAD_VALUE + key for key in BAR_FIELDS}
+_ABSENT = {key: MISSING_FIELD + key for key in BAR_FIELDS}
 
 _INF = math.inf
 _MISSING: Any = object()
@@ -65,8 +67,9 @@ class Rejection:
 
 
 # The generated __init__ of a frozen slots dataclass sets each field through
-# object.__setattr__, ~2.4 us for a Bar; the slot descriptors directly take ~0.7 us.
-# decode_bar makes one Bar per input entry, so it uses this; the result is an ordinary Bar.
+# object.__setattr__; setting the slots through their descriptors is 2-3x faster (about
+# 0.7 us instead of 1.5-2.4 us per Bar). decode_bar makes one Bar per input entry, so it
+# uses this; the result is an ordinary, still frozen Bar.
 (
     _set_symbol,
     _set_ts,
@@ -174,58 +177,21 @@ def _from_map(m: dict[Any, Any]) -> tuple[str, int, float, float, float, float, 
     else:
         return "bad_value:ts"
 
-    # Unrolled: this runs for every bar. `0 < v < inf` is False for NaN too.
-    v = m.get("open", _MISSING)
-    t = type(v)
-    if t is float:
-        if not 0.0 < v < _INF:
-            return "bad_value:open"
-        open_ = v
-    elif t is int:
-        if v <= 0:
-            return "bad_value:open"
-        open_ = float(v)
-    else:
-        return "missing_field:open" if v is _MISSING else "bad_value:open"
-
-    v = m.get("high", _MISSING)
-    t = type(v)
-    if t is float:
-        if not 0.0 < v < _INF:
-            return "bad_value:high"
-        high = v
-    elif t is int:
-        if v <= 0:
-            return "bad_value:high"
-        high = float(v)
-    else:
-        return "missing_field:high" if v is _MISSING else "bad_value:high"
-
-    v = m.get("low", _MISSING)
-    t = type(v)
-    if t is float:
-        if not 0.0 < v < _INF:
-            return "bad_value:low"
-        low = v
-    elif t is int:
-        if v <= 0:
-            return "bad_value:low"
-        low = float(v)
-    else:
-        return "missing_field:low" if v is _MISSING else "bad_value:low"
-
-    v = m.get("close", _MISSING)
-    t = type(v)
-    if t is float:
-        if not 0.0 < v < _INF:
-            return "bad_value:close"
-        close = v
-    elif t is int:
-        if v <= 0:
-            return "bad_value:close"
-        close = float(v)
-    else:
-        return "missing_field:close" if v is _MISSING else "bad_value:close"
+    # `0 < v < inf` is False for NaN too. Exact type checks: a bool is not a number.
+    prices: list[float] = []
+    for key in PRICE_FIELDS:
+        v = m.get(key, _MISSING)
+        t = type(v)
+        if t is float:
+            if not 0.0 < v < _INF:
+                return _BAD[key]
+        elif t is int:
+            if v <= 0:
+                return _BAD[key]
+            v = float(v)
+        else:
+            return _BAD[key] if v is not _MISSING else _ABSENT[key]
+        prices.append(v)
 
     v = m.get("volume", _MISSING)
     t = type(v)
@@ -240,6 +206,7 @@ def _from_map(m: dict[Any, Any]) -> tuple[str, int, float, float, float, float, 
     else:
         return "missing_field:volume" if v is _MISSING else "bad_value:volume"
 
+    open_, high, low, close = prices
     return symbol, ts, open_, high, low, close, volume
 
 

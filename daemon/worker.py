@@ -17,9 +17,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daemon.batch import BatchReport, run_batch, warm_from_history
 from daemon.pipeline import Pipeline
-from handlers.engine import InferenceEngine
 from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, Entry, StreamIO
 from daemon.wire import Bar, decode_bar
+from handlers.engine import InferenceEngine
 
 log = structlog.get_logger("livepred.worker")
 
@@ -95,6 +95,8 @@ class PartitionWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
+        # Export the starting role too: a partition that is never won must still show standby.
+        self.metrics.role(self.partition, str(self.role))
         try:
             while not stop.is_set():
                 try:

@@ -256,7 +256,7 @@ def test_cluster_requires_database_zero() -> None:
     )
     error = env_error(redis__cluster="true", redis__url="redis://h:6379?db=2")
     assert "(got database 2)" in str(error)
-    error = env_error(redis__cluster="true", redis__url="unix:///tmp/redis.sock")
+    error = env_error(redis__cluster="true", redis__url="unix:///run/redis.sock")
     assert str(error).startswith("redis.url: must be redis:// or rediss://")
     for url in ("redis://h:6379", "redis://h:6379/", "redis://h:6379/0", "rediss://u:p@h/0"):
         assert load_settings(None, {"LIVEPRED_REDIS__CLUSTER": "1", "LIVEPRED_REDIS__URL": url})
