@@ -33,12 +33,16 @@ class NoModelsError(RuntimeError):
 def build_engine(settings: Settings) -> InferenceEngine:
     """Load every selected family (blocking: call it off the event loop)."""
     m = settings.models
-    loader = ModelLoader(
-        m.run_root,
-        allow_pickle=m.allow_pickle,
-        interval_minutes=float(m.interval_minutes),
-        device=m.device,
-    )
+    try:
+        loader = ModelLoader(
+            m.run_root,
+            allow_pickle=m.allow_pickle,
+            interval_minutes=float(m.interval_minutes),
+            device=m.device,
+        )
+    except (OSError, ValueError) as exc:
+        # A missing or unreadable run directory: one line naming the key, not a traceback.
+        raise NoModelsError(f"models.run_root = {m.run_root!r}: {exc}") from None
     engine = InferenceEngine(
         loader, device=m.device, view=m.view, targets=m.targets, families=m.families
     )

@@ -159,15 +159,24 @@ class StreamIO:
         """Take over entries pending on other consumers (we hold the lease: they are gone)."""
         claimed = 0
         for stream in self.inputs:
-            start = "0-0"
+            low = "-"
             while True:
-                reply = await self.redis.xautoclaim(
-                    stream, self.group, self.consumer, min_idle_time=0, start_id=start, count=1000
+                rows = await self.redis.xpending_range(
+                    stream, self.group, min=low, max="+", count=1000
                 )
-                start = _s(reply[0])
-                claimed += len(reply[1])
-                if start == "0-0":
+                ids = [_s(r["message_id"]) for r in rows if _s(r["consumer"]) != self.consumer]
+                if ids:
+                    # JUSTID: taking ownership is no delivery (the read of our pending entries
+                    # that follows is one), so a restart counts once towards MAX_DELIVERIES.
+                    # (XAUTOCLAIM JUSTID would do, but redis-py drops its cursor.)
+                    taken = await self.redis.xclaim(
+                        stream, self.group, self.consumer, min_idle_time=0, message_ids=ids,
+                        justid=True,
+                    )
+                    claimed += len(taken)
+                if len(rows) < 1000:
                     break
+                low = "(" + _s(rows[-1]["message_id"])
         return claimed
 
     async def delivery_counts(self, stream: str, ids: Sequence[str]) -> dict[str, int]:

@@ -1,27 +1,24 @@
-"""Feature state: every feature of CONTRACT section 3, updated in O(1) per bar, vectorised over slots.
+"""Feature state: the features of CONTRACT section 3, updated in O(1) per bar, vectorised over slots.
 
-The definitions (pandas reference, exact variant, FeatureBuilder) live in `features_ref` and
-are re-exported here.
+The definitions (pandas reference, exact variant, FeatureBuilder) live in `features_ref` and are
+re-exported here.
 
-Stability scheme (why the values stay within 1e-6 rel / 1e-9 abs of the exact window value
-at any price scale and over any number of bars): rolling sums are never updated by
-subtracting the element that leaves the window. Each window of N bars is cut into blocks of N
-bars (by the slot's bar count); the window sum is `front[o] + back`, where `back` sums the
-elements of the current block, started from zero at the block's first bar, and `front[o]` is
-a suffix sum of the previous block, recomputed from the close ring buffer when the block
-starts (amortised O(1): N work every N bars). No sum ever carries more than 2N roundings,
-whatever happened earlier, so nothing drifts. Sums for a std are of `x - K`, K being the
-element at the start of the block: K lies in every window of that block, so the shift keeps
-S2 within about N times the window's own squared spread (no catastrophic cancellation at price
-5e4 with 0.01 moves), and a constant window has all-zero shifted elements: mean exactly K,
-std exactly 0, as pandas gives (bb_position 0/0 -> NaN). RSI's gains and losses are sums of
-non-negative numbers (no shift needed); a window without losses sums exactly to 0.
+Stability: within 1e-6 rel / 1e-9 abs of the exact window value at any price scale, over any
+number of bars. No rolling sum ever subtracts the element leaving its window. A window of N bars
+is cut by the slot's bar count into blocks of N; its sum is `front[o] + back`: `back` sums the
+current block from zero, `front[o]` is a suffix sum of the previous block, recomputed from the
+close ring when a block starts (N work every N bars: amortised O(1)). A sum thus carries at
+most ~2N roundings whatever came before: nothing drifts, and the state is a function of the last
+2N bars only. Sums for a std are of `v - K`, K being the value at the block's first bar, which
+lies in every window of that block: S2 stays within ~N times the window's own spread squared
+(no cancellation at price 5e4 with 0.01 moves), and a constant window sums exact zeros, so its
+mean is exactly K and its std exactly 0, as pandas gives (bb_position: 0/0 = NaN). RSI sums
+non-negative gains and losses unshifted; a window without losses sums to exactly 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -60,22 +57,39 @@ __all__ = [
 ]
 
 _NEVER = np.iinfo(np.int64).max // 4  # warm-up of an unknown feature: never
+_CHANNEL_KINDS = {
+    FeatureKind.MA_RATIO: "close",
+    FeatureKind.BB_POSITION: "close",
+    FeatureKind.VOL: "ret",
+    FeatureKind.RSI: "rsi",
+}
+_OUTPUT_KEYS = {
+    FeatureKind.RET: "lag",
+    FeatureKind.VOL: "vol",
+    FeatureKind.RSI: "rsi",
+    FeatureKind.MA_RATIO: "ma",
+    FeatureKind.BB_POSITION: "bb",
+}
 
 
-@dataclass(slots=True)
-class _Schedule:
-    """Everything summed over windows of one length N: which channels, where they live."""
+class _Group:
+    """The windows of one length N: one block schedule, one front region.
 
-    window: int
-    close_mean: bool = False  # ma_ratio_N or bb_position_N
-    close_std: bool = False  # bb_position_N
-    ret_std: bool = False  # vol_Nd
-    gain_loss: bool = False  # rsi_N
-    # Filled by FeatureState._layout: rows of the per-slot accumulator matrix.
-    shift_rows: dict[str, int] = field(default_factory=dict)  # channel -> row of K
-    back_rows: slice = field(default_factory=lambda: slice(0, 0))  # this schedule's back sums, in `quantities` order
-    quantities: list[str] = field(default_factory=list)  # "c1", "c2", "r1", "r2", "g", "l"
-    front: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (Q, capacity * N)
+    Up to three channels: closes (ma_ratio_N, bb_position_N), 1-bar returns (vol_Nd), RSI
+    gains/losses (rsi_N). A channel sums two quantities (d and d*d of its shifted values, or
+    gains and losses); the front stores per slot and block offset the group's Q quantities.
+    """
+
+    __slots__ = ("window", "close", "ret", "rsi", "width", "base", "lags", "quantities", "shift")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.close = self.ret = self.rsi = -1  # the channel's index among its kind, or -1
+        self.width = 0  # Q
+        self.base = 0  # where its region starts in the flat front array
+        self.lags = np.arange(-window, 0)[:, None]
+        self.quantities = np.zeros((0, 1), dtype=np.int64)  # in front order
+        self.shift = np.zeros((0, 1), dtype=np.int64)  # its shifted channels
 
 
 class FeatureState:
@@ -84,7 +98,11 @@ class FeatureState:
     `update` appends one close to each given slot's history and returns every feature after
     it. Slots are independent; `reset` starts slots afresh (O(1) per slot). Slot indices must
     be in [0, capacity) (call `ensure_capacity` first) and unique within one call: split a
-    batch where a symbol repeats into successive calls, in order (checked, ValueError).
+    batch where a symbol repeats into successive calls, in order (checked: ValueError).
+
+    Per slot: a ring of the last closes (a power of two > the longest window), the bar count,
+    an accumulator row (per window length its block phase; per shifted channel its K; per
+    summed quantity its `back` sum), and per window length the previous block's suffix sums.
     """
 
     def __init__(self, names: Sequence[str], capacity: int = 1024) -> None:
@@ -97,55 +115,93 @@ class FeatureState:
         known = [s for s in self.specs if s is not None]
         self._warmup = np.array(
             [s.warmup_bars if s is not None else _NEVER for s in self.specs], dtype=np.int64
-        )
-        # The ring holds the last `max window + 1` closes: ret_N reads c[t-N], and a block
-        # restart recomputes returns/diffs of the previous block from closes.
-        self._ring_len = max([s.window + 1 for s in known] + [2])
-        self._ret_lags = sorted({s.window for s in known if s.kind is FeatureKind.RET})
-        self._schedules = self._plan(known)
+        )[:, None]
+        self._max_warmup = int(self._warmup.max(initial=0))
+        self._unknown_cols = [i for i, s in enumerate(self.specs) if s is None]
+        self._ring_len = 1 << max([s.window for s in known] + [1]).bit_length()
+        self._plan_channels(known)
+        self._plan_groups()
         self._capacity = 0
         self._ring = np.zeros(0)
         self._nbars = np.zeros(0, dtype=np.int64)
         self._mark = np.zeros(0, dtype=np.int64)
-        self._acc = np.zeros((self._acc_rows, 0))
+        self._acc = np.zeros((0, self._acc_rows))
+        self._front = np.zeros(0)
         self.ensure_capacity(max(int(capacity), 1))
 
     # ---- layout -------------------------------------------------------------------------
 
-    def _plan(self, known: list[FeatureSpec]) -> list[_Schedule]:
-        by_window: dict[int, _Schedule] = {}
-        for spec in known:
-            if spec.kind is FeatureKind.RET:
+    def _plan_channels(self, known: list[FeatureSpec]) -> None:
+        """Channels (closes, then returns, then RSI; each by window) and output columns."""
+        windows = {
+            kind: sorted({s.window for s in known if _CHANNEL_KINDS.get(s.kind) == kind})
+            for kind in ("close", "ret", "rsi")
+        }
+        self._lag_list = sorted({s.window for s in known if s.kind is FeatureKind.RET} - {1})
+        self._lags = np.array(self._lag_list, dtype=np.int64)[:, None]
+        self._n_close = len(windows["close"])
+        self._n_shifted = self._n_close + len(windows["ret"])
+        self._n_rsi = len(windows["rsi"])
+        self._channel = {
+            "close": {n: i for i, n in enumerate(windows["close"])},
+            "ret": {n: self._n_close + i for i, n in enumerate(windows["ret"])},
+            "rsi": {n: i for i, n in enumerate(windows["rsi"])},
+        }
+        self._shift_window = np.array(
+            windows["close"] + windows["ret"], dtype=np.float64
+        )[:, None]  # fmt: skip
+        outputs: dict[str, tuple[list[int], list[int]]] = {}
+        for col, spec in enumerate(self.specs):
+            if spec is None:
                 continue
-            sch = by_window.setdefault(spec.window, _Schedule(window=spec.window))
-            if spec.kind is FeatureKind.VOL:
-                sch.ret_std = True
-            elif spec.kind is FeatureKind.RSI:
-                sch.gain_loss = True
+            key = _OUTPUT_KEYS[spec.kind]
+            if spec.kind is not FeatureKind.RET:
+                index = self._channel[_CHANNEL_KINDS[spec.kind]][spec.window]
+            elif spec.window == 1:
+                key, index = "ret1", 0
             else:
-                sch.close_mean = True
-                sch.close_std = sch.close_std or spec.kind is FeatureKind.BB_POSITION
-        row = 0
-        schedules = sorted(by_window.values(), key=lambda s: s.window)
-        for sch in schedules:
-            if sch.close_mean:
-                sch.shift_rows["c"] = row
-                row += 1
-            if sch.ret_std:
-                sch.shift_rows["r"] = row
-                row += 1
-            q: list[str] = []
-            if sch.close_mean:
-                q += ["c1", "c2"] if sch.close_std else ["c1"]
-            if sch.ret_std:
-                q += ["r1", "r2"]
-            if sch.gain_loss:
-                q += ["g", "l"]
-            sch.quantities = q
-            sch.back_rows = slice(row, row + len(q))
-            row += len(q)
-        self._acc_rows = row
-        return schedules
+                index = self._lag_list.index(spec.window)
+            cols, indices = outputs.setdefault(key, ([], []))
+            cols.append(col)
+            indices.append(index)
+        # output key -> (columns, channel or lag indices)
+        self._outputs = {k: (c, np.array(i, dtype=np.int64)) for k, (c, i) in outputs.items()}
+
+    def _plan_groups(self) -> None:
+        """Groups by window length; accumulator rows; where each quantity's front lives.
+
+        Quantities in accumulator order: d of each shifted channel, d*d of each, gains of each
+        RSI channel, losses of each. Accumulator rows: block phase per group, K per shifted
+        channel, then the quantities' back sums.
+        """
+        n_sh, n_rsi = self._n_shifted, self._n_rsi
+        windows = sorted({n for kind in self._channel.values() for n in kind})
+        self._groups = [_Group(n) for n in windows]
+        q_group = [0] * (2 * n_sh + 2 * n_rsi)
+        q_in_group = [0] * len(q_group)
+        for g, grp in enumerate(self._groups):
+            grp.close = self._channel["close"].get(grp.window, -1)
+            grp.ret = self._channel["ret"].get(grp.window, -1)
+            grp.rsi = self._channel["rsi"].get(grp.window, -1)
+            shifted = [c for c in (grp.close, grp.ret) if c >= 0]
+            members = [q for c in shifted for q in (c, n_sh + c)]
+            if grp.rsi >= 0:
+                members += [2 * n_sh + grp.rsi, 2 * n_sh + n_rsi + grp.rsi]
+            grp.width = len(members)
+            grp.quantities = np.array(members, dtype=np.int64)[:, None]
+            grp.shift = np.array(shifted, dtype=np.int64)[:, None]
+            for k, q in enumerate(members):
+                q_group[q], q_in_group[q] = g, k
+        self._q_group = np.array(q_group, dtype=np.int64)
+        self._q_in_group = np.array(q_in_group, dtype=np.int64)[:, None]
+        self._q_window = np.array([windows[g] for g in q_group], dtype=np.int64)[:, None]
+        self._q_width = np.array([self._groups[g].width for g in q_group], dtype=np.int64)[:, None]
+        self._group_window = np.array(windows, dtype=np.float64)[:, None]
+        self._k0 = len(self._groups)
+        self._q0 = self._k0 + n_sh
+        self._acc_rows = self._q0 + len(q_group)
+
+    # ---- capacity -----------------------------------------------------------------------
 
     @property
     def capacity(self) -> int:
@@ -155,38 +211,44 @@ class FeatureState:
         """Make room for slots 0..n_slots-1 (amortised doubling); existing state is kept."""
         if n_slots <= self._capacity:
             return
-        new_cap = max(int(n_slots), 2 * self._capacity)
-        old = self._capacity
-        ring = np.ones(new_cap * self._ring_len)
+        old, new = self._capacity, max(int(n_slots), 2 * self._capacity)
+        ring = np.ones(new * self._ring_len)
         ring[: old * self._ring_len] = self._ring
         self._ring = ring
-        self._nbars = _grown(self._nbars, new_cap)
-        self._mark = _grown(self._mark, new_cap)
-        acc = np.zeros((self._acc_rows, new_cap))
-        acc[:, :old] = self._acc
-        self._acc = acc
-        for sch in self._schedules:
-            front = np.zeros((len(sch.quantities), new_cap * sch.window))
-            if old:
-                front[:, : old * sch.window] = sch.front
-            sch.front = front
-        self._capacity = new_cap
+        self._nbars = _grown(self._nbars, new)
+        self._mark = _grown(self._mark, new)
+        self._acc = _grown(self._acc, new)
+        # One flat array; group g owns [base, base + capacity * N * Q), laid out (slot, N, Q).
+        front = np.zeros(sum(new * g.window * g.width for g in self._groups))
+        base = 0
+        for g in self._groups:
+            size = g.window * g.width
+            front[base : base + old * size] = self._front[g.base : g.base + old * size]
+            g.base = base
+            base += new * size
+        self._front = front
+        self._front_base = (
+            np.array([self._groups[g].base for g in self._q_group], dtype=np.int64)[:, None]
+            + self._q_in_group
+        )
+        self._capacity = new
 
     def nbytes_per_slot(self) -> int:
         """Bytes of state one slot costs."""
-        per_slot = self._ring_len * 8 + 2 * 8 + self._acc_rows * 8
-        per_slot += sum(len(s.quantities) * s.window * 8 for s in self._schedules)
-        return per_slot
+        fronts = sum(g.window * g.width for g in self._groups)
+        return 8 * (self._ring_len + 2 + self._acc_rows + fronts)
 
     def reset(self, slots: np.ndarray) -> None:
-        """Start these slots afresh (the next close is bar 0 of a new history)."""
-        self._nbars[np.asarray(slots, dtype=np.int64)] = 0
+        """Start these slots afresh: their next close is bar 0 of a new history."""
+        slots = np.asarray(slots, dtype=np.int64)
+        self._nbars[slots] = 0
+        self._acc[slots, : self._k0] = 0.0  # block phases
 
     def bars_seen(self, slots: np.ndarray) -> np.ndarray:
         """Closes appended to each slot since its last reset."""
-        return self._nbars[np.asarray(slots, dtype=np.int64)].copy()
+        return self._nbars[np.asarray(slots, dtype=np.int64)]
 
-    # ---- the update -----------------------------------------------------------------------
+    # ---- the update ---------------------------------------------------------------------
 
     def update(self, slots: np.ndarray, closes: np.ndarray) -> np.ndarray:
         """Append closes[i] to slot slots[i]; float64 (len(slots), len(names)) features after it."""
@@ -195,138 +257,184 @@ class FeatureState:
         size = slots.shape[0]
         if x.shape != (size,):
             raise ValueError(f"closes has shape {x.shape}, expected ({size},)")
-        out = np.empty((size, len(self.names)))
+        out = np.empty((len(self.names), size))  # one contiguous row per feature
         if size == 0:
-            return out
-        order = np.arange(size)
-        self._mark[slots] = order
-        if not np.array_equal(self._mark[slots], order):
-            raise ValueError("a slot appears twice in one update: split the batch")
-        ring_len = self._ring_len
+            return out.T.copy()
+        if size > 1:
+            order = np.arange(size)
+            self._mark[slots] = order
+            if not np.array_equal(self._mark[slots], order):
+                raise ValueError("a slot appears twice in one update: split the batch")
+        mask = self._ring_len - 1
+        ring = self._ring
         t = self._nbars[slots]  # this close's bar index in the slot's history
         self._nbars[slots] = t + 1
-        base = slots * ring_len
-        self._ring[base + t % ring_len] = x
-        prev = np.where(t > 0, self._ring[base + (t - 1) % ring_len], x)
+        base = slots * self._ring_len
+        ring[base + (t & mask)] = x
+        prev = ring[base + ((t - 1) & mask)]
+        first = t == 0
+        if first.any():
+            prev[first] = x[first]  # bar 0 has no diff: pandas counts it as 0
+        outputs = self._outputs
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            ret1 = x / prev - 1
-            diff = x - prev
-            ret_n = {1: ret1}
-            for lag in self._ret_lags:
-                if lag != 1:
-                    ret_n[lag] = x / self._ring[base + (t - lag) % ring_len] - 1
-            acc = self._acc[:, slots]
-            values: dict[tuple[FeatureKind, int], np.ndarray] = {}
-            for sch in self._schedules:
-                self._schedule_step(sch, slots, t, x, ret1, diff, acc, values)
-            self._acc[:, slots] = acc
-            for i, spec in enumerate(self.specs):
-                if spec is None:
-                    out[:, i] = np.nan
-                elif spec.kind is FeatureKind.RET:
-                    out[:, i] = ret_n[spec.window]
-                else:
-                    out[:, i] = values[(spec.kind, spec.window)]
-        out[t[:, None] + 1 < self._warmup[None, :]] = np.nan
-        return out
+            ret1 = x / prev
+            ret1 -= 1
+            if "ret1" in outputs:
+                out[outputs["ret1"][0]] = ret1
+            if "lag" in outputs:
+                back = (t - self._lags) & mask
+                back += base
+                value = x / ring[back]
+                value -= 1
+                out[outputs["lag"][0]] = value[outputs["lag"][1]]
+            if self._groups:
+                self._window_features(out, slots, t, x, prev, ret1)
+        if self._unknown_cols:
+            out[self._unknown_cols] = np.nan
+        if int(t.min()) + 1 < self._max_warmup:
+            out[t + 1 < self._warmup] = np.nan
+        return out.T.copy()
 
-    def _schedule_step(
+    def _window_features(
         self,
-        sch: _Schedule,
+        out: np.ndarray,
         slots: np.ndarray,
         t: np.ndarray,
         x: np.ndarray,
+        prev: np.ndarray,
         ret1: np.ndarray,
-        diff: np.ndarray,
-        acc: np.ndarray,
-        values: dict[tuple[FeatureKind, int], np.ndarray],
     ) -> None:
-        n = sch.window
-        back = sch.back_rows.start
-        qi = {q: back + i for i, q in enumerate(sch.quantities)}
-        starts = np.flatnonzero(t % n == 0)  # first bar of a block: restart the sums
-        if starts.size:
-            self._restart_block(sch, slots[starts], t[starts], starts, ret1, acc)
-        if sch.close_mean:
-            d = x - acc[sch.shift_rows["c"]]
-            acc[qi["c1"]] += d
-            if sch.close_std:
-                acc[qi["c2"]] += d * d
-        if sch.ret_std:
-            d = ret1 - acc[sch.shift_rows["r"]]
-            acc[qi["r1"]] += d
-            acc[qi["r2"]] += d * d
-        if sch.gain_loss:
-            acc[qi["g"]] += np.maximum(diff, 0.0)
-            acc[qi["l"]] += np.maximum(-diff, 0.0)
-        # Window sum = suffix of the previous block (empty at offset 0) + this block so far.
-        sums = sch.front[:, slots * n + (t + 1) % n] + acc[sch.back_rows]
-        q = {name: sums[i] for i, name in enumerate(sch.quantities)}
-        if sch.close_mean:
-            mean = acc[sch.shift_rows["c"]] + q["c1"] / n
-            values[(FeatureKind.MA_RATIO, n)] = x / mean - 1
-            if sch.close_std:
-                s = _std(q["c1"], q["c2"], n)
-                values[(FeatureKind.BB_POSITION, n)] = (x - (mean - 2 * s)) / (
-                    (mean + 2 * s) - (mean - 2 * s)
-                )
-        if sch.ret_std:
-            values[(FeatureKind.VOL, n)] = _std(q["r1"], q["r2"], n)
-        if sch.gain_loss:
-            values[(FeatureKind.RSI, n)] = 100 - 100 / (1 + (q["g"] / n) / (q["l"] / n))
+        n_close, n_sh, n_rsi = self._n_close, self._n_shifted, self._n_rsi
+        k0, q0 = self._k0, self._q0
+        acc = self._acc.take(slots, axis=0).T.copy()  # (rows, B), one contiguous row each
+        shift, sums_back = acc[k0:q0], acc[q0:]
+        values = np.empty((n_sh, len(slots)))  # this bar's element of each shifted channel
+        values[:n_close] = x
+        values[n_close:] = ret1
+        phase = acc[:k0]  # position of this bar in its block, per window length
+        starts = phase == 0
+        if starts.any():
+            for g in np.flatnonzero(starts.any(axis=1)):
+                rows = starts[g].nonzero()[0]
+                self._restart(self._groups[g], acc, slots, t, rows, x, ret1, values)
+        phase += 1  # becomes the front offset: where the window starts in the last block
+        phase[phase == self._group_window] = 0
+        following = phase.astype(np.int64)
+        if n_sh:
+            values -= shift
+            sums_back[:n_sh] += values
+            values *= values
+            sums_back[n_sh : 2 * n_sh] += values
+        if n_rsi:
+            diff = x - prev
+            sums_back[2 * n_sh : 2 * n_sh + n_rsi] += np.maximum(diff, 0.0)
+            np.negative(diff, out=diff)
+            sums_back[2 * n_sh + n_rsi :] += np.maximum(diff, 0.0)
+        self._acc[slots] = acc.T
+        # Window sums = suffix of the previous block (offset 0: empty) + this block so far.
+        index = self._q_window * slots
+        index += following[self._q_group]
+        index *= self._q_width
+        index += self._front_base
+        sums = self._front.take(index)
+        sums += sums_back
+        outputs = self._outputs
+        if n_sh:
+            s1, s2 = sums[:n_sh], sums[n_sh : 2 * n_sh]
+            mean = s1 / self._shift_window
+            mean += shift
+            std = s1 * s1
+            std /= self._shift_window
+            np.subtract(s2, std, out=std)
+            np.maximum(std, 0.0, out=std)
+            std /= self._shift_window - 1
+            np.sqrt(std, out=std)
+            if "vol" in outputs:
+                out[outputs["vol"][0]] = std[outputs["vol"][1]]
+            if "ma" in outputs:
+                ratio = x / mean[outputs["ma"][1]]
+                ratio -= 1
+                out[outputs["ma"][0]] = ratio
+            if "bb" in outputs:
+                m, s = mean[outputs["bb"][1]], std[outputs["bb"][1]]
+                s *= 2
+                lower = m - s
+                m += s  # the upper band
+                m -= lower
+                position = x - lower
+                position /= m
+                out[outputs["bb"][0]] = position
+        if n_rsi:
+            rs = sums[2 * n_sh : 2 * n_sh + n_rsi] / sums[2 * n_sh + n_rsi :]  # mean gain/loss
+            rs += 1
+            np.divide(100.0, rs, out=rs)
+            np.subtract(100.0, rs, out=rs)
+            out[outputs["rsi"][0]] = rs[outputs["rsi"][1]]
 
-    def _restart_block(
+    def _restart(
         self,
-        sch: _Schedule,
+        group: _Group,
+        acc: np.ndarray,
         slots: np.ndarray,
         t: np.ndarray,
         rows: np.ndarray,
+        x: np.ndarray,
         ret1: np.ndarray,
-        acc: np.ndarray,
+        values: np.ndarray,
     ) -> None:
-        """At bar t = kN: suffix sums of block k-1 into `front`, back sums to 0, new shifts.
+        """Start block k for the rows whose bar t = kN: back sums to 0, K = this bar's value,
+        and the suffix sums of block k-1 into `front`.
 
-        Block k-1 is bars t-N..t-1; front[j] (j = 1..N-1) sums its bars t-N+j..t-1, which
-        the ring still holds with their predecessors. front[0] = 0 (the empty suffix). At
-        t = 0 there is no previous block and front is garbage, but no full window reads it.
+        Block k-1 is bars t-N..t-1; front[j] (j = 1..N-1) sums bars t-N+j..t-1, which the ring
+        still holds with their predecessors; front[0] = 0 (the empty suffix). Every element is
+        recomputed with the float operations it had when its bar arrived, shifted by the new K
+        (this bar's value). At t = 0 there is no previous block and front gets garbage, but no
+        full window reads it (the first full window, at bar N-1, uses offset 0).
         """
-        n = sch.window
-        ring_len = self._ring_len
-        acc[sch.back_rows, rows] = 0.0
-        current = self._ring[slots * ring_len + t % ring_len]
-        if "c" in sch.shift_rows:
-            acc[sch.shift_rows["c"], rows] = current
-        if "r" in sch.shift_rows:
-            acc[sch.shift_rows["r"], rows] = ret1[rows]
+        n, k0, q0 = group.window, self._k0, self._q0
+        acc[q0 + group.quantities, rows] = 0.0  # back sums restart from this bar
+        if group.shift.size:
+            acc[k0 + group.shift, rows] = values[group.shift, rows]
         if n == 1:
-            return  # front stays all zero
-        lags = np.arange(-n, 0)  # bars t-N .. t-1
-        closes = self._ring[(slots * ring_len)[:, None] + (t[:, None] + lags) % ring_len]
-        elems: list[np.ndarray] = []  # each (R, N-1): bars t-N+1 .. t-1
-        if sch.close_mean:
-            d = closes[:, 1:] - current[:, None]
-            elems.append(d)
-            if sch.close_std:
-                elems.append(d * d)
-        if sch.ret_std:
-            d = closes[:, 1:] / closes[:, :-1] - 1 - ret1[rows][:, None]
-            elems += [d, d * d]
-        if sch.gain_loss:
-            diff = closes[:, 1:] - closes[:, :-1]
-            elems += [np.maximum(diff, 0.0), np.maximum(-diff, 0.0)]
-        stacked = np.stack(elems)  # (Q, R, N-1)
-        front = np.zeros((len(elems), len(slots), n))
-        front[:, :, 1:] = np.cumsum(stacked[:, :, ::-1], axis=2)[:, :, ::-1]
-        cols = (slots * n)[:, None] + np.arange(n)
-        sch.front[:, cols.ravel()] = front.reshape(len(elems), -1)
-
-
-def _std(s1: np.ndarray, s2: np.ndarray, n: int) -> np.ndarray:
-    """Sample std (ddof 1) from the window's shifted sum and sum of squares."""
-    return np.sqrt(np.maximum(s2 - s1 * (s1 / n), 0.0) / (n - 1))
+            return  # the window is the current bar: front stays all zero
+        slots = slots[rows]
+        index = (t[rows] + group.lags) & (self._ring_len - 1)
+        index += slots * self._ring_len
+        closes = self._ring[index]  # (N, R): bars t-N .. t-1
+        width = group.width
+        elems = np.empty((n, width, len(rows)))  # (block offset, quantity, slot)
+        elems[0] = 0.0
+        k = 0
+        if group.close >= 0:
+            d = elems[1:, k]
+            np.subtract(closes[1:], x[rows], out=d)
+            np.multiply(d, d, out=elems[1:, k + 1])
+            k += 2
+        if group.ret >= 0:
+            d = elems[1:, k]
+            np.divide(closes[1:], closes[:-1], out=d)
+            d -= 1
+            d -= ret1[rows]
+            np.multiply(d, d, out=elems[1:, k + 1])
+            k += 2
+        if group.rsi >= 0:
+            diff = closes[1:] - closes[:-1]
+            np.maximum(diff, 0.0, out=elems[1:, k])
+            np.negative(diff, out=diff)
+            np.maximum(diff, 0.0, out=elems[1:, k + 1])
+        # Suffix sums over the block offsets, by doubling (log2 N vector adds; a sequential
+        # cumsum costs one dependent add per element).
+        body = elems[1:].reshape(n - 1, -1)
+        step = 1
+        while step < n - 1:
+            body[:-step] += body[step:]
+            step *= 2
+        region = self._front[group.base : group.base + self._capacity * n * width]
+        region.reshape(self._capacity, n, width)[slots] = elems.transpose(2, 0, 1)
 
 
 def _grown(arr: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros(size, dtype=arr.dtype)
+    """`arr` with its first axis grown to `size`, new rows zero."""
+    out = np.zeros((size, *arr.shape[1:]), dtype=arr.dtype)
     out[: len(arr)] = arr
     return out

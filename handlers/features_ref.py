@@ -76,7 +76,11 @@ class FeatureSpec:
         """Bars of a fresh history after which the value can first be non-NaN."""
         if self.kind in (FeatureKind.RET, FeatureKind.VOL):
             return self.window + 1  # the first return of a history is NaN
-        return self.window  # rsi: pandas counts the first diff as 0
+        if self.kind is FeatureKind.RSI:
+            # pandas counts the first diff as 0, so N bars fill the window; but a window
+            # holding only that diff is 0/0 (rsi_1 at bar 0).
+            return max(self.window, 2)
+        return self.window
 
 
 def parse_feature(name: str) -> FeatureSpec | None:

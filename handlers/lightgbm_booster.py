@@ -42,4 +42,3 @@ class LightGBMBoosterHandler:
 
     def close(self) -> None:
         self._booster = None  # type: ignore[assignment]
-

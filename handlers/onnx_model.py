@@ -29,7 +29,9 @@ def providers_for(device: str) -> list[Any]:
         if "CUDAExecutionProvider" in ort.get_available_providers():
             index = int(device.partition(":")[2] or 0)
             return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-        log.warning("device %s requested but onnxruntime has no CUDA provider; using the CPU", device)
+        log.warning(
+            "device %s requested but onnxruntime has no CUDA provider; using the CPU", device
+        )
     return ["CPUExecutionProvider"]
 
 
@@ -50,7 +52,9 @@ class OnnxModelHandler:
             raise ValueError(f"ONNX model has {len(inputs)} inputs; livepred feeds exactly one")
         (model_input,) = inputs
         if model_input.type not in _ONNX_DTYPES:
-            raise ValueError(f"ONNX input {model_input.name!r} is {model_input.type}; expected float")
+            raise ValueError(
+                f"ONNX input {model_input.name!r} is {model_input.type}; expected float"
+            )
         self._row_shape = expected_input_shape(meta)
         check_model_input(
             tuple(d if isinstance(d, int) else None for d in model_input.shape[1:]), self._row_shape

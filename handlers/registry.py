@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,6 @@ from handlers.meta import ModelMeta
 # Threads each framework may use for one predict call. One: several frameworks share the
 # process, and their OpenMP pools spin-wait against each other (measured on 2 cores with
 # LightGBM + torch + TF loaded: 8 ms per single-row LightGBM call at 2 threads, ~50 us at 1).
-# Batches are small enough that one thread per call is also the fastest per bar.
 INFERENCE_THREADS = 1
 
 
@@ -40,9 +40,15 @@ MODEL_FORMATS: tuple[ModelFormat, ...] = (
     ),
     ModelFormat("keras", ("model.keras", "model.h5"), "handlers.keras_model", "KerasModelHandler"),
     ModelFormat(
-        "tf_savedmodel", ("model",), "handlers.tf_savedmodel", "SavedModelHandler", is_directory=True
+        "tf_savedmodel",
+        ("model",),
+        "handlers.tf_savedmodel",
+        "SavedModelHandler",
+        is_directory=True,
     ),
-    ModelFormat("torchscript", ("model.pt", "model.ts"), "handlers.torchscript", "TorchScriptHandler"),
+    ModelFormat(
+        "torchscript", ("model.pt", "model.ts"), "handlers.torchscript", "TorchScriptHandler"
+    ),
     ModelFormat("torch_export", ("model.pt2",), "handlers.torchscript", "TorchExportHandler"),
     ModelFormat("onnx", ("model.onnx",), "handlers.onnx_model", "OnnxModelHandler"),
     ModelFormat("pickle", ("model.pkl", "model.joblib"), "handlers.pickled", "PickledHandler"),
@@ -110,7 +116,7 @@ def missing_dependency(exc: ModuleNotFoundError) -> Exception:
     return exc
 
 
-def to_prediction_vector(raw: object, rows: int, *, binary: bool) -> np.ndarray:
+def to_prediction_vector(raw: Any, rows: int, *, binary: bool) -> np.ndarray:
     """A model's raw output as the float64 (rows,) vector the handler protocol returns.
 
     (B,) and (B, 1) give one value per row (a scalar too, when B is 1). A binary model with a 2-column output (softmax / predict_proba) gives column 1, the

@@ -201,7 +201,9 @@ class ModelLoader:
     def get_feature_list(self, target: str, family: str, view: str = DEFAULT_VIEW) -> list[str]:
         return list(self.load_meta(target, family, view).feature_list)
 
-    def get_model_metrics(self, target: str, family: str, view: str = DEFAULT_VIEW) -> dict[str, Any]:
+    def get_model_metrics(
+        self, target: str, family: str, view: str = DEFAULT_VIEW
+    ) -> dict[str, Any]:
         return dict(self.load_meta(target, family, view).metrics)
 
     def load_model(
@@ -303,7 +305,11 @@ class ModelLoader:
 
     def _check_interval(self, meta: ModelMeta, family: str, target: str) -> None:
         trained = meta.interval_minutes
-        if self.interval_minutes and trained is not None and abs(trained - self.interval_minutes) > 1e-9:
+        if (
+            self.interval_minutes
+            and trained is not None
+            and abs(trained - self.interval_minutes) > 1e-9
+        ):
             raise ModelLoadError(
                 family,
                 target,
@@ -351,11 +357,16 @@ class ModelLoader:
                     family,
                     target,
                     _mismatch(
-                        self._rel(model_path), "model_meta.json model_checksum", meta.model_checksum, actual
+                        self._rel(model_path),
+                        "model_meta.json model_checksum",
+                        meta.model_checksum,
+                        actual,
                     ),
                 )
 
-    def _describe_family(self, target: str, family: str, view: str, load: bool) -> FamilyDescription:
+    def _describe_family(
+        self, target: str, family: str, view: str, load: bool
+    ) -> FamilyDescription:
         try:
             meta = self.load_meta(target, family, view)
         except ModelLoadError as exc:
@@ -439,13 +450,20 @@ def _normalise_key(key: str) -> str:
 
 
 def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+    return (
+        isinstance(value, str)
+        and len(value) == 64
+        and all(c in "0123456789abcdefABCDEF" for c in value)
+    )
 
 
 def _name(value: str) -> str:
     """A target, view or family name, which must stay one path component."""
-    if not isinstance(value, str) or not value or value in (".", "..") or any(
-        c in value for c in "/\\\0"
+    if (
+        not isinstance(value, str)
+        or not value
+        or value in (".", "..")
+        or any(c in value for c in "/\\\0")
     ):
         raise ValueError(f"invalid name {value!r}: must be one non-empty path component")
     return value

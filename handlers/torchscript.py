@@ -132,10 +132,14 @@ class TorchExportHandler(TorchModuleHandler):
         configure_torch()
         target = torch_device(device)
         program = torch.export.load(str(path))
+        if target.type != "cpu":
+            # Rewrites the devices baked into the graph too (an LSTM's zero initial state):
+            # module.to() would move only the parameters.
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, target)
         # The exported graph is already in eval mode (exported modules refuse .eval()).
         module = program.module()
-        if target.type != "cpu":
-            module = module.to(target)
         return cls(module, meta, target, static_batch=_static_batch(program))
 
 

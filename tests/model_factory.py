@@ -108,8 +108,17 @@ def _lgb_params(task: str) -> dict[str, Any]:
 
 
 def write_lightgbm(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, num_trees: int = 20, **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    num_trees: int = 20,
+    **meta_extra: Any,
 ) -> Path:
     import lightgbm as lgb
 
@@ -120,9 +129,18 @@ def write_lightgbm(
 
 
 def write_lightgbm_pickle(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, num_trees: int = 20,
-    file_name: str = "model.pkl", **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    num_trees: int = 20,
+    file_name: str = "model.pkl",
+    **meta_extra: Any,
 ) -> Path:
     """An LGBMRegressor, or an LGBMClassifier for task="binary", pickled (or joblib-dumped)."""
     import lightgbm as lgb
@@ -140,9 +158,18 @@ def write_lightgbm_pickle(
 
 
 def write_xgboost(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, num_trees: int = 20,
-    file_name: str = "model.json", **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    num_trees: int = 20,
+    file_name: str = "model.json",
+    **meta_extra: Any,
 ) -> Path:
     """A native Booster saved as model.json or model.ubj."""
     import xgboost as xgb
@@ -161,8 +188,17 @@ def write_xgboost(
 
 
 def write_xgboost_pickle(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, num_trees: int = 20, **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    num_trees: int = 20,
+    **meta_extra: Any,
 ) -> Path:
     """An XGBRegressor, or an XGBClassifier for task="binary", pickled."""
     import xgboost as xgb
@@ -197,9 +233,18 @@ def fit_linear(X: np.ndarray, y: np.ndarray) -> LinearPredictor:
 
 
 def write_generic_pickle(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, predictor: Any = None,
-    file_name: str = "model.pkl", **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    predictor: Any = None,
+    file_name: str = "model.pkl",
+    **meta_extra: Any,
 ) -> Path:
     """`predictor` (default: a least-squares LinearPredictor fitted on X, y), pickled."""
     directory = family_dir(run_root, target, family, view)
@@ -208,8 +253,17 @@ def write_generic_pickle(
 
 
 def write_sklearn_pickle(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, file_name: str = "model.pkl", **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    file_name: str = "model.pkl",
+    **meta_extra: Any,
 ) -> Path:
     """LogisticRegression for task="binary", else Ridge: an estimator with predict(_proba)."""
     from sklearn.linear_model import LogisticRegression, Ridge
@@ -234,9 +288,20 @@ def _dump(path: Path, obj: Any) -> None:
 
 
 def write_keras(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, file_name: str = "model.keras",
-    kind: str = "lstm", softmax_head: bool = False, epochs: int = 2, **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    file_name: str = "model.keras",
+    kind: str = "lstm",
+    softmax_head: bool = False,
+    epochs: int = 2,
+    **meta_extra: Any,
 ) -> Path:
     """An MLP for X (N, F); for X (N, T, F) an LSTM (kind="lstm") or Conv1D (kind="conv") with
     `sequence_length` = T in the meta. Binary: a sigmoid unit, or 2-unit softmax if asked."""
@@ -245,7 +310,10 @@ def write_keras(
     keras.utils.set_random_seed(0)
     layers = [keras.Input(X.shape[1:])]
     if X.ndim == 3 and kind == "conv":
-        layers += [keras.layers.Conv1D(4, 3, activation="relu"), keras.layers.GlobalAveragePooling1D()]
+        layers += [
+            keras.layers.Conv1D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling1D(),
+        ]
     elif X.ndim == 3:
         layers += [keras.layers.LSTM(4)]
     else:
@@ -260,18 +328,26 @@ def write_keras(
         layers.append(keras.layers.Dense(1))
         loss, target_y = "mse", y.astype(np.float32)
     model = keras.Sequential(layers)
-    model.compile(optimizer="adam", loss=loss)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.02), loss=loss)
     directory = family_dir(run_root, target, family, view)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # keras' own numpy-2 deprecation chatter during fit
-        model.fit(X.astype(np.float32), target_y, epochs=epochs, batch_size=64, verbose=0)
+        model.fit(X.astype(np.float32), target_y, epochs=epochs, batch_size=32, verbose=0)
         model.save(str(directory / file_name))
     return _finish(directory, features, task, _sequence_meta(X, meta_extra))
 
 
 def write_tf_savedmodel(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, input_name: str = "inputs",
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    input_name: str = "inputs",
     **meta_extra: Any,
 ) -> Path:
     """A tf.Module (least-squares linear model over the flattened row, sigmoid if binary)
@@ -297,7 +373,9 @@ def write_tf_savedmodel(
 
     module = LinearServing()
     directory = family_dir(run_root, target, family, view)
-    tf.saved_model.save(module, str(directory / "model"), signatures={"serving_default": module.serve})
+    tf.saved_model.save(
+        module, str(directory / "model"), signatures={"serving_default": module.serve}
+    )
     return _finish(directory, features, task, _sequence_meta(X, meta_extra))
 
 
@@ -354,7 +432,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def train_torch_module(X: np.ndarray, y: np.ndarray, *, task: str = "regression", epochs: int = 30) -> Any:
+def train_torch_module(
+    X: np.ndarray, y: np.ndarray, *, task: str = "regression", epochs: int = 30
+) -> Any:
     """TinyMLP for X (N, F), TinyLSTM for X (N, T, F); full-batch Adam for a few epochs,
     returned in eval mode."""
     import torch
@@ -378,9 +458,18 @@ def train_torch_module(X: np.ndarray, y: np.ndarray, *, task: str = "regression"
 
 
 def write_torchscript(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, file_name: str = "model.pt",
-    epochs: int = 30, **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    file_name: str = "model.pt",
+    epochs: int = 30,
+    **meta_extra: Any,
 ) -> Path:
     """TinyMLP (X 2-D) or TinyLSTM (X 3-D) scripted with torch.jit.script, saved as model.pt/.ts."""
     import torch
@@ -394,9 +483,18 @@ def write_torchscript(
 
 
 def write_torch_export(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, dynamic_batch: bool = True,
-    epochs: int = 30, **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    dynamic_batch: bool = True,
+    epochs: int = 30,
+    **meta_extra: Any,
 ) -> Path:
     """A torch.export program (batch dimension dynamic unless asked otherwise) as model.pt2."""
     import torch
@@ -415,8 +513,17 @@ def write_torch_export(
 
 
 def write_torch_pickle(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, epochs: int = 30, **meta_extra: Any,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    epochs: int = 30,
+    **meta_extra: Any,
 ) -> Path:
     """A whole torch.nn.Module saved with torch.save as model.pkl."""
     import torch
@@ -432,8 +539,17 @@ def write_torch_pickle(
 
 
 def write_onnx(
-    run_root: Path, target: str, family: str, X: np.ndarray, y: np.ndarray, features: list[str],
-    *, task: str = "regression", view: str = VIEW, hidden: int = 16, seed: int = 0,
+    run_root: Path,
+    target: str,
+    family: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    features: list[str],
+    *,
+    task: str = "regression",
+    view: str = VIEW,
+    hidden: int = 16,
+    seed: int = 0,
     **meta_extra: Any,
 ) -> Path:
     """A one-hidden-layer MLP built with onnx.helper: random ReLU features, output layer fitted

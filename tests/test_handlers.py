@@ -1,0 +1,365 @@
+"""Every model-format handler against its framework's own predict, on tiny real models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from handlers.errors import ModelLoadError
+from handlers.run import ModelLoader
+from tests import model_factory as mf
+
+TARGET = "ret_1d"
+FEATURES = ["f0", "f1", "f2", "f3"]
+T = 5
+
+
+@dataclass(frozen=True)
+class Spec:
+    format_name: str
+    ndim: int  # 2: (B, F) rows; 3: (B, T, F) sequences
+    task: str
+    accepts_nan: bool
+
+
+SPECS: dict[str, Spec] = {
+    "LightGBM": Spec("lightgbm", 2, "regression", True),
+    "LightGBMBinary": Spec("lightgbm", 2, "binary", True),
+    "XGBoostJSON": Spec("xgboost", 2, "regression", True),
+    "XGBoostUBJBinary": Spec("xgboost", 2, "binary", True),
+    "LGBMRegressorPkl": Spec("pickle", 2, "regression", True),
+    "LGBMClassifierPkl": Spec("pickle", 2, "binary", True),
+    "LGBMJoblib": Spec("pickle", 2, "regression", True),
+    "XGBClassifierPkl": Spec("pickle", 2, "binary", True),
+    "SklearnLogistic": Spec("pickle", 2, "binary", True),
+    "GenericPkl": Spec("pickle", 2, "regression", True),
+    "TorchPkl": Spec("pickle", 2, "regression", False),
+    "KerasMLP": Spec("keras", 2, "regression", False),
+    "KerasH5Binary": Spec("keras", 2, "binary", False),
+    "KerasSoftmax": Spec("keras", 2, "binary", False),
+    "LSTM": Spec("keras", 3, "regression", False),
+    "CNN1D": Spec("keras", 3, "regression", False),
+    "SavedModel": Spec("tf_savedmodel", 2, "regression", False),
+    "SavedModelSeq": Spec("tf_savedmodel", 3, "binary", False),
+    "TorchMLP": Spec("torchscript", 2, "regression", False),
+    "TorchLSTM": Spec("torchscript", 3, "regression", False),
+    "TorchExport": Spec("torch_export", 3, "regression", False),
+    "TorchExportStatic": Spec("torch_export", 2, "binary", False),
+    "Onnx": Spec("onnx", 2, "regression", False),
+    "OnnxSeqBinary": Spec("onnx", 3, "binary", False),
+}
+BINARY = [name for name, spec in SPECS.items() if spec.task == "binary"]
+TREES = [
+    "LightGBM",
+    "LightGBMBinary",
+    "XGBoostJSON",
+    "XGBoostUBJBinary",
+    "LGBMRegressorPkl",
+    "LGBMClassifierPkl",
+    "XGBClassifierPkl",
+]
+
+
+@pytest.fixture(scope="session")
+def data() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(42)
+    X = rng.standard_normal((256, 4)).astype(np.float32)
+    X3 = rng.standard_normal((128, T, 4)).astype(np.float32)
+    # Only feature 0 matters (of the last step, for sequences).
+    return {
+        "X": X,
+        "y": 3.0 * X[:, 0] + 0.05 * rng.standard_normal(256),
+        "yb": (X[:, 0] > 0).astype(np.int64),
+        "X3": X3,
+        "y3": 3.0 * X3[:, -1, 0],
+        "yb3": (X3[:, -1, 0] > 0).astype(np.int64),
+    }
+
+
+@pytest.fixture(scope="session")
+def run_root(tmp_path_factory: pytest.TempPathFactory, data: dict[str, np.ndarray]) -> Path:
+    root = tmp_path_factory.mktemp("handlers") / "run"
+    X, y, yb, X3, y3, yb3 = (data[k] for k in ("X", "y", "yb", "X3", "y3", "yb3"))
+    args = (root, TARGET)
+    mf.write_lightgbm(*args, "LightGBM", X, y, FEATURES)
+    mf.write_lightgbm(*args, "LightGBMBinary", X, yb, FEATURES, task="binary")
+    mf.write_xgboost(*args, "XGBoostJSON", X, y, FEATURES)
+    mf.write_xgboost(
+        *args, "XGBoostUBJBinary", X, yb, FEATURES, task="binary", file_name="model.ubj"
+    )
+    mf.write_lightgbm_pickle(*args, "LGBMRegressorPkl", X, y, FEATURES)
+    mf.write_lightgbm_pickle(*args, "LGBMClassifierPkl", X, yb, FEATURES, task="binary")
+    mf.write_lightgbm_pickle(*args, "LGBMJoblib", X, y, FEATURES, file_name="model.joblib")
+    mf.write_xgboost_pickle(*args, "XGBClassifierPkl", X, yb, FEATURES, task="binary")
+    mf.write_sklearn_pickle(*args, "SklearnLogistic", X, yb, FEATURES, task="binary")
+    mf.write_generic_pickle(*args, "GenericPkl", X, y, FEATURES)
+    mf.write_torch_pickle(*args, "TorchPkl", X, y, FEATURES)
+    mf.write_keras(*args, "KerasMLP", X, y, FEATURES, epochs=1)
+    mf.write_keras(
+        *args, "KerasH5Binary", X, yb, FEATURES, task="binary", file_name="model.h5", epochs=4
+    )
+    mf.write_keras(
+        *args, "KerasSoftmax", X, yb, FEATURES, task="binary", softmax_head=True, epochs=4
+    )
+    mf.write_keras(*args, "LSTM", X3, y3, FEATURES, epochs=1)
+    mf.write_keras(*args, "CNN1D", X3, y3, FEATURES, kind="conv", epochs=1)
+    mf.write_tf_savedmodel(*args, "SavedModel", X, y, FEATURES)
+    mf.write_tf_savedmodel(*args, "SavedModelSeq", X3, yb3, FEATURES, task="binary")
+    mf.write_torchscript(*args, "TorchMLP", X, y, FEATURES)
+    mf.write_torchscript(*args, "TorchLSTM", X3, y3, FEATURES, file_name="model.ts", epochs=5)
+    mf.write_torch_export(*args, "TorchExport", X3, y3, FEATURES, epochs=5)
+    mf.write_torch_export(
+        *args, "TorchExportStatic", X, yb, FEATURES, task="binary", dynamic_batch=False
+    )
+    mf.write_onnx(*args, "Onnx", X, y, FEATURES)
+    mf.write_onnx(*args, "OnnxSeqBinary", X3, yb3, FEATURES, task="binary")
+    return root
+
+
+@pytest.fixture(scope="session")
+def loader(run_root: Path) -> Any:
+    with ModelLoader(run_root) as model_loader:
+        yield model_loader
+
+
+def _inputs(family: str, data: dict[str, np.ndarray], rows: int = 64) -> np.ndarray:
+    return (data["X3"] if SPECS[family].ndim == 3 else data["X"])[:rows].copy()
+
+
+def reference_predict(family: str, directory: Path, batch: np.ndarray) -> np.ndarray:
+    """The framework's own predict on the saved model, loaded without livepred."""
+    spec = SPECS[family]
+    binary = spec.task == "binary"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if spec.format_name == "lightgbm":
+            import lightgbm as lgb
+
+            return lgb.Booster(model_file=str(directory / "model.txt")).predict(batch)
+        if spec.format_name == "xgboost":
+            import xgboost as xgb
+
+            booster = xgb.Booster()
+            booster.load_model(str(next(directory.glob("model.*[jn]"))))
+            return booster.predict(xgb.DMatrix(batch))
+        if spec.format_name == "pickle":
+            path = next(directory.glob("model.[pj]*"))
+            if family == "TorchPkl":
+                import torch
+
+                module = torch.load(path, weights_only=False)
+                with torch.no_grad():
+                    return module(torch.as_tensor(batch)).numpy().ravel()
+            if path.suffix == ".joblib":
+                import joblib
+
+                model = joblib.load(path)
+            else:
+                model = pickle.loads(path.read_bytes())
+            return model.predict_proba(batch)[:, 1] if binary else model.predict(batch)
+        if spec.format_name == "keras":
+            import keras
+
+            model = keras.saving.load_model(str(next(directory.glob("model.*[sh5]"))))
+            out = model.predict(batch, verbose=0)
+            return out[:, 1] if out.shape[1] == 2 else out.ravel()
+        if spec.format_name == "tf_savedmodel":
+            import tensorflow as tf
+
+            signature = tf.saved_model.load(str(directory / "model")).signatures["serving_default"]
+            return signature(inputs=tf.constant(batch))["prediction"].numpy()
+        if spec.format_name in ("torchscript", "torch_export"):
+            import torch
+
+            if spec.format_name == "torchscript":
+                module = torch.jit.load(str(next(directory.glob("model.[pt][ts]"))))
+                with torch.no_grad():
+                    return module(torch.as_tensor(batch)).numpy().ravel()
+            module = torch.export.load(str(directory / "model.pt2")).module()
+            with torch.no_grad():  # the static program takes one row at a time
+                return np.concatenate(
+                    [
+                        module(torch.as_tensor(batch[i : i + 1])).numpy().ravel()
+                        for i in range(len(batch))
+                    ]
+                    if family == "TorchExportStatic"
+                    else [module(torch.as_tensor(batch)).numpy().ravel()]
+                )
+        if spec.format_name == "onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(
+                str(directory / "model.onnx"), providers=["CPUExecutionProvider"]
+            )
+            return session.run(None, {"input": batch})[0].ravel()
+    raise AssertionError(f"no reference for {family}")
+
+
+def _tolerance(family: str) -> dict[str, float]:
+    # Trees and pickled estimators are deterministic; float32 NNs differ by BLAS path.
+    if SPECS[family].format_name in ("lightgbm", "xgboost") or (
+        SPECS[family].format_name == "pickle" and family != "TorchPkl"
+    ):
+        return {"rtol": 1e-6, "atol": 1e-9}
+    return {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.mark.parametrize("family", SPECS)
+def test_batch_matches_framework_predict(
+    loader: ModelLoader, data: dict, run_root: Path, family: str
+) -> None:
+    handler, meta = loader.load_model(TARGET, family)
+    batch = _inputs(family, data)
+    before = batch.copy()
+    out = handler.predict(batch)
+    assert out.dtype == np.float64 and out.shape == (len(batch),)
+    np.testing.assert_array_equal(batch, before)  # predict never changes its input
+    expected = reference_predict(family, loader.family_dir(TARGET, family), batch)
+    np.testing.assert_allclose(out, np.asarray(expected, dtype=np.float64), **_tolerance(family))
+
+
+@pytest.mark.parametrize("family", SPECS)
+def test_batch_equals_single_rows(loader: ModelLoader, data: dict, family: str) -> None:
+    handler, _ = loader.load_model(TARGET, family)
+    batch = _inputs(family, data, rows=12)
+    singles = np.concatenate([handler.predict(batch[i : i + 1]) for i in range(len(batch))])
+    np.testing.assert_allclose(handler.predict(batch), singles, **_tolerance(family))
+
+
+@pytest.mark.parametrize("family", SPECS)
+def test_handler_identity(loader: ModelLoader, family: str) -> None:
+    handler, meta = loader.load_model(TARGET, family)
+    spec = SPECS[family]
+    assert handler.format_name == spec.format_name
+    assert handler.accepts_nan is spec.accepts_nan
+    assert meta.sequential is (spec.ndim == 3)
+    assert meta.task == spec.task
+
+
+@pytest.mark.parametrize("family", SPECS)
+def test_feature_order_is_honoured(loader: ModelLoader, data: dict, family: str) -> None:
+    handler, _ = loader.load_model(TARGET, family)
+    batch = _inputs(family, data, rows=32)
+    swapped = batch[..., [1, 0, 2, 3]]  # feature 0, the one that matters, moves
+    assert not np.allclose(handler.predict(batch), handler.predict(swapped), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", BINARY)
+def test_binary_gives_positive_class_probability(
+    loader: ModelLoader, data: dict, family: str
+) -> None:
+    handler, _ = loader.load_model(TARGET, family)
+    batch = _inputs(family, data)
+    out = handler.predict(batch)
+    assert np.all((out >= 0.0) & (out <= 1.0))
+    labels = data["yb3" if SPECS[family].ndim == 3 else "yb"][: len(batch)]
+    # Trained on "feature 0 > 0": the positive class should get the higher probability.
+    assert out[labels == 1].mean() > out[labels == 0].mean()
+
+
+@pytest.mark.parametrize("family", ["LGBMClassifierPkl", "XGBClassifierPkl", "SklearnLogistic"])
+def test_pickled_classifier_equals_predict_proba(
+    loader: ModelLoader, data: dict, family: str
+) -> None:
+    handler, _ = loader.load_model(TARGET, family)
+    path = next(loader.family_dir(TARGET, family).glob("model.pkl"))
+    model = pickle.loads(path.read_bytes())
+    batch = data["X"][:50]
+    np.testing.assert_allclose(handler.predict(batch), model.predict_proba(batch)[:, 1], rtol=1e-6)
+
+
+def test_pickled_lightgbm_wrapper_is_unwrapped(loader: ModelLoader) -> None:
+    handler, _ = loader.load_model(TARGET, "LGBMClassifierPkl")
+    assert handler.kind == "lightgbm.LGBMClassifier"
+    assert (
+        getattr(handler._predict_rows, "__self__", None).__class__.__name__
+        == "LightGBMBoosterHandler"
+    )
+
+
+@pytest.mark.parametrize("family", TREES)
+def test_trees_predict_on_nan(loader: ModelLoader, data: dict, family: str) -> None:
+    handler, _ = loader.load_model(TARGET, family)
+    batch = data["X"][:20].copy()
+    batch[::2, 0] = np.nan
+    batch[1, :] = np.nan
+    out = handler.predict(batch)
+    assert out.shape == (20,) and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize(
+    "family", ["LightGBM", "KerasMLP", "TorchLSTM", "Onnx", "GenericPkl", "SavedModel"]
+)
+def test_wrong_input_shape_raises(loader: ModelLoader, data: dict, family: str) -> None:
+    handler, _ = loader.load_model(TARGET, family)
+    batch = _inputs(family, data, rows=3)
+    with pytest.raises(ValueError, match="expected a"):
+        handler.predict(np.concatenate([batch, batch[..., :1]], axis=-1))
+
+
+class WrongLengthPredictor:
+    """A pickled object that returns one value too many."""
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.zeros(len(X) + 1)
+
+
+def test_output_of_wrong_length_raises(tmp_path: Path, data: dict) -> None:
+    mf.write_generic_pickle(
+        tmp_path, TARGET, "Bad", data["X"], data["y"], FEATURES, predictor=WrongLengthPredictor()
+    )
+    handler, _ = ModelLoader(tmp_path).load_model(TARGET, "Bad")
+    with pytest.raises(ValueError, match="model output has shape"):
+        handler.predict(data["X"][:4])
+
+
+def test_cuda_without_gpu_falls_back_to_cpu(
+    run_root: Path, data: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with caplog.at_level(logging.WARNING):
+        handler, _ = ModelLoader(run_root, device="cuda").load_model(TARGET, "TorchMLP")
+    assert "using the CPU" in caplog.text
+    assert handler.predict(data["X"][:3]).shape == (3,)
+
+
+def test_static_batch_export_takes_any_batch(loader: ModelLoader, data: dict) -> None:
+    handler, _ = loader.load_model(TARGET, "TorchExportStatic")
+    batch = data["X"][:7]
+    np.testing.assert_allclose(
+        handler.predict(batch), [handler.predict(batch[i : i + 1])[0] for i in range(7)], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "meta_change", "needle"),
+    [
+        ("KerasMLP", {"feature_list": ["f0", "f1", "f2"]}, "model input is (B, 4)"),
+        ("LSTM", {"sequence_length": 7}, "model input is (B, 5, 4)"),
+        ("Onnx", {"feature_list": ["f0", "f1", "f2", "f3", "f4"]}, "model input is (B, 4)"),
+        ("SavedModel", {"feature_list": ["f0"]}, "model input is (B, 4)"),
+    ],
+)
+def test_model_input_must_match_meta(
+    tmp_path: Path, run_root: Path, family: str, meta_change: dict, needle: str
+) -> None:
+    source = ModelLoader(run_root).family_dir(TARGET, family)
+    copy = ModelLoader(tmp_path).family_dir(TARGET, family)
+    shutil.copytree(source, copy)
+    meta = json.loads((copy / "model_meta.json").read_text())
+    (copy / "model_meta.json").write_text(json.dumps({**meta, **meta_change}))
+    with pytest.raises(ModelLoadError, match=re.escape(needle)):
+        ModelLoader(tmp_path).load_model(TARGET, family)
