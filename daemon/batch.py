@@ -106,3 +106,26 @@ def warm_from_history(pipeline: Pipeline, entries: Sequence[Entry]) -> int:
     items = [decode_bar(e.fields, e.stream, e.entry_id) for e in entries]
     pipeline.process(items, predict=False)
     return sum(1 for i in items if isinstance(i, Bar))
+
+
+def select_recent(
+    rows: Sequence[tuple[str, Any]], stream: str, per_symbol: dict[str, int], limit: int
+) -> list[Bar]:
+    """Decode history rows given newest first, keeping each symbol's newest `limit` valid bars
+    (newest first). `per_symbol` carries the counts from one chunk of rows to the next."""
+    kept: list[Bar] = []
+    for entry_id, fields in rows:
+        item = decode_bar(fields, stream, entry_id)
+        if type(item) is not Bar:
+            continue
+        seen = per_symbol.get(item.symbol, 0)
+        if seen < limit:
+            per_symbol[item.symbol] = seen + 1
+            kept.append(item)
+    return kept
+
+
+def warm_from_bars(pipeline: Pipeline, bars: Sequence[Bar]) -> int:
+    """Apply decoded historical bars (oldest first) to state without predicting."""
+    pipeline.process(bars, predict=False)
+    return len(bars)

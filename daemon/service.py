@@ -228,7 +228,10 @@ class Service:
             for w in self.workers:
                 if w.pipeline is not None:
                     self.metrics.symbols(w.partition, len(w.pipeline.table))
-            if await self.health() is None:
+            # The watchdog is for a hung process. A Redis outage is no reason to be killed
+            # (the workers ride it out, CONTRACT section 5), so only a stalled worker
+            # withholds it; /healthz still reports Redis.
+            if self.stalled() is None:
                 self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(HEARTBEAT_EVERY_S)
 
@@ -248,6 +251,10 @@ class Service:
             await asyncio.wait_for(self.redis.ping(), timeout=1.0)
         except (RedisError, OSError, TimeoutError) as exc:
             return f"redis unreachable: {exc}"
+        return self.stalled()
+
+    def stalled(self) -> str | None:
+        """The first active partition whose worker made no progress for too long, or None."""
         stall_s = max(10.0, 50 * self.settings.streams.block_ms / 1000)
         now = time.monotonic()
         for w in self.workers:

@@ -70,6 +70,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Reads of new entries are fenced like the writes: XREADGROUP '>' moves the group's cursor,
+# and entries delivered to an instance that has lost its lease would be stranded on its
+# consumer (the new owner claimed the pending ones when it took over). Scripts cannot block,
+# so an empty read returns each stream's last entry id, to wait on with XREAD BLOCK.
+# KEYS = lease, input_1..input_k. ARGV = token, group, consumer, count.
+# Returns -1 (lease lost), {1, xreadgroup reply}, or {0, last id per input ('0-0' if empty)}.
+READ_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local args = {'XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4], 'STREAMS'}
+for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
+for i = 2, #KEYS do args[#args + 1] = '>' end
+local reply = redis.call(unpack(args))
+if reply and #reply > 0 then return {1, reply} end
+local tails = {0}
+for i = 2, #KEYS do
+  local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  tails[#tails + 1] = (#last > 0) and last[1][1] or '0-0'
+end
+return tails
+"""
+
 COMMITTED = 1
 ALREADY_COMMITTED = 0
 LEASE_LOST = -1
@@ -123,6 +144,7 @@ class StreamIO:
         self._renew = redis.register_script(RENEW_LUA)
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._release = redis.register_script(RELEASE_LUA)
+        self._read = redis.register_script(READ_LUA)
 
     # ---- groups and reads ----------------------------------------------------------------
 
@@ -134,15 +156,31 @@ class StreamIO:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def read_new(self, count: int, block_ms: int) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
-            self.group,
-            self.consumer,
-            {s: ">" for s in self.inputs},
-            count=count,
-            block=block_ms,
-        )
-        return _entries(reply)
+    async def read_new(self, token: str, count: int, block_ms: int) -> list[Entry] | None:
+        """New entries for this consumer, waiting up to `block_ms` for some; None when the
+        lease `token` no longer holds the partition (nothing was delivered then)."""
+        keys = [self.lease_key, *self.inputs]
+        args = [token, self.group, self.consumer, count]
+        reply = await self._read(keys=keys, args=args)
+        if isinstance(reply, list) and int(reply[0]) == 0 and block_ms > 0:
+            tails = {s: _s(i) for s, i in zip(self.inputs, reply[1:], strict=True)}
+            # No side effect: only waits until an entry newer than what the group has seen.
+            await self.redis.xread(tails, count=1, block=block_ms)
+            reply = await self._read(keys=keys, args=args)
+        if not isinstance(reply, list):
+            return None  # -1: the lease is gone
+        return _script_entries(reply[1]) if int(reply[0]) == 1 else []
+
+    async def groups_missing(self) -> bool:
+        """Whether the group is missing on any input (Redis restarted empty, or deleted)."""
+        for stream in self.inputs:
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                return True  # no such key
+            if not any(_s(g["name"]) == self.group for g in groups):
+                return True
+        return False
 
     async def read_own_pending(self, count: int, after: dict[str, str]) -> list[Entry]:
         """This consumer's pending entries after the given ids (one stream at a time)."""
@@ -254,6 +292,22 @@ class StreamIO:
     async def lease_holder(self) -> str | None:
         value = await self.redis.get(self.lease_key)
         return _s(value) if value is not None else None
+
+
+def _script_entries(reply: Any) -> list[Entry]:
+    """Entries from an XREADGROUP reply passed through a script: [[stream, [[id, [f, v,
+    ...]], ...]], ...] (some emulations flatten it to [stream, rows, stream, rows, ...])."""
+    if reply and isinstance(reply[0], bytes | str):
+        pairs = list(zip(reply[0::2], reply[1::2], strict=True))
+    else:
+        pairs = [(item[0], item[1]) for item in reply or ()]
+    out: list[Entry] = []
+    for stream, rows in pairs:
+        name = _s(stream)
+        for entry_id, flat in rows or ():
+            flat = flat or []
+            out.append(Entry(name, _s(entry_id), dict(zip(flat[0::2], flat[1::2], strict=True))))
+    return out
 
 
 def _entries(reply: Any) -> list[Entry]:

@@ -15,15 +15,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from daemon.batch import BatchReport, run_batch, warm_from_history
+from daemon.batch import BatchReport, run_batch, select_recent, warm_from_bars
 from daemon.pipeline import Pipeline
 from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, Entry, StreamIO
-from daemon.wire import Bar, decode_bar
+from daemon.wire import Bar
 from handlers.engine import InferenceEngine
 
 log = structlog.get_logger("livepred.worker")
 
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
+REBUILD_CHUNK = 50_000  # history bars applied to state per executor call
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
@@ -116,6 +117,19 @@ class PartitionWorker:
                     self.metrics.redis_error()
                     self._log.warning("redis unavailable, retrying", error=str(exc), delay_s=delay)
                     await _wait(stop, delay)
+                except Exception as exc:
+                    # Anything else (a Redis error reply such as OOM, a bug in a batch): a
+                    # dead worker in a live process would serve nothing and still look healthy,
+                    # so log, back off and start over. The batch's entries stay pending and are
+                    # retried; one that keeps failing ends as poison after MAX_DELIVERIES.
+                    delay = backoff.next_s()
+                    self._log.error(
+                        "partition failed, restarting it", error=repr(exc), delay_s=delay,
+                        exc_info=True,
+                    )
+                    self.pipeline = None
+                    self._set_role(Role.STANDBY)
+                    await _wait(stop, delay)
         finally:
             self._set_role(Role.STOPPED)
             try:
@@ -187,22 +201,23 @@ class PartitionWorker:
             boundary = await self.io.history_boundary(stream)
             if boundary is None:
                 continue
-            kept: list[Entry] = []
+            # Each entry is decoded once, in the executor, while the next chunk is fetched.
+            kept: list[Bar] = []
             per_symbol: dict[str, int] = {}
+            decoding: asyncio.Future[list[Bar]] | None = None
             async for chunk in self.io.scan_history_backwards(stream, boundary):
-                for entry_id, fields in chunk:
-                    item = decode_bar(fields, stream, entry_id)
-                    if not isinstance(item, Bar):
-                        continue
-                    seen = per_symbol.get(item.symbol, 0)
-                    if seen < self.warmup_bars:
-                        per_symbol[item.symbol] = seen + 1
-                        kept.append(Entry(stream, entry_id, fields))
+                if decoding is not None:
+                    kept.extend(await decoding)
+                decoding = loop.run_in_executor(
+                    self.executor, select_recent, chunk, stream, per_symbol, self.warmup_bars
+                )
                 self._check_lease()
+            if decoding is not None:
+                kept.extend(await decoding)
             kept.reverse()
-            for i in range(0, len(kept), 20_000):
+            for i in range(0, len(kept), REBUILD_CHUNK):
                 total += await loop.run_in_executor(
-                    self.executor, warm_from_history, pipeline, kept[i : i + 20_000]
+                    self.executor, warm_from_bars, pipeline, kept[i : i + REBUILD_CHUNK]
                 )
         self.pipeline = pipeline
         elapsed = time.perf_counter() - started
@@ -267,6 +282,7 @@ class PartitionWorker:
             except TRANSIENT as exc:
                 # Keep state through an outage; the lease renewer decides if we lost it.
                 self._check_lease()
+                self.last_progress_s = time.monotonic()  # waiting on Redis, not hung
                 delay = backoff.next_s()
                 self.metrics.redis_error()
                 self._log.warning("read failed, retrying", error=str(exc), delay_s=delay)
@@ -274,15 +290,20 @@ class PartitionWorker:
 
     async def _read_once(self) -> tuple[list[Entry], int]:
         try:
-            entries = await self.io.read_new(self.batch, self.block_ms)
+            entries = await self.io.read_new(self.token, self.batch, self.block_ms)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            # (The NOGROUP error text differs between servers when raised inside a script.)
+            if "NOGROUP" not in str(exc) and not await self.io.groups_missing():
                 raise
             # The stream or group vanished (Redis restarted without persistence, or a
             # manual delete): recreate it and carry on from now.
             self._log.warning("consumer group missing, recreating", error=str(exc))
             await self.io.ensure_groups()
             return [], self.clock_us()
+        if entries is None:
+            # Fenced: another instance holds the lease, and nothing was delivered to us.
+            self._lost.set()
+            raise LeaseLost()
         return entries, self.clock_us()
 
     async def _process(self, entries: list[Entry], read_at_us: int) -> None:
@@ -318,6 +339,7 @@ class PartitionWorker:
             except TRANSIENT as exc:
                 if self._lost.is_set():
                     raise LeaseLost() from exc
+                self.last_progress_s = time.monotonic()  # waiting on Redis, not hung
                 delay = backoff.next_s()
                 self.metrics.redis_error()
                 self._log.warning("commit failed, retrying", error=str(exc), delay_s=delay)

@@ -57,6 +57,9 @@ __all__ = [
 ]
 
 _NEVER = np.iinfo(np.int64).max // 4  # warm-up of an unknown feature: never
+# Bigger batches are updated in parts of this many slots: the temporaries stay in cache
+# (about twice as fast per slot at 100k slots).
+_CHUNK_SLOTS = 4096
 _CHANNEL_KINDS = {
     FeatureKind.MA_RATIO: "close",
     FeatureKind.BB_POSITION: "close",
@@ -147,9 +150,8 @@ class FeatureState:
             "ret": {n: self._n_close + i for i, n in enumerate(windows["ret"])},
             "rsi": {n: i for i, n in enumerate(windows["rsi"])},
         }
-        self._shift_window = np.array(
-            windows["close"] + windows["ret"], dtype=np.float64
-        )[:, None]  # fmt: skip
+        shift_windows = windows["close"] + windows["ret"]
+        self._shift_window = np.array(shift_windows, dtype=np.float64)[:, None]
         outputs: dict[str, tuple[list[int], list[int]]] = {}
         for col, spec in enumerate(self.specs):
             if spec is None:
@@ -257,14 +259,24 @@ class FeatureState:
         size = slots.shape[0]
         if x.shape != (size,):
             raise ValueError(f"closes has shape {x.shape}, expected ({size},)")
-        out = np.empty((len(self.names), size))  # one contiguous row per feature
-        if size == 0:
-            return out.T.copy()
         if size > 1:
             order = np.arange(size)
             self._mark[slots] = order
-            if not np.array_equal(self._mark[slots], order):
+            if (self._mark[slots] != order).any():
                 raise ValueError("a slot appears twice in one update: split the batch")
+        if size <= _CHUNK_SLOTS:
+            return self._update(slots, x).T.copy()
+        result = np.empty((size, len(self.names)))
+        for start in range(0, size, _CHUNK_SLOTS):
+            part = slice(start, start + _CHUNK_SLOTS)
+            result[part] = self._update(slots[part], x[part]).T
+        return result
+
+    def _update(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """`update` for unique slots; (F, B): one contiguous row per feature."""
+        out = np.empty((len(self.names), len(slots)))
+        if len(slots) == 0:
+            return out
         mask = self._ring_len - 1
         ring = self._ring
         t = self._nbars[slots]  # this close's bar index in the slot's history
@@ -293,7 +305,7 @@ class FeatureState:
             out[self._unknown_cols] = np.nan
         if int(t.min()) + 1 < self._max_warmup:
             out[t + 1 < self._warmup] = np.nan
-        return out.T.copy()
+        return out
 
     def _window_features(
         self,

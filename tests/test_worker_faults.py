@@ -1,0 +1,181 @@
+"""The daemon on fakeredis when something unexpected fails: the worker logs, backs off and
+carries on (never a silently dead worker in a live process); taking over pending entries
+counts as no delivery; the systemd watchdog keeps beating through a Redis outage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import fakeredis
+import numpy as np
+import pytest
+from redis.exceptions import ResponseError
+
+from daemon import worker as worker_module
+from daemon.service import Service
+from daemon.settings import load_settings
+from daemon.streams import StreamIO
+from daemon.wire import decode_prediction, encode_bar
+from daemon.worker import Role
+from tests import daemon_harness as h
+from tests import model_factory as mf
+
+
+@pytest.fixture(scope="module")
+def lgb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("faults_run")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, len(h.FEATURES)))
+    mf.write_lightgbm(root, "fwd", "LightGBM", X, X[:, 0], h.FEATURES)
+    mf.write_manifest(root, run_id="faults")
+    return root
+
+
+def _service(run: Path, redis: fakeredis.FakeAsyncRedis) -> Service:
+    environ = {
+        "LIVEPRED_MODELS__RUN_ROOT": str(run),
+        "LIVEPRED_METRICS__PORT": "0",
+        "LIVEPRED_STREAMS__BLOCK_MS": "10",
+        "LIVEPRED_STREAMS__BATCH": "16",
+        "LIVEPRED_STREAMS__CONSUMER": "faults",
+    }
+    return Service(load_settings(None, environ), redis=redis)
+
+
+async def _serve_until_done(service: Service, redis: fakeredis.FakeAsyncRedis, n: int) -> None:
+    task = asyncio.create_task(service.run())
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while await redis.xlen("predictions") < n or (
+            await redis.xpending("bars", "livepred")
+        )["pending"]:
+            assert not task.done(), "service.run() ended by itself"
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"stuck: worker role {service.workers[0].role}, "
+                f"{await redis.xlen('predictions')} of {n} outputs"
+            )
+            await asyncio.sleep(0.02)
+        assert service.workers[0].role == Role.ACTIVE
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+
+
+@pytest.mark.parametrize("where", ["commit", "batch"])
+async def test_an_unexpected_error_is_retried_not_fatal(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = h.walk_bars(["AAA", "BBB", "CCC"], 30, seed=2)
+    for bar in bars:
+        await redis.xadd("bars", encode_bar(bar))
+    failures = {"left": 2}
+    if where == "commit":
+        real_commit = StreamIO.commit
+
+        async def flaky_commit(self: StreamIO, token: str, commit: object) -> int:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+            return await real_commit(self, token, commit)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(StreamIO, "commit", flaky_commit)
+    else:
+        real_job = worker_module._run_batch_job
+
+        def flaky_job(*args: object) -> object:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise RuntimeError("a bug in the batch code")
+            return real_job(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(worker_module, "_run_batch_job", flaky_job)
+    service = _service(lgb_run, redis)
+    await service.start()
+    await _serve_until_done(service, redis, len(bars))
+    assert failures["left"] == 0
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert len(outputs) == len({o.src for o in outputs}) == len(bars)
+    assert await redis.xlen("bars:dead") == 0
+    await redis.aclose()
+
+
+async def _check_takeover(redis: object, stream: str) -> None:
+    await redis.xgroup_create(stream, "g", id="$", mkstream=True)  # type: ignore[attr-defined]
+    ids = [await redis.xadd(stream, {"n": str(i)}) for i in range(1500)]  # type: ignore[attr-defined]
+    await redis.xreadgroup("g", "gone-1", {stream: ">"}, count=1200)  # type: ignore[attr-defined]
+    await redis.xreadgroup("g", "gone-2", {stream: ">"}, count=300)  # type: ignore[attr-defined]
+    await redis.xdel(stream, *ids[10:20])  # type: ignore[attr-defined]
+    io = StreamIO(redis, inputs=[stream], output=stream + ":out", dead_letter=stream + ":dead",
+                  group="g", consumer="me", lease_key=stream + ":lease", output_maxlen=1000)
+    assert await io.claim_all_pending() == 1490
+    entries = await io.read_own_pending(2000, {})
+    assert len(entries) == 1490
+    counts = await io.delivery_counts(stream, [e.entry_id for e in entries])
+    assert set(counts.values()) == {2}  # the first read, then ours
+
+
+async def test_taking_over_pending_entries_is_no_delivery() -> None:
+    """A restart reads its predecessor's pending entries once: one delivery, not two (the
+    claim must not count), so MAX_DELIVERIES means deliveries, not half of them."""
+    redis = fakeredis.FakeAsyncRedis()
+    await _check_takeover(redis, "bars")
+    await redis.aclose()
+
+
+@pytest.mark.redis
+async def test_taking_over_pending_entries_is_no_delivery_on_real_redis(
+    real_redis: object, key_prefix: str
+) -> None:
+    await _check_takeover(real_redis, key_prefix + "bars")
+
+
+async def test_the_watchdog_keeps_beating_through_a_redis_outage(lgb_run: Path) -> None:
+    """systemd kills a service whose WATCHDOG=1 stops: during a Redis outage the daemon must
+    keep beating (it rides the outage out), while /healthz reports the outage."""
+    directory = tempfile.mkdtemp(prefix="lpw")
+    address = os.path.join(directory, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.setblocking(False)
+    received: list[str] = []
+
+    def collect() -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                received.extend(sock.recv(4096).decode().splitlines())
+        return received
+
+    server = fakeredis.FakeServer()
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    environ = {"LIVEPRED_MODELS__RUN_ROOT": str(lgb_run), "LIVEPRED_METRICS__PORT": "0",
+               "LIVEPRED_STREAMS__BLOCK_MS": "10", "LIVEPRED_STREAMS__CONSUMER": "wd"}
+    service = Service(load_settings(None, environ), redis=redis, notify_socket=address)
+    await service.start()
+    task = asyncio.create_task(service.run())
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while "WATCHDOG=1" not in collect():
+            assert loop.time() < deadline, f"no WATCHDOG=1, got {received}"
+            await asyncio.sleep(0.05)
+        server.connected = False
+        await asyncio.sleep(0.2)
+        received.clear()
+        assert (await service.health() or "").startswith("redis unreachable")
+        await asyncio.sleep(2.5)
+        assert collect().count("WATCHDOG=1") >= 2, received
+        server.connected = True
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        sock.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        await redis.aclose()
