@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--redis-url", help="use this Redis instead of an embedded one")
     demo.add_argument("--keep-run", metavar="DIR", help="write the demo training run here")
     demo.add_argument("--no-live", action="store_true", help="no live view; summary only")
+    demo.add_argument(
+        "--tick-ms", type=int, default=200, help="wall time between bar bursts (default 200)"
+    )
+    demo.add_argument(
+        "--partitions", type=int, default=1, help="streams.partitions for the demo (default 1)"
+    )
+    demo.add_argument("--seed", type=int, default=7, help="seed of the run and the feeder")
     demo.set_defaults(func=cmd_demo)
 
     replay = sub.add_parser("replay", help="offline: bars file through the same engine, no Redis")
@@ -220,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="OUT", help="write results as JSON")
     bench.add_argument("--plot", metavar="OUT.png", help="write a latency plot")
     bench.add_argument("--redis-url", default=None, help="Redis to use (default: local)")
+    bench.add_argument(
+        "--embedded", action="store_true", help="with --quick: an embedded fakeredis (no timings)"
+    )
+    bench.add_argument("--markdown", metavar="OUT.md", help="write the tables as Markdown")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -20,13 +20,22 @@ OUT_OF_ORDER = "out_of_order"
 
 
 class BarLike(Protocol):
-    symbol: str
-    ts: int
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
+    """What the table reads of a bar (read-only, so frozen dataclasses qualify)."""
+
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def ts(self) -> int: ...
+    @property
+    def open(self) -> float: ...
+    @property
+    def high(self) -> float: ...
+    @property
+    def low(self) -> float: ...
+    @property
+    def close(self) -> float: ...
+    @property
+    def volume(self) -> float: ...
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ No math here: entries go in and out as raw field maps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +109,7 @@ class Commit:
     """What one batch writes: outputs, dead letters, and the entries to ack."""
 
     outputs: list[tuple[bytes, bytes]]  # (symbol, msgpack data)
-    dead: list[Mapping[bytes | str, bytes | str]]
+    dead: list[dict[bytes, bytes]]
     acks: dict[str, list[str]]  # input stream -> entry ids
 
 
@@ -192,6 +192,19 @@ class StreamIO:
             if entries:
                 return entries
         return []
+
+    async def most_deliveries_pending(self, count: int, after: dict[str, str]) -> int:
+        """Highest delivery count among our next `count` pending entries (XPENDING: a peek
+        that, unlike a read, delivers nothing and counts nothing)."""
+        for stream in self.inputs:
+            low = after.get(stream)
+            rows = await self.redis.xpending_range(
+                stream, self.group, min="(" + low if low else "-", max="+", count=count,
+                consumername=self.consumer,
+            )
+            if rows:
+                return max(int(r["times_delivered"]) for r in rows)
+        return 0
 
     async def claim_all_pending(self) -> int:
         """Take over entries pending on other consumers (we hold the lease: they are gone)."""

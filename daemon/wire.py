@@ -112,7 +112,7 @@ def _new_bar(
 
 
 def decode_bar(
-    fields: Mapping[bytes | str, bytes | str], stream: str, entry_id: str
+    fields: Mapping[Any, Any], stream: str, entry_id: str
 ) -> Bar | Rejection:
     """Decode and validate one input entry. Never raises: bad input becomes a `Rejection`.
 

@@ -24,6 +24,7 @@ from handlers.engine import InferenceEngine
 log = structlog.get_logger("livepred.worker")
 
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
+SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
 REBUILD_CHUNK = 50_000  # history bars applied to state per executor call
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -90,11 +91,13 @@ class PartitionWorker:
         self.pipeline: Pipeline | None = None
         self.last_progress_s = time.monotonic()
         self._lost = asyncio.Event()
+        self._stop: asyncio.Event | None = None
         self._log = log.bind(partition=partition if partition is not None else "-")
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         backoff = Backoff()
         # Export the starting role too: a partition that is never won must still show standby.
         self.metrics.role(self.partition, str(self.role))
@@ -236,7 +239,12 @@ class PartitionWorker:
         cursor: dict[str, str] = {}
         while not stop.is_set():
             self._check_lease()
-            entries = await self.io.read_own_pending(self.batch, cursor)
+            # A batch that failed again after a restart is retried one entry at a time (and
+            # read one at a time, so only the entry at the head gains deliveries): an entry
+            # that keeps failing ends as poison alone, never with its neighbours.
+            retried = await self.io.most_deliveries_pending(self.batch, cursor)
+            single = retried >= SINGLE_AFTER_DELIVERIES
+            entries = await self.io.read_own_pending(1 if single else self.batch, cursor)
             if not entries:
                 return
             stream = entries[0].stream
@@ -249,22 +257,33 @@ class PartitionWorker:
 
     async def _serve_new(self, stop: asyncio.Event) -> None:
         next_read: asyncio.Task[tuple[list[Entry], int]] | None = None
+        # Overlap: the next read runs while this batch computes, and this batch computes
+        # while the previous one's atomic write is in flight (Redis works on its own core).
+        # One of each at most; writes stay in batch order.
+        committing: asyncio.Task[None] | None = None
         try:
             while True:
                 self._check_lease()
                 if next_read is None:
                     if stop.is_set():
-                        return
+                        break
                     next_read = asyncio.create_task(self._read())
                 entries, read_at = await next_read
                 next_read = None
                 self.last_progress_s = time.monotonic()
                 if not entries:
                     continue
-                # Overlap: the next read runs while this batch computes (bounded to one).
                 if not stop.is_set():
                     next_read = asyncio.create_task(self._read())
-                await self._process(entries, read_at)
+                if committing is not None and self._needs_rebuild():
+                    await committing  # a rebuild reads history up to the last ack
+                commit, report = await self._compute(entries, read_at)
+                if committing is not None:
+                    await committing
+                committing = asyncio.create_task(self._publish(commit, report, read_at))
+            if committing is not None:
+                await committing
+                committing = None
         finally:
             if next_read is not None:
                 # Never cancel a read mid-flight (an entry could be delivered and forgotten):
@@ -272,6 +291,13 @@ class PartitionWorker:
                 try:
                     await next_read
                 except Exception:
+                    pass
+            if committing is not None:
+                # Leaving on an error: the write in flight completes (or fails) on its own;
+                # what it did not ack stays pending.
+                try:
+                    await asyncio.shield(committing)
+                except BaseException:
                     pass
 
     async def _read(self) -> tuple[list[Entry], int]:
@@ -282,6 +308,8 @@ class PartitionWorker:
             except TRANSIENT as exc:
                 # Keep state through an outage; the lease renewer decides if we lost it.
                 self._check_lease()
+                if self._stop is not None and self._stop.is_set():
+                    return [], self.clock_us()  # shutting down: nothing was read
                 self.last_progress_s = time.monotonic()  # waiting on Redis, not hung
                 delay = backoff.next_s()
                 self.metrics.redis_error()
@@ -307,6 +335,14 @@ class PartitionWorker:
         return entries, self.clock_us()
 
     async def _process(self, entries: list[Entry], read_at_us: int) -> None:
+        commit, report = await self._compute(entries, read_at_us)
+        await self._publish(commit, report, read_at_us)
+
+    def _needs_rebuild(self) -> bool:
+        engine = self.engine()
+        return self.pipeline is not None and engine is not self.pipeline.engine
+
+    async def _compute(self, entries: list[Entry], read_at_us: int) -> tuple[Commit, BatchReport]:
         assert self.pipeline is not None
         engine = self.engine()
         if engine is not self.pipeline.engine and self.pipeline.rebind(engine):
@@ -316,7 +352,7 @@ class PartitionWorker:
             await self.rebuild()
         assert self.pipeline is not None
         loop = asyncio.get_running_loop()
-        commit, report = await loop.run_in_executor(
+        return await loop.run_in_executor(
             self.executor,
             _run_batch_job,
             self.pipeline,
@@ -325,6 +361,8 @@ class PartitionWorker:
             read_at_us,
             self.clock_us,
         )
+
+    async def _publish(self, commit: Commit, report: BatchReport, read_at_us: int) -> None:
         started = time.perf_counter()
         await asyncio.shield(self._commit(commit))
         report.stage_seconds["redis_commit"] = time.perf_counter() - started

@@ -6,6 +6,7 @@ incrementally and is tested against the functions here.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,10 +14,9 @@ from enum import StrEnum
 
 import numpy as np
 import pandas as pd
-import structlog
 from numpy.lib.stride_tricks import sliding_window_view
 
-log = structlog.get_logger("livepred.features")
+log = logging.getLogger("livepred.features")
 
 DEFAULT_FEATURES: tuple[str, ...] = (
     "ret_1d",
@@ -114,7 +114,7 @@ def log_unknown(names: Iterable[str]) -> None:
     for name in names:
         if name not in _logged_unknown and parse_feature(name) is None:
             _logged_unknown.add(name)
-            log.warning("unknown_feature", feature=name, value="NaN")
+            log.warning("unknown feature %r: its value is NaN", name)
 
 
 # ---- the pandas reference (the definition) ------------------------------------------------

@@ -179,3 +179,37 @@ async def test_the_watchdog_keeps_beating_through_a_redis_outage(lgb_run: Path) 
         sock.close()
         shutil.rmtree(directory, ignore_errors=True)
         await redis.aclose()
+
+
+async def test_an_entry_that_always_fails_ends_as_poison_alone(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that keeps failing because of one entry: after the retries the entries are
+    processed one by one, so only the culprit is dead-lettered (`max_deliveries`)."""
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = h.walk_bars(["AAA", "BBB", "CCC"], 5, seed=4)
+    ids = [await redis.xadd("bars", encode_bar(bar)) for bar in bars]
+    culprit = ids[7].decode()
+    real_job = worker_module._run_batch_job
+
+    def job(pipeline: object, entries: list, *args: object) -> object:
+        if any(e.entry_id == culprit and e.deliveries <= worker_module.MAX_DELIVERIES
+               for e in entries):
+            raise RuntimeError("this entry breaks the batch code")
+        return real_job(pipeline, entries, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module, "_run_batch_job", job)
+    monkeypatch.setattr(worker_module.Backoff, "next_s", lambda self: 0.01)
+    service = _service(lgb_run, redis)
+    await service.start()
+    await _serve_until_done(service, redis, len(bars) - 1)
+    dead = await redis.xrange("bars:dead")
+    assert [(f[b"src_id"].decode(), f[b"error"]) for _, f in dead] == [
+        (culprit, b"max_deliveries")
+    ]
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert sorted(o.src for o in outputs) == sorted(
+        f"bars/{i.decode()}" for i in ids if i.decode() != culprit
+    )
+    await redis.aclose()

@@ -1,0 +1,388 @@
+"""What feeders and strategies import: `BarPublisher` writes bars, `PredictionReader` reads
+predictions, both with the stream naming and partition routing of CONTRACT sections 4 and 9.
+
+Both take an existing `redis.asyncio` client (plain or cluster) and never block forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+import structlog
+from redis.exceptions import ResponseError
+
+from daemon.settings import Settings, partition_for_symbol, partition_key
+from daemon.wire import Bar, PredictionEvent, decode_prediction, encode_bar
+
+log = structlog.get_logger("livepred.client")
+
+PIPELINE_CHUNK = 1000  # XADDs per pipeline round trip
+DEFAULT_BLOCK_MS = 1000
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def stream_keys(name: str, partitions: int = 1, cluster: bool = False) -> list[str]:
+    """Every key of a stream: `name` alone, or `name:{p}` for each partition (N > 1 or cluster)."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1 (got {partitions})")
+    if partitions == 1 and not cluster:
+        return [name]
+    return [partition_key(name, p) for p in range(partitions)]
+
+
+class BarPublisher:
+    """Publishes bars to the input stream: msgpack `data` field, symbol routed to its partition.
+
+    A bar is a `daemon.wire.Bar` or a mapping with symbol, ts, open, high, low, close, volume.
+    A bar the daemon would reject raises ValueError (the reason, e.g. `bad_value:close`)
+    before anything is sent. Ordering by `ts` per symbol is the feeder's job.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        stream: str = "bars",
+        partitions: int = 1,
+        cluster: bool = False,
+        maxlen: int | None = None,
+    ) -> None:
+        if maxlen is not None and maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1 or None (got {maxlen})")
+        self.redis = redis
+        self.stream = stream
+        self.partitions = partitions
+        self.cluster = cluster
+        self.maxlen = maxlen
+        self.keys = stream_keys(stream, partitions, cluster)
+        self.partitioned = len(self.keys) > 1 or cluster
+        self.published = 0
+
+    @classmethod
+    def from_settings(
+        cls, redis: Any, settings: Settings, *, input_index: int = 0, maxlen: int | None = None
+    ) -> BarPublisher:
+        """A publisher for the daemon's `streams.input[input_index]`, partitioned like it."""
+        return cls(
+            redis,
+            stream=settings.streams.input[input_index],
+            partitions=settings.streams.partitions,
+            cluster=settings.redis.cluster,
+            maxlen=maxlen,
+        )
+
+    def partition_for(self, symbol: str) -> int | None:
+        """The partition `symbol` goes to (None when the stream is not partitioned)."""
+        if not self.partitioned:
+            return None
+        return partition_for_symbol(symbol, self.partitions)
+
+    def stream_for(self, symbol: str) -> str:
+        """The stream key a bar of `symbol` is written to (`bars` or `bars:{p}`)."""
+        return partition_key(self.stream, self.partition_for(symbol))
+
+    async def publish(self, bar: Bar | Mapping[str, Any]) -> str:
+        """XADD one bar; returns its entry id."""
+        fields = encode_bar(bar)
+        key = self.stream_for(_symbol_of(bar))
+        entry_id = await self.redis.xadd(key, fields, **self._trim())
+        self.published += 1
+        return _s(entry_id)
+
+    async def publish_many(self, bars: Iterable[Bar | Mapping[str, Any]]) -> list[str]:
+        """XADD many bars in pipelined round trips; returns their entry ids in order.
+
+        Every bar is validated first: one bad bar raises ValueError and nothing is sent.
+        """
+        encoded = [(self.stream_for(_symbol_of(bar)), encode_bar(bar)) for bar in bars]
+        ids: list[str] = []
+        trim = self._trim()
+        for start in range(0, len(encoded), PIPELINE_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            for key, fields in encoded[start : start + PIPELINE_CHUNK]:
+                pipe.xadd(key, fields, **trim)
+            replies = await pipe.execute()
+            ids.extend(_s(r) for r in replies)
+            self.published += len(replies)
+        return ids
+
+    def _trim(self) -> dict[str, Any]:
+        return {"maxlen": self.maxlen, "approximate": True} if self.maxlen else {}
+
+
+def _symbol_of(bar: Bar | Mapping[str, Any]) -> str:
+    symbol = bar.symbol if isinstance(bar, Bar) else bar.get("symbol")
+    if not isinstance(symbol, str) or not symbol:
+        raise ValueError("bad_value:symbol" if symbol is not None else "missing_field:symbol")
+    return symbol
+
+
+class PredictionReader:
+    """Reads prediction events from every output partition, as typed `PredictionEvent`s.
+
+    Plain mode (no `group`): XREAD, resumable. `last_ids` maps a stream key to the id to read
+    after ("0" = from the start); keys not given start at `start`: "$" = entries added after
+    the first `read` call begins, "0" = the whole retained stream. `.last_ids` holds the
+    position after each read: pass it to a new reader to resume without gaps or duplicates.
+
+    Group mode (`group` and `consumer`): XREADGROUP, the group created if missing (at
+    `start`). A restarted consumer first gets its own pending entries again. With
+    `auto_ack=True` entries are acknowledged as soon as they are read (at most once);
+    with False, `ack()` acknowledges everything returned so far (at least once).
+
+    `read` merges the partitions in entry-id order; `count` applies per partition. An entry
+    that is not a valid prediction is skipped (counted in `.skipped`, acked in group mode).
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        stream: str = "predictions",
+        partitions: int = 1,
+        cluster: bool = False,
+        group: str | None = None,
+        consumer: str | None = None,
+        last_ids: Mapping[str, str] | None = None,
+        start: str = "$",
+        auto_ack: bool = True,
+    ) -> None:
+        if (group is None) != (consumer is None):
+            raise ValueError("group and consumer go together: give both or neither")
+        if group is not None and last_ids:
+            raise ValueError("last_ids is for plain reads; a consumer group keeps its own position")
+        if start not in ("$", "0", "0-0"):
+            raise ValueError(f"start must be '$' or '0' (got {start!r})")
+        if _decodes_responses(redis):
+            raise ValueError(
+                "the Redis client has decode_responses=True: prediction data is binary msgpack;"
+                " use a client without it"
+            )
+        self.redis = redis
+        self.stream = stream
+        self.cluster = cluster
+        self.group = group
+        self.consumer = consumer
+        self.auto_ack = auto_ack
+        self.start = start
+        self.keys = stream_keys(stream, partitions, cluster)
+        unknown = sorted(set(last_ids or ()) - set(self.keys))
+        if unknown:
+            raise ValueError(f"last_ids names streams this reader does not read: {unknown}")
+        self.last_ids: dict[str, str] = {k: _s(v) for k, v in (last_ids or {}).items()}
+        self.skipped = 0
+        self._unacked: dict[str, list[str]] = {}
+        self._groups_ready = False
+        self._pending_after: dict[str, str] = {}  # group mode: own pending entries re-read
+        self._pending_done: set[str] = set()
+        self._buffer: list[PredictionEvent] = []
+
+    @classmethod
+    def from_settings(cls, redis: Any, settings: Settings, **kwargs: Any) -> PredictionReader:
+        """A reader of the daemon's `streams.output`, partitioned like it."""
+        return cls(
+            redis,
+            stream=settings.streams.output,
+            partitions=settings.streams.partitions,
+            cluster=settings.redis.cluster,
+            **kwargs,
+        )
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    async def read(
+        self, count: int = 100, block_ms: int | None = DEFAULT_BLOCK_MS
+    ) -> list[PredictionEvent]:
+        """Up to `count` events per partition; waits at most `block_ms` (None: not at all)."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1 (got {count})")
+        if block_ms is not None and block_ms < 1:
+            # BLOCK 0 would wait forever, and a cancelled forever-read can lose an entry.
+            raise ValueError(f"block_ms must be >= 1 or None (got {block_ms})")
+        if self.group is None:
+            rows = await self._read_plain(count, block_ms)
+        else:
+            rows = await self._read_group(count, block_ms)
+        return self._decode(rows)
+
+    def __aiter__(self) -> AsyncIterator[PredictionEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[PredictionEvent]:
+        while True:
+            if not self._buffer:
+                self._buffer = await self.read()
+                continue
+            yield self._buffer.pop(0)
+
+    async def ack(self) -> int:
+        """Acknowledge every entry returned so far (group mode); returns how many."""
+        if self.group is None:
+            return 0
+        acked = 0
+        pending, self._unacked = self._unacked, {}
+        for key, ids in pending.items():
+            if ids:
+                acked += int(await self.redis.xack(key, self.group, *ids))
+        return acked
+
+    # ---- plain XREAD -------------------------------------------------------------------------
+
+    async def _read_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
+        await self._resolve_start()
+        if self.cluster:
+            # Partitions live in different hash slots: one XREAD per key. Try without
+            # blocking first so data on any partition is returned at once.
+            rows = await self._gather_plain(count, None)
+            if rows or block_ms is None:
+                return rows
+            return await self._gather_plain(count, block_ms)
+        reply = await self.redis.xread(dict(self.last_ids), count=count, block=block_ms)
+        rows = _rows(reply)
+        self._advance(rows)
+        return rows
+
+    async def _gather_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
+        replies = await asyncio.gather(
+            *(
+                self.redis.xread({key: self.last_ids[key]}, count=count, block=block_ms)
+                for key in self.keys
+            )
+        )
+        rows = [row for reply in replies for row in _rows(reply)]
+        self._advance(rows)
+        return rows
+
+    async def _resolve_start(self) -> None:
+        missing = [key for key in self.keys if key not in self.last_ids]
+        for key in missing:
+            if self.start == "$":
+                newest = await self.redis.xrevrange(key, "+", "-", count=1)
+                self.last_ids[key] = _s(newest[0][0]) if newest else "0-0"
+            else:
+                self.last_ids[key] = "0-0"
+
+    def _advance(self, rows: Sequence[tuple[str, str, Any]]) -> None:
+        for key, entry_id, _ in rows:
+            if _id_key(entry_id) > _id_key(self.last_ids[key]):
+                self.last_ids[key] = entry_id
+
+    # ---- consumer group -------------------------------------------------------------------
+
+    async def _ensure_groups(self) -> None:
+        if self._groups_ready:
+            return
+        for key in self.keys:
+            try:
+                await self.redis.xgroup_create(key, self.group, id=self.start, mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._groups_ready = True
+
+    async def _read_group(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
+        await self._ensure_groups()
+        rows: list[tuple[str, str, Any]] = []
+        # After a restart, this consumer's own pending entries come first (id "0").
+        for key in self.keys:
+            if key in self._pending_done:
+                continue
+            after = self._pending_after.get(key, "0-0")
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {key: after}, count=count
+            )
+            # An entry deleted since its delivery comes back without fields: it is
+            # returned (skipped when decoded) so that it gets acknowledged too.
+            found = _rows(reply)
+            if found:
+                self._pending_after[key] = found[-1][1]
+                rows.extend(found)
+            else:
+                self._pending_done.add(key)
+        if not rows:
+            if self.cluster:
+                rows = await self._gather_group(count, None)
+                if not rows and block_ms is not None:
+                    rows = await self._gather_group(count, block_ms)
+            else:
+                reply = await self.redis.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    dict.fromkeys(self.keys, ">"),
+                    count=count,
+                    block=block_ms,
+                )
+                rows = _rows(reply)
+        for key, entry_id, _ in rows:
+            self._unacked.setdefault(key, []).append(entry_id)
+        if self.auto_ack:
+            await self.ack()
+        return rows
+
+    async def _gather_group(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
+        replies = await asyncio.gather(
+            *(
+                self.redis.xreadgroup(
+                    self.group, self.consumer, {key: ">"}, count=count, block=block_ms
+                )
+                for key in self.keys
+            )
+        )
+        return [row for reply in replies for row in _rows(reply)]
+
+    # ---- decoding ------------------------------------------------------------------------
+
+    def _decode(self, rows: list[tuple[str, str, Any]]) -> list[PredictionEvent]:
+        if len(self.keys) > 1:
+            rows = sorted(rows, key=lambda row: _id_key(row[1]))
+        events: list[PredictionEvent] = []
+        for key, entry_id, fields in rows:
+            try:
+                events.append(decode_prediction(fields or {}))
+            except ValueError as exc:
+                self.skipped += 1
+                log.warning(
+                    "skipped a malformed prediction", stream=key, id=entry_id, error=str(exc)
+                )
+        return events
+
+
+def _decodes_responses(redis: Any) -> bool:
+    getter = getattr(redis, "get_connection_kwargs", None)  # RedisCluster
+    if callable(getter):
+        kwargs = getter()
+    else:
+        kwargs = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", None)
+    return bool(isinstance(kwargs, dict) and kwargs.get("decode_responses"))
+
+
+def _rows(reply: Any) -> list[tuple[str, str, Any]]:
+    """(stream, entry id, fields) from an XREAD/XREADGROUP reply (RESP2 list or RESP3 dict)."""
+    if not reply:
+        return []
+    items = reply.items() if isinstance(reply, dict) else reply
+    out: list[tuple[str, str, Any]] = []
+    for stream, entries in items:
+        if _nested(entries):  # RESP3 replies wrap each stream's entries in one more list
+            entries = entries[0]
+        name = _s(stream)
+        for entry_id, fields in entries:
+            out.append((name, _s(entry_id), fields))
+    return out
+
+
+def _nested(entries: Any) -> bool:
+    if len(entries) != 1 or not isinstance(entries[0], list | tuple):
+        return False
+    inner = entries[0]
+    return not inner or isinstance(inner[0], list | tuple)

@@ -1,0 +1,374 @@
+"""daemon.client: BarPublisher and PredictionReader against fakeredis and the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from daemon.client import BarPublisher, PredictionReader, stream_keys
+from daemon.wire import (
+    Bar,
+    PredictionEvent,
+    TargetResult,
+    decode_bar,
+    encode_prediction,
+)
+
+
+@dataclass
+class Backend:
+    redis: Any
+    prefix: str  # every key a test writes starts with it
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+
+@pytest.fixture(params=["fakeredis", "real_redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis()
+        yield Backend(client, "")
+        await client.aclose()
+        return
+    url = request.getfixturevalue("real_redis_url")
+    prefix = request.getfixturevalue("key_prefix")  # deletes every key under it afterwards
+    client = aioredis.Redis.from_url(url)
+    yield Backend(client, prefix)
+    await client.aclose()
+
+
+def make_bar(symbol: str, minute: int, close: float = 100.0) -> dict[str, Any]:
+    return {
+        "symbol": symbol,
+        "ts": 1_700_000_000_000 + minute * 60_000,
+        "open": close,
+        "high": close * 1.01,
+        "low": close * 0.99,
+        "close": close,
+        "volume": 10.0,
+    }
+
+
+def make_event(symbol: str, ts: int, value: float = 0.5) -> PredictionEvent:
+    return PredictionEvent(
+        symbol=symbol,
+        ts=ts,
+        src=f"bars/{ts}-0",
+        run="test-run",
+        lat_us=123,
+        targets={
+            "fwd_ret_5": TargetResult(
+                preds={"LightGBM": value, "MLP": value / 2},
+                selected="LightGBM",
+                pred=value,
+                warming={"LSTM": 3},
+                failed={},
+            )
+        },
+    )
+
+
+async def write_events(redis: Any, key: str, events: list[PredictionEvent]) -> list[str]:
+    ids = []
+    for event in events:
+        entry_id = await redis.xadd(key, encode_prediction(event))
+        ids.append(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+    return ids
+
+
+# ---- BarPublisher --------------------------------------------------------------------------
+
+
+async def test_publish_round_trip(backend: Backend) -> None:
+    publisher = BarPublisher(backend.redis, stream=backend.key("bars"))
+    entry_id = await publisher.publish(make_bar("AAPL", 1, 101.5))
+    bar = Bar("MSFT", 1_700_000_060_000, 1.0, 2.0, 0.5, 1.5, 0.0)
+    ids = await publisher.publish_many([bar, make_bar("AAPL", 2)])
+    rows = await backend.redis.xrange(backend.key("bars"))
+    assert [r[0].decode() for r in rows] == [entry_id, *ids]
+    assert all(set(fields) == {b"data"} for _, fields in rows)  # CONTRACT §4: msgpack `data`
+    decoded = [decode_bar(fields, backend.key("bars"), i.decode()) for i, fields in rows]
+    assert all(isinstance(d, Bar) for d in decoded)
+    first = decoded[0]
+    assert isinstance(first, Bar)
+    assert (first.symbol, first.ts, first.close) == ("AAPL", 1_700_000_060_000, 101.5)
+    second = decoded[1]
+    assert isinstance(second, Bar)
+    assert (second.symbol, second.high, second.volume) == ("MSFT", 2.0, 0.0)
+    assert publisher.published == 3
+
+
+async def test_publish_many_validates_everything_first(backend: Backend) -> None:
+    publisher = BarPublisher(backend.redis, stream=backend.key("bars"))
+    bad = make_bar("BAD", 2)
+    bad["close"] = -1.0
+    with pytest.raises(ValueError, match="bad_value:close"):
+        await publisher.publish_many([make_bar("AAPL", 1), bad, make_bar("AAPL", 3)])
+    missing = make_bar("X", 1)
+    del missing["volume"]
+    with pytest.raises(ValueError, match="missing_field:volume"):
+        await publisher.publish(missing)
+    assert await backend.redis.xlen(backend.key("bars")) == 0
+    assert publisher.published == 0
+
+
+async def test_partition_routing_is_crc32_mod_n(backend: Backend) -> None:
+    partitions = 4
+    publisher = BarPublisher(backend.redis, stream=backend.key("bars"), partitions=partitions)
+    symbols = [f"S{i:02d}" for i in range(24)] + ["AAPL", "ÆØÅ", "BRK.B"]
+    await publisher.publish_many(make_bar(s, 1) for s in symbols)
+    expected: dict[str, list[str]] = {}
+    for symbol in symbols:
+        p = zlib.crc32(symbol.encode()) % partitions
+        expected.setdefault(f"{backend.prefix}bars:{{{p}}}", []).append(symbol)
+        assert publisher.partition_for(symbol) == p
+        assert publisher.stream_for(symbol) == f"{backend.prefix}bars:{{{p}}}"
+    assert publisher.keys == [f"{backend.prefix}bars:{{{p}}}" for p in range(partitions)]
+    assert await backend.redis.exists(backend.key("bars")) == 0  # no unsuffixed key
+    for key in publisher.keys:
+        rows = await backend.redis.xrange(key)
+        got = [decode_bar(f, key, i.decode()) for i, f in rows]
+        assert [b.symbol for b in got if isinstance(b, Bar)] == expected.get(key, [])
+
+
+async def test_cluster_mode_suffixes_even_one_partition(backend: Backend) -> None:
+    publisher = BarPublisher(backend.redis, stream=backend.key("bars"), cluster=True)
+    await publisher.publish(make_bar("AAPL", 1))
+    assert publisher.stream_for("AAPL") == f"{backend.prefix}bars:{{0}}"
+    assert await backend.redis.xlen(f"{backend.prefix}bars:{{0}}") == 1
+    assert stream_keys("predictions", 1, cluster=True) == ["predictions:{0}"]
+    assert stream_keys("predictions", 3) == [
+        "predictions:{0}",
+        "predictions:{1}",
+        "predictions:{2}",
+    ]
+    assert stream_keys("predictions") == ["predictions"]
+
+
+async def test_maxlen_trims_the_stream(backend: Backend) -> None:
+    publisher = BarPublisher(backend.redis, stream=backend.key("bars"), maxlen=10)
+    await publisher.publish_many(make_bar("AAPL", m) for m in range(1, 1001))
+    # MAXLEN ~ trims whole macro nodes: never below 10, far below 1000.
+    assert 10 <= await backend.redis.xlen(backend.key("bars")) < 500
+
+
+# ---- PredictionReader: plain reads --------------------------------------------------------
+
+
+async def test_reader_round_trip_typed_events(backend: Backend) -> None:
+    key = backend.key("predictions")
+    events = [make_event("AAPL", 1000 + i, value=0.1 * i) for i in range(5)]
+    await write_events(backend.redis, key, events)
+    reader = PredictionReader(backend.redis, stream=key, start="0")
+    got = await reader.read(count=100, block_ms=50)
+    assert got == events  # typed PredictionEvent with TargetResult, equal field by field
+    assert isinstance(got[0].targets["fwd_ret_5"], TargetResult)
+    assert got[2].targets["fwd_ret_5"].warming == {"LSTM": 3}
+    assert await reader.read(count=100, block_ms=20) == []
+
+
+async def test_reader_merges_all_partitions(backend: Backend) -> None:
+    stream = backend.key("predictions")
+    reader = PredictionReader(backend.redis, stream=stream, partitions=3, start="0")
+    written: list[tuple[str, PredictionEvent]] = []
+    for i in range(12):
+        p = i % 3
+        event = make_event(f"S{i}", 1000 + i)
+        entry_id = (await write_events(backend.redis, f"{stream}:{{{p}}}", [event]))[0]
+        written.append((entry_id, event))
+    got = await reader.read(count=100, block_ms=50)
+    assert sorted(got, key=lambda e: e.ts) == [e for _, e in written]
+    # Merged in entry-id order (ids of different partitions may tie).
+    id_of = {e.symbol: tuple(map(int, entry_id.split("-"))) for entry_id, e in written}
+    ids = [id_of[e.symbol] for e in got]
+    assert ids == sorted(ids)
+    assert set(reader.last_ids) == {f"{stream}:{{{p}}}" for p in range(3)}
+
+
+async def test_reader_resumes_from_last_ids_without_gaps_or_duplicates(backend: Backend) -> None:
+    stream = backend.key("predictions")
+    keys = stream_keys(stream, 2)
+    first = [make_event(f"S{i}", i) for i in range(10)]
+    for i, event in enumerate(first):
+        await write_events(backend.redis, keys[i % 2], [event])
+    reader = PredictionReader(backend.redis, stream=stream, partitions=2, start="0")
+    seen = await reader.read(count=2, block_ms=20)  # 2 per partition
+    assert len(seen) == 4
+    saved = dict(reader.last_ids)
+    more = [make_event(f"T{i}", 100 + i) for i in range(6)]
+    for i, event in enumerate(more):
+        await write_events(backend.redis, keys[i % 2], [event])
+    resumed = PredictionReader(backend.redis, stream=stream, partitions=2, last_ids=saved)
+    while batch := await resumed.read(count=3, block_ms=20):
+        seen.extend(batch)
+    assert sorted(e.symbol for e in seen) == sorted(e.symbol for e in first + more)
+    assert len(seen) == len(first) + len(more)
+
+
+async def test_reader_start_dollar_skips_history(backend: Backend) -> None:
+    key = backend.key("predictions")
+    await write_events(backend.redis, key, [make_event("OLD", 1)])
+    reader = PredictionReader(backend.redis, stream=key)  # start="$"
+    assert await reader.read(block_ms=20) == []
+    await write_events(backend.redis, key, [make_event("NEW1", 2), make_event("NEW2", 3)])
+    assert [e.symbol for e in await reader.read(block_ms=20)] == ["NEW1", "NEW2"]
+
+
+async def test_reader_on_missing_stream_waits_then_returns_nothing(backend: Backend) -> None:
+    reader = PredictionReader(backend.redis, stream=backend.key("nothing-here"), start="0")
+    started = time.monotonic()
+    assert await reader.read(block_ms=100) == []
+    assert time.monotonic() - started < 5
+    assert await reader.read(block_ms=None) == []
+
+
+async def test_reader_blocked_read_wakes_on_new_entry(backend: Backend) -> None:
+    key = backend.key("predictions")
+    reader = PredictionReader(backend.redis, stream=key, start="0")
+    pending = asyncio.create_task(reader.read(block_ms=3000))
+    await asyncio.sleep(0.1)
+    await write_events(backend.redis, key, [make_event("LATE", 7)])
+    got = await asyncio.wait_for(pending, timeout=5)
+    assert [e.symbol for e in got] == ["LATE"]
+
+
+async def test_reader_skips_malformed_entries(backend: Backend) -> None:
+    key = backend.key("predictions")
+    await backend.redis.xadd(key, {"data": b"\xc1 not msgpack"})
+    await backend.redis.xadd(key, {"symbol": "X"})
+    await write_events(backend.redis, key, [make_event("OK", 5)])
+    reader = PredictionReader(backend.redis, stream=key, start="0")
+    assert [e.symbol for e in await reader.read(block_ms=20)] == ["OK"]
+    assert reader.skipped == 2
+
+
+async def test_reader_async_iterator(backend: Backend) -> None:
+    key = backend.key("predictions")
+    await write_events(backend.redis, key, [make_event(f"S{i}", i) for i in range(5)])
+    reader = PredictionReader(backend.redis, stream=key, start="0")
+    symbols = []
+    async for event in reader:
+        symbols.append(event.symbol)
+        if len(symbols) == 5:
+            break
+    assert symbols == [f"S{i}" for i in range(5)]
+
+
+def test_reader_argument_checks() -> None:
+    client = fakeredis.FakeAsyncRedis()
+    with pytest.raises(ValueError, match="group and consumer"):
+        PredictionReader(client, group="g")
+    with pytest.raises(ValueError, match="last_ids"):
+        PredictionReader(client, group="g", consumer="c", last_ids={"predictions": "0-0"})
+    with pytest.raises(ValueError, match="does not read"):
+        PredictionReader(client, last_ids={"other": "0-0"})
+    with pytest.raises(ValueError, match="start"):
+        PredictionReader(client, start="1-0")
+    with pytest.raises(ValueError, match="maxlen"):
+        BarPublisher(client, maxlen=0)
+    with pytest.raises(ValueError, match="decode_responses"):
+        PredictionReader(fakeredis.FakeAsyncRedis(decode_responses=True))
+
+
+async def test_block_zero_is_refused() -> None:
+    reader = PredictionReader(fakeredis.FakeAsyncRedis(), start="0")
+    with pytest.raises(ValueError, match="block_ms"):
+        await reader.read(block_ms=0)
+
+
+# ---- PredictionReader: consumer groups ----------------------------------------------------
+
+
+async def pending_count(redis: Any, key: str, group: str) -> int:
+    summary = await redis.xpending(key, group)
+    return int(summary["pending"])
+
+
+async def test_group_reads_and_acks(backend: Backend) -> None:
+    stream = backend.key("predictions")
+    group = backend.key("strategy")
+    reader = PredictionReader(
+        backend.redis, stream=stream, partitions=2, group=group, consumer="c1", start="0"
+    )
+    keys = stream_keys(stream, 2)
+    for i in range(6):
+        await write_events(backend.redis, keys[i % 2], [make_event(f"S{i}", i)])
+    got = await reader.read(count=100, block_ms=50)
+    assert sorted(e.symbol for e in got) == [f"S{i}" for i in range(6)]
+    for key in keys:
+        assert await pending_count(backend.redis, key, group) == 0
+    assert await reader.read(block_ms=20) == []
+
+
+async def test_group_explicit_ack_and_redelivery_after_restart(backend: Backend) -> None:
+    key = backend.key("predictions")
+    group = backend.key("strategy")
+    events = [make_event(f"S{i}", i) for i in range(4)]
+    await write_events(backend.redis, key, events)
+    reader = PredictionReader(
+        backend.redis, stream=key, group=group, consumer="c1", start="0", auto_ack=False
+    )
+    assert [e.symbol for e in await reader.read(count=2, block_ms=20)] == ["S0", "S1"]
+    assert await pending_count(backend.redis, key, group) == 2
+    # A crash before ack: the restarted consumer gets its pending entries first, then new ones.
+    restarted = PredictionReader(
+        backend.redis, stream=key, group=group, consumer="c1", auto_ack=False
+    )
+    assert [e.symbol for e in await restarted.read(count=10, block_ms=20)] == ["S0", "S1"]
+    assert [e.symbol for e in await restarted.read(count=10, block_ms=20)] == ["S2", "S3"]
+    assert await pending_count(backend.redis, key, group) == 4
+    assert await restarted.ack() == 4
+    assert await pending_count(backend.redis, key, group) == 0
+    assert await restarted.read(block_ms=20) == []
+
+
+async def test_group_start_dollar_skips_history(backend: Backend) -> None:
+    key = backend.key("predictions")
+    group = backend.key("strategy")
+    await write_events(backend.redis, key, [make_event("OLD", 1)])
+    reader = PredictionReader(backend.redis, stream=key, group=group, consumer="c1")
+    assert await reader.read(block_ms=20) == []
+    await write_events(backend.redis, key, [make_event("NEW", 2)])
+    assert [e.symbol for e in await reader.read(block_ms=20)] == ["NEW"]
+
+
+async def test_group_acks_malformed_entries(backend: Backend) -> None:
+    key = backend.key("predictions")
+    group = backend.key("strategy")
+    reader = PredictionReader(backend.redis, stream=key, group=group, consumer="c1", start="0")
+    await backend.redis.xadd(key, {"data": b"\xc1"})
+    await write_events(backend.redis, key, [make_event("OK", 2)])
+    assert [e.symbol for e in await reader.read(block_ms=20)] == ["OK"]
+    assert reader.skipped == 1
+    assert await pending_count(backend.redis, key, group) == 0
+
+
+# ---- feeder -> daemon wire -> strategy, through the client helpers ------------------------
+
+
+async def test_from_settings_uses_the_daemon_names(backend: Backend) -> None:
+    from daemon.settings import load_settings, partition_keys
+
+    settings = load_settings(
+        None,
+        environ={
+            "LIVEPRED_STREAMS__INPUT": backend.key("in"),
+            "LIVEPRED_STREAMS__OUTPUT": backend.key("out"),
+            "LIVEPRED_STREAMS__DEAD_LETTER": backend.key("dead"),
+            "LIVEPRED_STREAMS__PARTITIONS": "3",
+        },
+    )
+    publisher = BarPublisher.from_settings(backend.redis, settings)
+    reader = PredictionReader.from_settings(backend.redis, settings, start="0")
+    keys = partition_keys(settings)
+    assert publisher.keys == [k.inputs[0] for k in keys]
+    assert reader.keys == [k.output for k in keys]
