@@ -79,6 +79,10 @@ class Metrics:
             "livepred_lease_renewals", "Lease renewals", ["partition"], registry=r
         )
         self.lease_losses = Counter("livepred_lease_losses", "Leases lost", ["partition"], registry=r)
+        self.lease_handbacks = Counter(
+            "livepred_lease_handbacks", "Partitions handed back to their preferred instance",
+            ["partition"], registry=r,
+        )
         self.failovers = Counter(
             "livepred_lease_acquisitions", "Leases taken (start or failover)", ["partition"],
             registry=r,
@@ -131,6 +135,9 @@ class Metrics:
 
     def lease_renewed(self, partition: int | None) -> None:
         self.lease_renewals.labels(_p(partition)).inc()
+
+    def lease_handback(self, partition: int | None) -> None:
+        self.lease_handbacks.labels(_p(partition)).inc()
 
     def lease_lost(self, partition: int | None) -> None:
         self.lease_losses.labels(_p(partition)).inc()

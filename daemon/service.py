@@ -143,6 +143,7 @@ class Service:
                 consumer=self.consumer,
                 lease_key=keys.lease_key,
                 output_maxlen=s.output_maxlen,
+                handback_key=keys.handback_key,
             )
             self.workers.append(
                 PartitionWorker(
@@ -157,6 +158,7 @@ class Service:
                     block_ms=s.block_ms,
                     lease_ms=s.lease_ms,
                     warmup_bars=self.settings.state.warmup_bars,
+                    preferred=keys.preferred,
                     metrics=self.metrics,
                     clock_us=self.clock_us,
                 )

@@ -11,7 +11,7 @@ import re
 import tomllib
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 from urllib.parse import parse_qs, urlsplit
@@ -210,6 +210,9 @@ class StreamsSettings(_Section):
     output_maxlen: Annotated[StrictInt, _at_least(1000)] = 1_000_000
     partitions: Annotated[StrictInt, _between(1, MAX_PARTITIONS)] = 1
     partitions_owned: tuple[StrictInt, ...] = ()  # () = all
+    # Of the owned partitions, those this instance serves first; it stands by for the others
+    # and asks their holder to hand them back. () = all owned partitions are preferred.
+    partitions_preferred: tuple[StrictInt, ...] = ()
     lease_ms: Annotated[StrictInt, _at_least(100)] = 5000
 
     @model_validator(mode="after")
@@ -235,6 +238,18 @@ class StreamsSettings(_Section):
             raise ConfigError(
                 "streams.partitions_owned",
                 f"must not repeat a partition (got {list(self.partitions_owned)})",
+            )
+        owned = set(self.partitions_owned or range(self.partitions))
+        for p in self.partitions_preferred:
+            if p not in owned:
+                raise ConfigError(
+                    "streams.partitions_preferred",
+                    f"each must be one of streams.partitions_owned (got {p})",
+                )
+        if len(set(self.partitions_preferred)) != len(self.partitions_preferred):
+            raise ConfigError(
+                "streams.partitions_preferred",
+                f"must not repeat a partition (got {list(self.partitions_preferred)})",
             )
         return self
 
@@ -324,6 +339,9 @@ class PartitionKeys:
     output: str
     dead_letter: str
     lease_key: str
+    preferred: bool = True  # False: stand by, take it only when free, hand it back on request
+    # Where a preferred instance asks the holder to hand it back (derived from lease_key).
+    handback_key: str = field(default="", compare=False)
 
 
 def partition_key(name: str, partition: int | None) -> str:
@@ -342,6 +360,7 @@ def partition_keys(settings: Settings) -> list[PartitionKeys]:
     """The keys of every partition this instance owns (all of them for `partitions_owned = []`)."""
     streams = settings.streams
     owned: tuple[int | None, ...] = settings.owned_partitions if settings.partitioned else (None,)
+    preferred = set(streams.partitions_preferred)
     return [
         PartitionKeys(
             partition=p,
@@ -349,6 +368,8 @@ def partition_keys(settings: Settings) -> list[PartitionKeys]:
             output=partition_key(streams.output, p),
             dead_letter=partition_key(streams.dead_letter, p),
             lease_key=partition_key(f"{streams.group}:lease", p),
+            preferred=not preferred or p in preferred,
+            handback_key=partition_key(f"{streams.group}:handback", p),
         )
         for p in owned
     ]

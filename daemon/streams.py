@@ -131,6 +131,7 @@ class StreamIO:
         consumer: str,
         lease_key: str,
         output_maxlen: int,
+        handback_key: str = "",
     ) -> None:
         self.redis = redis
         self.inputs = tuple(inputs)
@@ -139,6 +140,7 @@ class StreamIO:
         self.group = group
         self.consumer = consumer
         self.lease_key = lease_key
+        self.handback_key = handback_key or lease_key + ":handback"
         self.output_maxlen = output_maxlen
         self._commit = redis.register_script(COMMIT_LUA)
         self._renew = redis.register_script(RENEW_LUA)
@@ -301,6 +303,13 @@ class StreamIO:
 
     async def release_lease(self, token: str) -> None:
         await self._release(keys=[self.lease_key], args=[token])
+
+    async def request_handback(self, token: str, ttl_ms: int) -> None:
+        """Ask the current holder (which only stands in for us) to hand the partition back."""
+        await self.redis.set(self.handback_key, token, px=ttl_ms)
+
+    async def handback_requested(self) -> bool:
+        return bool(await self.redis.exists(self.handback_key))
 
     async def lease_holder(self) -> str | None:
         value = await self.redis.get(self.lease_key)

@@ -73,6 +73,7 @@ class PartitionWorker:
         warmup_bars: int,
         metrics: Any,
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+        preferred: bool = True,
     ) -> None:
         self.io = io
         self.partition = partition
@@ -90,7 +91,10 @@ class PartitionWorker:
         self.role = Role.STANDBY
         self.pipeline: Pipeline | None = None
         self.last_progress_s = time.monotonic()
+        self.preferred = preferred  # False: a stand-in that hands the partition back
         self._lost = asyncio.Event()
+        self._handback = asyncio.Event()
+        self._free_since: float | None = None
         self._stop: asyncio.Event | None = None
         self._log = log.bind(partition=partition if partition is not None else "-")
 
@@ -104,12 +108,14 @@ class PartitionWorker:
         try:
             while not stop.is_set():
                 try:
-                    if not await self._acquire():
+                    if not await self._try_take():
                         self._set_role(Role.STANDBY)
                         await _wait(stop, self.lease_ms / 4000)
                         continue
                     backoff.reset()
                     await self._own(stop)
+                    if self._handback.is_set() and not stop.is_set():
+                        await self._hand_back(stop)
                 except LeaseLost:
                     self._log.warning("lease lost: stopped processing this partition")
                     self.metrics.lease_lost(self.partition)
@@ -152,6 +158,39 @@ class PartitionWorker:
             return True
         return False
 
+    async def _try_take(self) -> bool:
+        """Preferred: take the lease when free, else ask its holder to hand it back.
+        Not preferred (a stand-in): take it only once it has stayed free for a whole lease
+        time, so a preferred instance that is starting or restarting gets it first."""
+        if not self.preferred:
+            holder = await self.io.lease_holder()
+            if holder is not None and holder != self.token:
+                self._free_since = None
+                return False
+            now = time.monotonic()
+            if holder is None:
+                if self._free_since is None:
+                    self._free_since = now
+                if now - self._free_since < self.lease_ms / 1000:
+                    return False
+        taken = await self._acquire()
+        if taken:
+            self._free_since = None
+            self._handback.clear()
+        elif self.preferred:
+            await self.io.request_handback(self.token, 2 * self.lease_ms)
+        return taken
+
+    async def _hand_back(self, stop: asyncio.Event) -> None:
+        """A preferred instance wants this partition: the batch in hand is published, so
+        release the lease and stand by (state is rebuilt if it comes back to us)."""
+        await self.io.release_lease(self.token)
+        self._log.info("partition handed back to its preferred instance")
+        self.metrics.lease_handback(self.partition)
+        self.pipeline = None
+        self._set_role(Role.STANDBY)
+        await _wait(stop, self.lease_ms / 1000)
+
     async def _own(self, stop: asyncio.Event) -> None:
         self._lost.clear()
         renewer = asyncio.create_task(self._renew_forever())
@@ -184,6 +223,12 @@ class PartitionWorker:
             if ok:
                 last_ok = time.monotonic()
                 self.metrics.lease_renewed(self.partition)
+                if not self.preferred:
+                    try:
+                        if await self.io.handback_requested():
+                            self._handback.set()
+                    except (RedisError, OSError):
+                        pass
             elif ok is False or time.monotonic() - last_ok > self.lease_ms / 1000:
                 self._lost.set()
                 return
@@ -237,7 +282,7 @@ class PartitionWorker:
 
     async def _drain_pending(self, stop: asyncio.Event) -> None:
         cursor: dict[str, str] = {}
-        while not stop.is_set():
+        while not stop.is_set() and not self._handback.is_set():
             self._check_lease()
             # A batch that failed again after a restart is retried one entry at a time (and
             # read one at a time, so only the entry at the head gains deliveries): an entry
@@ -265,7 +310,7 @@ class PartitionWorker:
             while True:
                 self._check_lease()
                 if next_read is None:
-                    if stop.is_set():
+                    if stop.is_set() or self._handback.is_set():
                         break
                     next_read = asyncio.create_task(self._read())
                 entries, read_at = await next_read
@@ -273,7 +318,7 @@ class PartitionWorker:
                 self.last_progress_s = time.monotonic()
                 if not entries:
                     continue
-                if not stop.is_set():
+                if not stop.is_set() and not self._handback.is_set():
                     next_read = asyncio.create_task(self._read())
                 if committing is not None and self._needs_rebuild():
                     await committing  # a rebuild reads history up to the last ack

@@ -431,3 +431,18 @@ def test_config_error_survives_pickling() -> None:
         == ("streams.batch: must be between 1 and 100000 (got 0) [from config.toml]")
     )
     assert (again.key, again.source) == ("streams.batch", "config.toml")
+
+
+def test_partitions_preferred_must_be_owned_and_marks_the_keys() -> None:
+    from daemon.settings import ConfigError, load_settings, partition_keys
+
+    env = {"LIVEPRED_STREAMS__PARTITIONS": "4", "LIVEPRED_STREAMS__PARTITIONS_PREFERRED": "1,3"}
+    keys = partition_keys(load_settings(None, env))
+    assert [k.preferred for k in keys] == [False, True, False, True]
+    assert keys[3].handback_key == "livepred:handback:{3}"
+    assert all(k.preferred for k in partition_keys(load_settings(None, {})))
+    bad = {**env, "LIVEPRED_STREAMS__PARTITIONS_OWNED": "0,1"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, bad)
+    assert str(info.value).startswith("streams.partitions_preferred:")
+    assert "\n" not in str(info.value)
