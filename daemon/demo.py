@@ -69,28 +69,45 @@ class DemoOptions:
 # ---- the embedded Redis -------------------------------------------------------------------------
 
 
+def _serve_embedded(port_out: Any, stop: Any) -> None:
+    """Child process: fakeredis' TCP server on a free loopback port until `stop` is set."""
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", 0))
+    port_out.put(server.server_address[1])
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+
+
 class EmbeddedRedis:
-    """fakeredis' TCP server on a free loopback port, served from a background thread."""
+    """fakeredis' TCP server on a free loopback port, in a child process of its own, so the
+    demo's feeder, strategy, live view and daemon don't starve it of the interpreter lock."""
 
     def __init__(self) -> None:
-        from fakeredis import TcpFakeServer
+        import multiprocessing
 
-        self.server = TcpFakeServer(("127.0.0.1", 0))
-        host, self.port = self.server.server_address[:2]
-        self.host = host.decode() if isinstance(host, bytes | bytearray) else str(host)
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, name="demo-redis", daemon=True
+        ctx = multiprocessing.get_context("spawn")
+        port_out = ctx.Queue()
+        self._stop = ctx.Event()
+        self.process = ctx.Process(
+            target=_serve_embedded, args=(port_out, self._stop), name="demo-redis", daemon=True
         )
-        self.thread.start()
+        self.process.start()
+        self.host = "127.0.0.1"
+        self.port = int(port_out.get(timeout=60))
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        self._stop.set()
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
 
 
 # ---- the feeder ---------------------------------------------------------------------------------
@@ -253,8 +270,8 @@ class DemoSession:
             tick += 1
             now = time.monotonic()
             if live is not None and now >= next_draw:
-                next_draw = now + 0.25
-                live.update(self.view())
+                next_draw = now + 0.5
+                live.update(self.view(), refresh=True)
             elif live is None and now >= next_note:
                 next_note = now + 2.0
                 print(
@@ -269,7 +286,7 @@ class DemoSession:
         stats.live_ended = time.monotonic()
         await self.drain()
         if live is not None:
-            live.update(self.view())
+            live.update(self.view(), refresh=True)
 
     def view(self) -> Any:
         return render(self.stats, self.feeder, self.opts, self.where)
@@ -323,12 +340,13 @@ async def _run(
             return session.stats, session.feeder
         from rich.live import Live
 
-        with Live(session.view(), refresh_per_second=4, redirect_stderr=True) as live:
+        # Refreshed from the loop: no refresh thread competing with the daemon for the GIL.
+        with Live(session.view(), auto_refresh=False, redirect_stderr=True) as live:
             _route_logs("warning")  # log lines above the view, not through it
             try:
                 await session.feed(stop, live)
             finally:
-                live.update(session.view())
+                live.update(session.view(), refresh=True)
         _route_logs("warning")
         return session.stats, session.feeder
     finally:

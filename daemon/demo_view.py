@@ -231,6 +231,11 @@ def print_summary(result: dict[str, Any], where: str, run_dir: Path | None) -> N
         f"p99 {_ms(result['lat_us_p99'], 1e-3)}; feed->strategy p50 "
         f"{_ms(result['feed_to_strategy_ms_p50'])}, p99 {_ms(result['feed_to_strategy_ms_p99'])}"
     )
+    if result["redis"] == "embedded":
+        lines.append(
+            "                     (the demo runs Redis, feeder, strategy, live view and daemon in one"
+            "\n                      Python process: its latency is not the daemon's; see BENCHMARKS.md)"
+        )
     if run_dir is not None:
         lines.append(f"  training run kept  {run_dir}  (livepred inspect {run_dir})")
     print("\n".join(lines))
