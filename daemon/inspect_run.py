@@ -73,7 +73,12 @@ def render(report: dict[str, Any]) -> None:
             if f["status"] == "refused":
                 table.add_row(family, "[red]refused[/]", "", "", "", f["reason"])
                 continue
-            feats = ", ".join(f["features"]) or f["input_mode"]
+            names = f["features"]
+            feats = (
+                ", ".join(names)
+                if len(names) <= 4
+                else f"{len(names)}: {', '.join(names[:3])}, … {names[-1]}"
+            ) or f["input_mode"]
             if f["unknown_features"]:
                 feats += f"  [yellow](unknown: {', '.join(f['unknown_features'])})[/]"
             ready = "every bar (NaN ok)" if f["predicts_on_nan"] else f"{f['bars_to_ready']} bars"
