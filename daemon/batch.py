@@ -16,15 +16,17 @@ POISON = "max_deliveries"
 
 
 def pack_prediction(
-    symbol: str, ts: int, src: str, run: str, lat_us: int, targets: dict[str, Any]
+    symbol: str, ts: int, src: str, run: str, lat_us: int, targets: dict[str, Any],
+    packer: msgpack.Packer | None = None,
 ) -> bytes:
     """The `data` field of CONTRACT §4 from plain values (the engine's rows are already plain
-    Python floats/ints/str, so this skips the dataclass round trip on the hot path)."""
-    return msgpack.packb(
-        {"v": WIRE_VERSION, "symbol": symbol, "ts": ts, "src": src, "run": run,
-         "lat_us": lat_us, "targets": targets},
-        use_bin_type=True,
-    )
+    Python floats/ints/str, so this skips the dataclass round trip on the hot path).
+    `packer`: one reused for a whole batch (building a Packer per call costs ~40% of it)."""
+    doc = {"v": WIRE_VERSION, "symbol": symbol, "ts": ts, "src": src, "run": run,
+           "lat_us": lat_us, "targets": targets}
+    if packer is None:
+        return msgpack.packb(doc, use_bin_type=True)
+    return packer.pack(doc)
 
 
 @dataclass(slots=True)
@@ -85,11 +87,12 @@ def run_batch(
         commit.dead.append(dead_letter_fields(rejection))
         report.dead_reasons.append(rejection.reason)
     lat_us = max(0, int(clock()) - read_at_us)  # type: ignore[operator]
+    packer = msgpack.Packer(use_bin_type=True)  # per batch: batches may run in several threads
     for _, bar, targets in outcome.predictions:
         commit.outputs.append(
             (
                 bar.symbol.encode(),
-                pack_prediction(bar.symbol, bar.ts, bar.src, run_id, lat_us, targets),
+                pack_prediction(bar.symbol, bar.ts, bar.src, run_id, lat_us, targets, packer),
             )
         )
     t3 = time.perf_counter()
