@@ -164,9 +164,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.scaleout:
+        return _bench_scaleout(args)
     from daemon.bench import run_bench
 
     return run_bench(args)
+
+
+def _bench_scaleout(args: argparse.Namespace) -> int:
+    """1, 2 and 4 `livepred run` instances over shared partitions, then a kill -9 failover:
+    scripts/scaleout.py of a source checkout (it starts real daemon processes)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "scaleout.py"
+    if not script.is_file():
+        return _fail("--scaleout needs a source checkout (scripts/scaleout.py not found)")
+    command = [sys.executable, str(script)]
+    if args.redis_url:
+        command += ["--redis-url", args.redis_url]
+    if args.json:
+        command += ["--json", args.json]
+    if args.quick:
+        command += ["--instances", "1,2", "--bars", "20000"]
+    return subprocess.call(command)
 
 
 # ---- parser -------------------------------------------------------------------------------
@@ -231,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedded", action="store_true", help="with --quick: an embedded fakeredis (no timings)"
     )
     bench.add_argument("--markdown", metavar="OUT.md", help="write the tables as Markdown")
+    bench.add_argument(
+        "--scaleout",
+        action="store_true",
+        help="instead: throughput of 1, 2, 4 instances and failover time (source checkout)",
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 
