@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from daemon.observe import quiet_native_stderr
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SEED = 7
@@ -83,20 +84,6 @@ def plan_for(quick: bool, embedded: bool) -> Plan:
 
 
 # ---- environment -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_fd2() -> Iterator[None]:
-    """Silence what C++ libraries print on fd 2 while they load (TensorFlow's banner)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _redis_reachable(url: str) -> bool:
@@ -316,7 +303,7 @@ def run_bench(args: argparse.Namespace) -> int:
         run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="livepred-bench-")))
         _note("building the demo training run (LightGBM, Keras MLP, TorchScript LSTM) ...")
         started = time.perf_counter()
-        with _quiet_fd2():
+        with quiet_native_stderr():
             import tensorflow  # noqa: F401  (its loading banner goes to fd 2)
         from daemon.demo_run import build_demo_run
 

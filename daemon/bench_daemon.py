@@ -29,25 +29,11 @@ from daemon.bench_limit import (
 )
 from daemon.bench_procs import Feeder, Reader, latencies_ms
 from daemon.observe import Metrics, process_rss_bytes
-from daemon.settings import Settings, load_settings
+from daemon.settings import Settings, prefixed_settings
 
 
 def bench_settings(url: str, run_dir: Path, prefix: str, batch: int) -> Settings:
-    return load_settings(
-        None,
-        environ={
-            "LIVEPRED_REDIS__URL": url,
-            "LIVEPRED_MODELS__RUN_ROOT": str(run_dir),
-            "LIVEPRED_METRICS__PORT": "0",
-            "LIVEPRED_STREAMS__INPUT": f"{prefix}bars",
-            "LIVEPRED_STREAMS__OUTPUT": f"{prefix}predictions",
-            "LIVEPRED_STREAMS__DEAD_LETTER": f"{prefix}bars:dead",
-            "LIVEPRED_STREAMS__GROUP": f"{prefix}livepred",
-            "LIVEPRED_STREAMS__CONSUMER": "bench",
-            "LIVEPRED_STREAMS__BATCH": str(batch),
-            "LIVEPRED_LOG__LEVEL": "warning",
-        },
-    )
+    return prefixed_settings(url, run_dir, prefix, "bench", batch=str(batch))
 
 
 # ---- instrumentation: the daemon's own numbers -----------------------------------------------

@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ from daemon.demo_view import (
     render,
     summary,
 )
-from daemon.settings import ConfigError, Settings, load_settings, redact_url
+from daemon.observe import quiet_native_stderr
+from daemon.settings import ConfigError, Settings, prefixed_settings, redact_url
 
 HISTORY_BARS = 45  # published before the daemon starts: it warms state from them, no output
 DRAIN_TIMEOUT_S = 8.0
@@ -142,35 +142,7 @@ class SyntheticFeeder:
 
 
 def demo_settings(url: str, run_dir: Path, prefix: str, partitions: int) -> Settings:
-    return load_settings(
-        None,
-        environ={
-            "LIVEPRED_REDIS__URL": url,
-            "LIVEPRED_MODELS__RUN_ROOT": str(run_dir),
-            "LIVEPRED_METRICS__PORT": "0",
-            "LIVEPRED_STREAMS__INPUT": f"{prefix}bars",
-            "LIVEPRED_STREAMS__OUTPUT": f"{prefix}predictions",
-            "LIVEPRED_STREAMS__DEAD_LETTER": f"{prefix}bars:dead",
-            "LIVEPRED_STREAMS__GROUP": f"{prefix}livepred",
-            "LIVEPRED_STREAMS__CONSUMER": "demo",
-            "LIVEPRED_STREAMS__PARTITIONS": str(partitions),
-            "LIVEPRED_LOG__LEVEL": "warning",
-        },
-    )
-
-
-@contextlib.contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
-    """Silence what C++ libraries print on fd 2 while they load (TensorFlow's banner)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    return prefixed_settings(url, run_dir, prefix, "demo", partitions=str(partitions))
 
 
 def _route_logs(level: str) -> None:
@@ -407,7 +379,7 @@ def run_demo(args: argparse.Namespace) -> int:
             run_dir = Path(temp)
         print(f"building the demo training run in {run_dir} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             import tensorflow  # noqa: F401  (its loading banner goes to fd 2)
         build_demo_run(run_dir, seed=opts.seed)
         print(

@@ -558,3 +558,23 @@ def _to_config_error(exc: ValidationError, sources: Mapping[str, str]) -> Config
     if indexes:
         message = f"item {indexes[0]}: {message}"
     return ConfigError(key, message, sources.get(key) or sources.get(".".join(names[:1])))
+
+
+def prefixed_settings(
+    url: str, run_root: str | Path, prefix: str, consumer: str, **streams: str
+) -> Settings:
+    """Settings whose streams and group all live under `prefix` (demo, bench, tests): the
+    keys of one such run never meet another's and are easy to delete afterwards."""
+    environ = {
+        "LIVEPRED_REDIS__URL": url,
+        "LIVEPRED_MODELS__RUN_ROOT": str(run_root),
+        "LIVEPRED_METRICS__PORT": "0",
+        "LIVEPRED_STREAMS__INPUT": f"{prefix}bars",
+        "LIVEPRED_STREAMS__OUTPUT": f"{prefix}predictions",
+        "LIVEPRED_STREAMS__DEAD_LETTER": f"{prefix}bars:dead",
+        "LIVEPRED_STREAMS__GROUP": f"{prefix}livepred",
+        "LIVEPRED_STREAMS__CONSUMER": consumer,
+        "LIVEPRED_LOG__LEVEL": "warning",
+    }
+    environ.update({f"LIVEPRED_STREAMS__{k.upper()}": v for k, v in streams.items()})
+    return load_settings(None, environ)
