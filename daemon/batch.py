@@ -104,13 +104,6 @@ def run_batch(
     return commit, report
 
 
-def warm_from_history(pipeline: Pipeline, entries: Sequence[Entry]) -> int:
-    """Apply historical entries to state without predicting; returns bars applied."""
-    items = [decode_bar(e.fields, e.stream, e.entry_id) for e in entries]
-    pipeline.process(items, predict=False)
-    return sum(1 for i in items if isinstance(i, Bar))
-
-
 def select_recent(
     rows: Sequence[tuple[str, Any]], stream: str, per_symbol: dict[str, int], limit: int
 ) -> list[Bar]:

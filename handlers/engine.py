@@ -52,31 +52,8 @@ class TargetBatch:
     failed: dict[str, list[str | None]]  # family -> reason per row or None
 
     def row(self, i: int) -> dict[str, Any]:
-        """The wire map of one row: finite preds only; warming and failed as in CONTRACT §4."""
-        preds: dict[str, float] = {}
-        warming: dict[str, int] = {}
-        failed: dict[str, str] = {}
-        for family, values in self.preds.items():
-            reason = self.failed[family][i]
-            if reason is not None:
-                failed[family] = reason
-            elif self.warming[family][i] > 0:
-                warming[family] = int(self.warming[family][i])
-            else:
-                value = float(values[i])
-                if np.isfinite(value):
-                    preds[family] = value
-                else:
-                    failed[family] = NON_FINITE_OUTPUT
-        pred = preds.get(self.selected) if self.selected is not None else None
-        return {
-            "preds": preds,
-            "selected": self.selected,
-            "pred": pred,
-            "warming": warming,
-            "failed": failed,
-        }
-
+        """The wire map of one row (CONTRACT §4); `rows()` builds them all at once."""
+        return self.rows()[i]
 
     def rows(self) -> list[dict[str, Any]]:
         """`row(i)` for every row, built from plain lists (the hot path of every batch)."""

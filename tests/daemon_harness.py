@@ -28,6 +28,7 @@ import redis
 
 from daemon.wire import PredictionEvent, decode_prediction
 from handlers.features import FeatureBuilder
+from tests import model_factory as mf
 
 LIVEPRED = Path(sys.executable).parent / "livepred"
 REDIS_SERVER = "redis-server"
@@ -163,6 +164,15 @@ def expected_torch_sequence(
 
 # ---- Redis ----------------------------------------------------------------------------------
 
+
+
+def write_lightgbm_run(root: Path, target: str, run_id: str) -> Path:
+    """A run with one LightGBM family trained on realistic feature rows, routed and hashed."""
+    X, y = training_frame()
+    mf.write_lightgbm(root, target, "LightGBM", X, y, FEATURES)
+    mf.write_routing(root, target, "LightGBM")
+    mf.write_manifest(root, run_id=run_id)
+    return root
 
 @dataclass(frozen=True)
 class Keys:

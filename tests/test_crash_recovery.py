@@ -22,12 +22,7 @@ TARGET = "fwd"
 
 @pytest.fixture(scope="module")
 def lgb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("lgb_run")
-    X, y = h.training_frame()
-    mf.write_lightgbm(root, TARGET, "LightGBM", X, y, h.FEATURES)
-    mf.write_routing(root, TARGET, "LightGBM")
-    mf.write_manifest(root, run_id="crash-run")
-    return root
+    return h.write_lightgbm_run(tmp_path_factory.mktemp("lgb_run"), TARGET, "crash-run")
 
 
 def _feed(bars: list[dict], every: int) -> tuple[list[dict], set[int]]:
