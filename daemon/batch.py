@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from daemon.pipeline import Pipeline
-from daemon.streams import Commit, Entry
-from daemon.wire import WIRE_VERSION, Bar, Rejection, dead_letter_fields, decode_bar
+from daemon.streams import Commit, Entry, EntryBatch
+from daemon.wire import WIRE_VERSION, Rejection, dead_letter_fields
+from daemon.wire_columns import BarColumns, decode_columns, field_map
+from daemon.wire_pack import pack_predictions
 
 POISON = "max_deliveries"
 
@@ -19,9 +22,8 @@ def pack_prediction(
     symbol: str, ts: int, src: str, run: str, lat_us: int, targets: dict[str, Any],
     packer: msgpack.Packer | None = None,
 ) -> bytes:
-    """The `data` field of CONTRACT §4 from plain values (the engine's rows are already plain
-    Python floats/ints/str, so this skips the dataclass round trip on the hot path).
-    `packer`: one reused for a whole batch (building a Packer per call costs ~40% of it)."""
+    """The `data` field of CONTRACT §4 from plain values, one row at a time (the daemon packs
+    whole batches with `daemon.wire_pack`)."""
     doc = {"v": WIRE_VERSION, "symbol": symbol, "ts": ts, "src": src, "run": run,
            "lat_us": lat_us, "targets": targets}
     if packer is None:
@@ -43,19 +45,17 @@ class BatchReport:
     evicted: int = 0
 
 
-def decode_entries(entries: Sequence[Entry], max_deliveries: int = 0) -> list[Bar | Rejection]:
-    items: list[Bar | Rejection] = []
-    for e in entries:
-        if max_deliveries and e.deliveries > max_deliveries:
-            items.append(Rejection(POISON, dict(e.fields), e.stream, e.entry_id))
-        else:
-            items.append(decode_bar(e.fields, e.stream, e.entry_id))
-    return items
+def decode_batch(entries: EntryBatch, max_deliveries: int = 0) -> BarColumns:
+    """Every entry decoded; one delivered more than `max_deliveries` times is poison."""
+    refuse = None
+    if max_deliveries and entries.deliveries:
+        refuse = {i: POISON for i, n in enumerate(entries.deliveries) if n > max_deliveries}
+    return decode_columns(entries.fields, entries.streams, entries.ids, refuse)
 
 
 def run_batch(
     pipeline: Pipeline,
-    entries: Sequence[Entry],
+    entries: EntryBatch | Sequence[Entry],
     *,
     run_id: str,
     read_at_us: int,
@@ -66,35 +66,35 @@ def run_batch(
     (or a skipped duplicate), and every entry is acked."""
     import time
 
+    batch = entries if isinstance(entries, EntryBatch) else EntryBatch.of(entries)
     clock = now_us if callable(now_us) else (lambda: time.time_ns() // 1000)
     t0 = time.perf_counter()
-    items = decode_entries(entries, max_deliveries)
+    cols = decode_batch(batch, max_deliveries)
     t1 = time.perf_counter()
-    outcome = pipeline.process(items)
+    outcome = pipeline.run(cols)
     t2 = time.perf_counter()
-    commit = Commit(outputs=[], dead=[], acks={})
-    for e in entries:
-        commit.acks.setdefault(e.stream, []).append(e.entry_id)
-    report = BatchReport(bars=len(entries), duplicates=len(outcome.duplicates))
-    for index, reason in outcome.dead:
-        item = items[index]
-        entry = entries[index]
-        rejection = (
-            item
-            if isinstance(item, Rejection)
-            else Rejection(reason, dict(entry.fields), entry.stream, entry.entry_id)
+    commit = Commit(outputs=[], dead=[], acks=batch.acks())
+    report = BatchReport(bars=len(batch), duplicates=len(outcome.duplicates))
+    dead: list[tuple[int, Rejection]] = list(cols.rejected)
+    for j, reason in outcome.rejected:
+        i = cols.positions[j]
+        dead.append(
+            (i, Rejection(reason, field_map(batch.fields[i]), batch.streams[i],
+                          batch.ids[i]))
         )
+    dead.sort(key=lambda d: d[0])
+    for _, rejection in dead:
         commit.dead.append(dead_letter_fields(rejection))
         report.dead_reasons.append(rejection.reason)
     lat_us = max(0, int(clock()) - read_at_us)  # type: ignore[operator]
-    packer = msgpack.Packer(use_bin_type=True)  # per batch: batches may run in several threads
-    for _, bar, targets in outcome.predictions:
-        commit.outputs.append(
-            (
-                bar.symbol.encode(),
-                pack_prediction(bar.symbol, bar.ts, bar.src, run_id, lat_us, targets, packer),
-            )
-        )
+    rows = outcome.accepted
+    if rows:
+        positions = [cols.positions[j] for j in rows]
+        symbols = [cols.symbols[j] for j in rows]
+        ts = cols.ts[np.asarray(rows, dtype=np.int64)].tolist()
+        srcs = [f"{batch.streams[i]}/{batch.ids[i]}" for i in positions]
+        data = pack_predictions(symbols, ts, srcs, run_id, lat_us, outcome.result)
+        commit.outputs = list(zip([s.encode() for s in symbols], data, strict=True))
     t3 = time.perf_counter()
     report.predictions = len(commit.outputs)
     report.resets, report.evicted = outcome.resets, outcome.evicted
@@ -105,23 +105,35 @@ def run_batch(
 
 
 def select_recent(
-    rows: Sequence[tuple[str, Any]], stream: str, per_symbol: dict[str, int], limit: int
-) -> list[Bar]:
-    """Decode history rows given newest first, keeping each symbol's newest `limit` valid bars
-    (newest first). `per_symbol` carries the counts from one chunk of rows to the next."""
-    kept: list[Bar] = []
-    for entry_id, fields in rows:
-        item = decode_bar(fields, stream, entry_id)
-        if type(item) is not Bar:
-            continue
-        seen = per_symbol.get(item.symbol, 0)
+    ids: Sequence[str], fields: Sequence[Any], stream: str, per_symbol: dict[str, int],
+    limit: int,
+) -> BarColumns:
+    """Decode history entries given newest first, keeping each symbol's newest `limit` valid
+    bars (newest first). `per_symbol` carries the counts from one chunk to the next."""
+    cols = decode_columns(fields, stream, ids)
+    keep: list[int] = []
+    get = per_symbol.get
+    for j, symbol in enumerate(cols.symbols):
+        seen = get(symbol, 0)
         if seen < limit:
-            per_symbol[item.symbol] = seen + 1
-            kept.append(item)
-    return kept
+            per_symbol[symbol] = seen + 1
+            keep.append(j)
+    return cols if len(keep) == len(cols) else cols.take(keep)
 
 
-def warm_from_bars(pipeline: Pipeline, bars: Sequence[Bar]) -> int:
+def oldest_first(chunks: Sequence[BarColumns]) -> BarColumns:
+    """Chunks of history read newest first (each newest first) as one block, oldest first."""
+    if not chunks:
+        return BarColumns.empty()
+    symbols: list[str] = []
+    for c in reversed(chunks):
+        symbols.extend(reversed(c.symbols))
+    ts = np.concatenate([c.ts[::-1] for c in reversed(chunks)])
+    ohlcv = np.concatenate([c.ohlcv[::-1] for c in reversed(chunks)])
+    return BarColumns(list(range(len(symbols))), symbols, ts, ohlcv)
+
+
+def warm_from_columns(pipeline: Pipeline, cols: BarColumns) -> int:
     """Apply decoded historical bars (oldest first) to state without predicting."""
-    pipeline.process(bars, predict=False)
-    return len(bars)
+    pipeline.run(cols, predict=False)
+    return len(cols)

@@ -305,7 +305,7 @@ async def _last_id(redis: Any, stream: str) -> str:
 async def rebuild_phases(redis: Any, stream: str, engine: Any) -> dict[str, float]:
     """The rebuild's steps timed one after the other (the daemon overlaps some of them): the
     backwards scan of the stream, decoding, and applying the bars to a fresh state."""
-    from daemon.batch import select_recent, warm_from_bars
+    from daemon.batch import oldest_first, select_recent, warm_from_columns
     from daemon.pipeline import Pipeline
 
     io = stream_io(redis, stream.removesuffix("bars"))
@@ -313,12 +313,13 @@ async def rebuild_phases(redis: Any, stream: str, engine: Any) -> dict[str, floa
     chunks = [chunk async for chunk in io.scan_history_backwards(stream, "+")]
     fetched = time.perf_counter()
     per_symbol: dict[str, int] = {}
-    kept = [bar for chunk in chunks for bar in select_recent(chunk, stream, per_symbol, 10**9)]
+    kept = oldest_first(
+        [select_recent(ids, fields, stream, per_symbol, 10**9) for ids, fields in chunks]
+    )
     decoded = time.perf_counter()
-    kept.reverse()
     pipeline = Pipeline(engine, ttl_s=900.0)
     for i in range(0, len(kept), 50_000):
-        warm_from_bars(pipeline, kept[i : i + 50_000])
+        warm_from_columns(pipeline, kept.window(i, i + 50_000))
     applied = time.perf_counter()
     n = max(len(kept), 1)
     return {"fetch": (fetched - started) / n * 1e6, "decode": (decoded - fetched) / n * 1e6,

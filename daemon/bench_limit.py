@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 
 from daemon.bench_procs import Feeder, Reader, latencies_ms
-from daemon.streams import Commit, Entry, StreamIO
+from daemon.streams import Commit, EntryBatch, StreamIO
 
 WARMUP_FRACTION = 0.1  # the first 10% of every measured feed is excluded (warm-up)
 
@@ -41,17 +41,19 @@ def sample(values: np.ndarray, n: int) -> list[float]:
     return [float(x) for x in v[np.linspace(0, v.size - 1, n).astype(np.int64)]]
 
 
-async def _read_plain(io: StreamIO, count: int, block_ms: int) -> list[Entry]:
+async def _read_plain(io: StreamIO, count: int, block_ms: int) -> EntryBatch:
     reply = await io.redis.xreadgroup(
         io.group, io.consumer, dict.fromkeys(io.inputs, ">"), count=count, block=block_ms
     )
     items = reply.items() if isinstance(reply, dict) else (reply or [])
-    out: list[Entry] = []
+    out = EntryBatch()
     for stream, rows in items:
         if rows and isinstance(rows[0], list) and rows[0] and isinstance(rows[0][0], list):
             rows = rows[0]  # RESP3 wraps a stream's entries once more
         name = stream.decode() if isinstance(stream, bytes) else stream
-        out.extend(Entry(name, i.decode(), f) for i, f in rows)
+        out.streams += [name] * len(rows)
+        out.ids += [i.decode() for i, _ in rows]
+        out.fields += [f for _, f in rows]
     return out
 
 
@@ -64,21 +66,20 @@ async def _passthrough(
     `fenced`: read through the daemon's own lease-checked read instead of plain XREADGROUP."""
     pack = msgpack.Packer(use_bin_type=True).pack
 
-    async def read() -> list[Entry]:
+    async def read() -> EntryBatch:
         if fenced:
-            return await io.read_new(token, batch, 20) or []
+            return await io.read_new(token, batch, 20) or EntryBatch()
         return await _read_plain(io, batch, 20)
 
-    next_read: asyncio.Task[list[Entry]] | None = asyncio.create_task(read())
+    next_read: asyncio.Task[EntryBatch] | None = asyncio.create_task(read())
     while next_read is not None:
         entries = await next_read
         next_read = None if stop.is_set() else asyncio.create_task(read())
         if not entries:
             continue
-        commit = Commit(outputs=[], dead=[], acks={})
-        for e in entries:
-            commit.outputs.append((b"-", pack({"v": 1, "src": f"{e.stream}/{e.entry_id}"})))
-            commit.acks.setdefault(e.stream, []).append(e.entry_id)
+        commit = Commit(outputs=[], dead=[], acks=entries.acks())
+        for stream, entry_id in zip(entries.streams, entries.ids, strict=True):
+            commit.outputs.append((b"-", pack({"v": 1, "src": f"{stream}/{entry_id}"})))
         await io.commit(token, commit)
         counter(len(entries))
 

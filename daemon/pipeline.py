@@ -8,7 +8,21 @@ from typing import Any
 
 from daemon.state import SymbolTable
 from daemon.wire import Bar, Rejection
+from daemon.wire_columns import BarColumns
 from handlers.engine import BatchInputs, BatchResult, InferenceEngine
+
+
+@dataclass(slots=True)
+class ColumnsOutcome:
+    """What became of the bars of one `BarColumns`; indices refer to its rows."""
+
+    accepted: list[int] = field(default_factory=list)  # rows predicted, in order
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
+    duplicates: list[int] = field(default_factory=list)
+    inputs: BatchInputs | None = None
+    result: BatchResult | None = None  # rows aligned with `accepted`
+    resets: int = 0
+    evicted: int = 0
 
 
 @dataclass(slots=True)
@@ -31,8 +45,21 @@ class Pipeline:
         self.engine = engine
         self.table = SymbolTable(engine.input_spec, ttl_s=ttl_s, capacity=capacity)
 
-    def process(self, items: Sequence[Bar | Rejection], *, predict: bool = True) -> BatchOutcome:
+    def run(self, cols: BarColumns, *, predict: bool = True) -> ColumnsOutcome:
         """Apply the bars to state and (unless warming up from history) predict them."""
+        applied = self.table.apply_columns(cols.symbols, cols.ts, cols.ohlcv, gather=predict)
+        outcome = ColumnsOutcome(
+            applied.accepted, applied.rejected, applied.duplicates,
+            resets=applied.resets, evicted=applied.evicted,
+        )
+        if predict and applied.inputs is not None:
+            outcome.inputs = applied.inputs
+            outcome.result = self.engine.predict_batch(applied.inputs)
+        return outcome
+
+    def process(self, items: Sequence[Bar | Rejection], *, predict: bool = True) -> BatchOutcome:
+        """`run` for decoded items (bars and rejections, in entry order), with each
+        prediction as a plain wire map (replay and tests; the daemon packs columns)."""
         outcome = BatchOutcome()
         bars: list[Bar] = []
         positions: list[int] = []
@@ -42,17 +69,16 @@ class Pipeline:
                 positions.append(i)
             else:
                 outcome.dead.append((i, item.reason))
-        applied = self.table.apply(bars, gather=predict)
-        outcome.resets, outcome.evicted = applied.resets, applied.evicted
-        outcome.duplicates = [positions[j] for j in applied.duplicates]
-        outcome.dead.extend((positions[j], reason) for j, reason in applied.rejected)
+        ran = self.run(BarColumns.from_bars(bars), predict=predict)
+        outcome.resets, outcome.evicted = ran.resets, ran.evicted
+        outcome.duplicates = [positions[j] for j in ran.duplicates]
+        outcome.dead.extend((positions[j], reason) for j, reason in ran.rejected)
         outcome.dead.sort()
-        if not predict or applied.inputs is None:
+        if ran.result is None:
             return outcome
-        result = self.engine.predict_batch(applied.inputs)
-        outcome.inputs, outcome.result = applied.inputs, result
-        rows = result.rows() if result.targets else [{} for _ in applied.accepted]
-        for doc, j in zip(rows, applied.accepted, strict=True):
+        outcome.inputs, outcome.result = ran.inputs, ran.result
+        rows = ran.result.rows() if ran.result.targets else [{} for _ in ran.accepted]
+        for doc, j in zip(rows, ran.accepted, strict=True):
             outcome.predictions.append((positions[j], bars[j], doc))
         return outcome
 

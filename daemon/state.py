@@ -148,6 +148,18 @@ class SymbolTable:
 
     def apply(self, bars: Sequence[BarLike], *, gather: bool = True) -> ApplyResult:
         """Update state with `bars` in order; return model inputs for the accepted ones."""
+        n = len(bars)
+        ohlcv = np.array(
+            [(b.open, b.high, b.low, b.close, b.volume) for b in bars], dtype=np.float64
+        ).reshape(n, 5)
+        ts = np.fromiter((b.ts for b in bars), dtype=np.int64, count=n)
+        return self.apply_columns([b.symbol for b in bars], ts, ohlcv, gather=gather)
+
+    def apply_columns(
+        self, symbols: Sequence[str], ts: np.ndarray, ohlcv: np.ndarray, *, gather: bool = True
+    ) -> ApplyResult:
+        """`apply` for bars given as columns: symbols, ts (n,) int64, ohlcv (n, 5) float64.
+        Indices in the result refer to these rows."""
         ttl_ms = self.ttl_ms
         accepted: list[int] = []
         rejected: list[tuple[int, str]] = []
@@ -160,31 +172,34 @@ class SymbolTable:
         occurrences: dict[int, int] = {}
         pending_ts: dict[int, int] = {}
         max_seen = self.max_ts_seen
+        horizon = max_seen - ttl_ms
         slot_of = self.slot_of
-        for i, bar in enumerate(bars):
-            ts = bar.ts
-            slot = slot_of.get(bar.symbol)
+        last_ts = self.last_ts
+        for i, (symbol, t) in enumerate(zip(symbols, ts.tolist(), strict=True)):
+            slot = slot_of.get(symbol)
             restart = False
             if slot is None:
-                slot = self._allocate(bar.symbol)
+                slot = self._allocate(symbol)
+                last_ts = self.last_ts  # may have grown
                 restart = True
             else:
                 last = pending_ts.get(slot)
                 if last is None:
-                    last = int(self.last_ts[slot])
-                if last < max_seen - ttl_ms:
+                    last = int(last_ts[slot])
+                if last < horizon:
                     restart = True  # evicted by event time: the next bar starts afresh
-                elif ts == last:
+                elif t == last:
                     duplicates.append(i)
                     continue
-                elif ts < last:
+                elif t < last:
                     rejected.append((i, OUT_OF_ORDER))
                     continue
-                elif ts - last > ttl_ms:
+                elif t - last > ttl_ms:
                     restart = True
-            pending_ts[slot] = ts
-            if ts > max_seen:
-                max_seen = ts
+            pending_ts[slot] = t
+            if t > max_seen:
+                max_seen = t
+                horizon = max_seen - ttl_ms
             wave = occurrences.get(slot, 0)
             occurrences[slot] = wave + 1
             accepted.append(i)
@@ -207,40 +222,35 @@ class SymbolTable:
             )
         resets = sum(fresh)
         if n:
-            self._run_waves(bars, accepted, slots, waves, fresh, inputs)
+            rows = np.asarray(accepted, dtype=np.int64)
+            if n == len(symbols):
+                self._run_waves(ts, ohlcv, slots, waves, fresh, inputs)
+            else:
+                self._run_waves(ts[rows], ohlcv[rows], slots, waves, fresh, inputs)
         evicted = self.evict_stale()
         return ApplyResult(accepted, inputs, rejected, duplicates, resets, evicted)
 
     def _run_waves(
         self,
-        bars: Sequence[BarLike],
-        accepted: list[int],
+        ts_all: np.ndarray,
+        ohlcv: np.ndarray,
         slots_list: list[int],
         waves_list: list[int],
         fresh_list: list[bool],
         inputs: BatchInputs | None,
     ) -> None:
-        n = len(accepted)
+        """Apply the accepted bars (ts, ohlcv rows aligned with `slots_list`), one wave of
+        distinct slots at a time, vectorised within a wave."""
+        n = len(slots_list)
         slots_all = np.asarray(slots_list, dtype=np.int64)
         waves = np.asarray(waves_list, dtype=np.int64)
         fresh_all = np.asarray(fresh_list, dtype=bool)
-        need_raw = any(s.kind == RAW for s in self.spec.sequences)
-        close = np.fromiter((bars[i].close for i in accepted), dtype=np.float64, count=n)
-        ts_all = np.fromiter((bars[i].ts for i in accepted), dtype=np.int64, count=n)
-        ohlcv = None
-        if need_raw:
-            ohlcv = np.array(
-                [
-                    (bars[i].open, bars[i].high, bars[i].low, bars[i].close, bars[i].volume)
-                    for i in accepted
-                ],
-                dtype=np.float64,
-            ).reshape(n, 5)
+        close = ohlcv[:, 3]
         n_waves = int(waves.max()) + 1
         order = np.argsort(waves, kind="stable") if n_waves > 1 else np.arange(n)
         bounds = np.searchsorted(waves[order], np.arange(n_waves + 1))
         for w in range(n_waves):
-            rows = order[bounds[w] : bounds[w + 1]]
+            rows = order[bounds[w] : bounds[w + 1]] if n_waves > 1 else order
             slots = slots_all[rows]
             restart = slots[fresh_all[rows]]
             if restart.size:
@@ -251,7 +261,6 @@ class SymbolTable:
             for spec, buf in self.buffers.items():
                 cols = self._buffer_columns[spec]
                 if spec.kind == RAW:
-                    assert ohlcv is not None
                     buf.push(slots, ohlcv[rows][:, cols])
                 else:
                     buf.push(slots, values[:, cols])

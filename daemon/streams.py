@@ -5,18 +5,23 @@ No math here: entries go in and out as raw field maps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import ResponseError
+
+from daemon.wire_columns import field_map
 
 Fields = dict[bytes, bytes]
 
 # One atomic write per batch: lease check (fencing), idempotency probe, outputs, dead
 # letters, acks. KEYS = lease, output, dead_letter, input_1..input_k.
-# ARGV = token, group, maxlen, probe_stream_index, probe_id, n_out, (symbol, data)*,
-#        n_dead, (n_fields, field, value, ...)*, then per input: n_ids, ids...
+# ARGV = token, group, maxlen, probe_stream_index, probe_id,
+#        n_out, symbols (concatenated), their lengths ("3 4 ..."), data (concatenated), their
+#        lengths, n_dead, (n_fields, field, value, ...)*, then per input: its ids ("1-0 2-0").
+# A batch's outputs travel as four arguments rather than two per output: packing thousands
+# of small arguments costs the client more than the script spends cutting them apart.
 COMMIT_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local group, maxlen = ARGV[2], ARGV[3]
@@ -25,12 +30,21 @@ if probe > 0 then
   local p = redis.call('XPENDING', KEYS[3 + probe], group, ARGV[5], ARGV[5], 1)
   if #p == 0 then return 0 end
 end
-local pos = 6
-local n_out = tonumber(ARGV[pos]); pos = pos + 1
-for i = 1, n_out do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'symbol', ARGV[pos], 'data', ARGV[pos + 1])
-  pos = pos + 2
+local n_out = tonumber(ARGV[6])
+if n_out > 0 then
+  local symbols, data = ARGV[7], ARGV[9]
+  local sp, dp, lens = 1, 1, {}
+  for x in string.gmatch(ARGV[8], '%d+') do lens[#lens + 1] = tonumber(x) end
+  local i = 0
+  for x in string.gmatch(ARGV[10], '%d+') do
+    i = i + 1
+    local sl, dl = lens[i], tonumber(x)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*',
+      'symbol', string.sub(symbols, sp, sp + sl - 1), 'data', string.sub(data, dp, dp + dl - 1))
+    sp, dp = sp + sl, dp + dl
+  end
 end
+local pos = 11
 local n_dead = tonumber(ARGV[pos]); pos = pos + 1
 for i = 1, n_dead do
   local nf = tonumber(ARGV[pos]); pos = pos + 1
@@ -39,13 +53,13 @@ for i = 1, n_dead do
   redis.call('XADD', unpack(args))
 end
 for s = 4, #KEYS do
-  local n_ids = tonumber(ARGV[pos]); pos = pos + 1
   local args = {KEYS[s], group}
-  for j = 1, n_ids do
-    args[#args + 1] = ARGV[pos]; pos = pos + 1
+  for id in string.gmatch(ARGV[pos], '%S+') do
+    args[#args + 1] = id
     if #args >= 502 then redis.call('XACK', unpack(args)); args = {KEYS[s], group} end
   end
   if #args > 2 then redis.call('XACK', unpack(args)) end
+  pos = pos + 1
 end
 return 1
 """
@@ -105,6 +119,48 @@ class Entry:
 
 
 @dataclass(slots=True)
+class EntryBatch:
+    """The entries of one read as parallel lists (no object per entry on the hot path).
+    `fields[i]` is Redis's flat [field, value, ...] list, or a mapping."""
+
+    streams: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    fields: list[Any] = field(default_factory=list)
+    deliveries: list[int] | None = None  # None: each delivered once
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[Entry]:
+        counts = self.deliveries or [1] * len(self.ids)
+        for stream, entry_id, fields, n in zip(
+            self.streams, self.ids, self.fields, counts, strict=True
+        ):
+            yield Entry(stream, entry_id, field_map(fields), n)
+
+    @classmethod
+    def of(cls, entries: Sequence[Entry]) -> EntryBatch:
+        return cls(
+            [e.stream for e in entries],
+            [e.entry_id for e in entries],
+            [e.fields for e in entries],
+            [e.deliveries for e in entries],
+        )
+
+    def acks(self) -> dict[str, list[str]]:
+        """Entry ids by input stream, in order."""
+        if not self.ids:
+            return {}
+        first = self.streams[0]
+        if self.streams.count(first) == len(self.streams):
+            return {first: list(self.ids)}
+        out: dict[str, list[str]] = {}
+        for stream, entry_id in zip(self.streams, self.ids, strict=True):
+            out.setdefault(stream, []).append(entry_id)
+        return out
+
+
+@dataclass(slots=True)
 class Commit:
     """What one batch writes: outputs, dead letters, and the entries to ack."""
 
@@ -147,6 +203,7 @@ class StreamIO:
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._release = redis.register_script(RELEASE_LUA)
         self._read = redis.register_script(READ_LUA)
+        self._raw: Any = None  # see _raw_client
 
     # ---- groups and reads ----------------------------------------------------------------
 
@@ -158,7 +215,7 @@ class StreamIO:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def read_new(self, token: str, count: int, block_ms: int) -> list[Entry] | None:
+    async def read_new(self, token: str, count: int, block_ms: int) -> EntryBatch | None:
         """New entries for this consumer, waiting up to `block_ms` for some; None when the
         lease `token` no longer holds the partition (nothing was delivered then)."""
         keys = [self.lease_key, *self.inputs]
@@ -171,7 +228,7 @@ class StreamIO:
             reply = await self._read(keys=keys, args=args)
         if not isinstance(reply, list):
             return None  # -1: the lease is gone
-        return _script_entries(reply[1]) if int(reply[0]) == 1 else []
+        return _script_batch(reply[1]) if int(reply[0]) == 1 else EntryBatch()
 
     async def groups_missing(self) -> bool:
         """Whether the group is missing on any input (Redis restarted empty, or deleted)."""
@@ -257,17 +314,40 @@ class StreamIO:
 
     async def scan_history_backwards(
         self, stream: str, boundary: str, chunk: int = 10_000
-    ) -> Any:
-        """Yield chunks of (id, fields), newest first, from `boundary` back to the start."""
+    ) -> AsyncIterator[tuple[list[str], list[Any]]]:
+        """Yield chunks of (ids, fields), newest first, from `boundary` back to the start;
+        fields as Redis sends them (flat lists) where the client allows, else mappings."""
+        raw = self._raw_client()
         upper = boundary
         while True:
-            rows = await self.redis.xrevrange(stream, max=upper, min="-", count=chunk)
+            if raw is not None:
+                rows = await raw.execute_command("XREVRANGE", stream, upper, "-", "COUNT", chunk)
+            else:
+                rows = await self.redis.xrevrange(stream, max=upper, min="-", count=chunk)
             if not rows:
                 return
-            yield [(_s(i), f) for i, f in rows]
+            yield _row_ids(rows), [f if f is not None else [] for _, f in rows]
             if len(rows) < chunk:
                 return
             upper = "(" + _s(rows[-1][0])
+
+    def _raw_client(self) -> Any:
+        """A client on the same connections that leaves XREVRANGE replies as Redis sent them
+        (redis-py otherwise builds an (id, dict) pair per entry, the larger part of a history
+        scan's cost). None where that is not possible (Redis Cluster): parsed replies then."""
+        if self._raw is None:
+            self._raw = False
+            pool = getattr(self.redis, "connection_pool", None)
+            callbacks = getattr(self.redis, "response_callbacks", None)
+            if pool is not None and callbacks is not None:
+                from redis.asyncio import Redis
+
+                raw = Redis(connection_pool=pool)
+                raw.response_callbacks = {
+                    k: v for k, v in callbacks.items() if str(k).upper() != "XREVRANGE"
+                }
+                self._raw = raw
+        return self._raw or None
 
     # ---- the atomic write ----------------------------------------------------------------
 
@@ -278,18 +358,20 @@ class StreamIO:
             (0, ""),
         )
         args.extend(probe)
-        args.append(len(commit.outputs))
-        for symbol, data in commit.outputs:
-            args.extend((symbol, data))
+        symbols = [symbol for symbol, _ in commit.outputs]
+        data = [d for _, d in commit.outputs]
+        args += [
+            len(commit.outputs),
+            b"".join(symbols), " ".join(map(str, map(len, symbols))),
+            b"".join(data), " ".join(map(str, map(len, data))),
+        ]
         args.append(len(commit.dead))
         for fields in commit.dead:
             args.append(len(fields))
             for k, v in fields.items():
                 args.extend((k, v))
         for stream in self.inputs:
-            ids = commit.acks.get(stream, [])
-            args.append(len(ids))
-            args.extend(ids)
+            args.append(" ".join(commit.acks.get(stream, ())))
         keys = [self.lease_key, self.output, self.dead_letter, *self.inputs]
         return int(await self._commit(keys=keys, args=args))
 
@@ -316,19 +398,27 @@ class StreamIO:
         return _s(value) if value is not None else None
 
 
-def _script_entries(reply: Any) -> list[Entry]:
+def _row_ids(rows: Sequence[Any]) -> list[str]:
+    try:
+        return [i.decode() for i, _ in rows]
+    except AttributeError:  # a client that decodes responses
+        return [_s(i) for i, _ in rows]
+
+
+def _script_batch(reply: Any) -> EntryBatch:
     """Entries from an XREADGROUP reply passed through a script: [[stream, [[id, [f, v,
     ...]], ...]], ...] (some emulations flatten it to [stream, rows, stream, rows, ...])."""
     if reply and isinstance(reply[0], bytes | str):
         pairs = list(zip(reply[0::2], reply[1::2], strict=True))
     else:
         pairs = [(item[0], item[1]) for item in reply or ()]
-    out: list[Entry] = []
+    out = EntryBatch()
     for stream, rows in pairs:
-        name = _s(stream)
-        for entry_id, flat in rows or ():
-            flat = flat or []
-            out.append(Entry(name, _s(entry_id), dict(zip(flat[0::2], flat[1::2], strict=True))))
+        if not rows:
+            continue
+        out.streams += [_s(stream)] * len(rows)
+        out.ids += _row_ids(rows)
+        out.fields += [f or [] for _, f in rows]
     return out
 
 

@@ -15,10 +15,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from daemon.batch import BatchReport, run_batch, select_recent, warm_from_bars
+from daemon.batch import BatchReport, oldest_first, run_batch, select_recent, warm_from_columns
 from daemon.pipeline import Pipeline
-from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, Entry, StreamIO
-from daemon.wire import Bar
+from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, Entry, EntryBatch, StreamIO
+from daemon.wire_columns import BarColumns
 from handlers.engine import InferenceEngine
 
 log = structlog.get_logger("livepred.worker")
@@ -250,22 +250,25 @@ class PartitionWorker:
             if boundary is None:
                 continue
             # Each entry is decoded once, in the executor, while the next chunk is fetched.
-            kept: list[Bar] = []
+            kept: list[BarColumns] = []
             per_symbol: dict[str, int] = {}
-            decoding: asyncio.Future[list[Bar]] | None = None
-            async for chunk in self.io.scan_history_backwards(stream, boundary):
+            decoding: asyncio.Future[BarColumns] | None = None
+            async for ids, fields in self.io.scan_history_backwards(stream, boundary):
                 if decoding is not None:
-                    kept.extend(await decoding)
+                    kept.append(await decoding)
                 decoding = loop.run_in_executor(
-                    self.executor, select_recent, chunk, stream, per_symbol, self.warmup_bars
+                    self.executor, select_recent, ids, fields, stream, per_symbol,
+                    self.warmup_bars,
                 )
                 self._check_lease()
             if decoding is not None:
-                kept.extend(await decoding)
-            kept.reverse()
-            for i in range(0, len(kept), REBUILD_CHUNK):
+                kept.append(await decoding)
+            history = oldest_first(kept)
+            del kept
+            for i in range(0, len(history), REBUILD_CHUNK):
                 total += await loop.run_in_executor(
-                    self.executor, warm_from_bars, pipeline, kept[i : i + REBUILD_CHUNK]
+                    self.executor, warm_from_columns, pipeline,
+                    history.window(i, i + REBUILD_CHUNK),
                 )
         self.pipeline = pipeline
         elapsed = time.perf_counter() - started
@@ -294,14 +297,14 @@ class PartitionWorker:
                 return
             stream = entries[0].stream
             counts = await self.io.delivery_counts(stream, [e.entry_id for e in entries])
-            entries = [
-                Entry(e.stream, e.entry_id, e.fields, counts.get(e.entry_id, 1)) for e in entries
-            ]
-            cursor[stream] = entries[-1].entry_id
-            await self._process(entries, self.clock_us())
+            batch = EntryBatch.of(
+                [Entry(e.stream, e.entry_id, e.fields, counts.get(e.entry_id, 1)) for e in entries]
+            )
+            cursor[stream] = batch.ids[-1]
+            await self._process(batch, self.clock_us())
 
     async def _serve_new(self, stop: asyncio.Event) -> None:
-        next_read: asyncio.Task[tuple[list[Entry], int]] | None = None
+        next_read: asyncio.Task[tuple[EntryBatch, int]] | None = None
         # Overlap: the next read runs while this batch computes, and this batch computes
         # while the previous one's atomic write is in flight (Redis works on its own core).
         # One of each at most; writes stay in batch order.
@@ -345,7 +348,7 @@ class PartitionWorker:
                 except BaseException:
                     pass
 
-    async def _read(self) -> tuple[list[Entry], int]:
+    async def _read(self) -> tuple[EntryBatch, int]:
         backoff = Backoff()
         while True:
             try:
@@ -354,14 +357,14 @@ class PartitionWorker:
                 # Keep state through an outage; the lease renewer decides if we lost it.
                 self._check_lease()
                 if self._stop is not None and self._stop.is_set():
-                    return [], self.clock_us()  # shutting down: nothing was read
+                    return EntryBatch(), self.clock_us()  # shutting down: nothing was read
                 self.last_progress_s = time.monotonic()  # waiting on Redis, not hung
                 delay = backoff.next_s()
                 self.metrics.redis_error()
                 self._log.warning("read failed, retrying", error=str(exc), delay_s=delay)
                 await asyncio.sleep(delay)
 
-    async def _read_once(self) -> tuple[list[Entry], int]:
+    async def _read_once(self) -> tuple[EntryBatch, int]:
         try:
             entries = await self.io.read_new(self.token, self.batch, self.block_ms)
         except ResponseError as exc:
@@ -372,14 +375,14 @@ class PartitionWorker:
             # manual delete): recreate it and carry on from now.
             self._log.warning("consumer group missing, recreating", error=str(exc))
             await self.io.ensure_groups()
-            return [], self.clock_us()
+            return EntryBatch(), self.clock_us()
         if entries is None:
             # Fenced: another instance holds the lease, and nothing was delivered to us.
             self._lost.set()
             raise LeaseLost()
         return entries, self.clock_us()
 
-    async def _process(self, entries: list[Entry], read_at_us: int) -> None:
+    async def _process(self, entries: EntryBatch, read_at_us: int) -> None:
         commit, report = await self._compute(entries, read_at_us)
         await self._publish(commit, report, read_at_us)
 
@@ -387,7 +390,9 @@ class PartitionWorker:
         engine = self.engine()
         return self.pipeline is not None and engine is not self.pipeline.engine
 
-    async def _compute(self, entries: list[Entry], read_at_us: int) -> tuple[Commit, BatchReport]:
+    async def _compute(
+        self, entries: EntryBatch, read_at_us: int
+    ) -> tuple[Commit, BatchReport]:
         assert self.pipeline is not None
         engine = self.engine()
         if engine is not self.pipeline.engine and self.pipeline.rebind(engine):
@@ -437,7 +442,7 @@ class PartitionWorker:
 
 
 def _run_batch_job(
-    pipeline: Pipeline, entries: list[Entry], run_id: str, read_at_us: int, clock_us: Any
+    pipeline: Pipeline, entries: EntryBatch, run_id: str, read_at_us: int, clock_us: Any
 ) -> tuple[Commit, BatchReport]:
     return run_batch(
         pipeline,

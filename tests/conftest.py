@@ -20,6 +20,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_models_in_a_temporary_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Compiled tree models (handlers.tree_compiler) go to a cache of this test session, not
+    the user's; daemons started as subprocesses inherit it."""
+    before = os.environ.get("CACHE_DIRECTORY")
+    os.environ["CACHE_DIRECTORY"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("CACHE_DIRECTORY", None)
+    else:
+        os.environ["CACHE_DIRECTORY"] = before
+
+
 def _real_redis_available() -> bool:
     try:
         client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=0.5)

@@ -1,0 +1,91 @@
+"""Compiled tree models predict exactly what LightGBM's own Booster.predict does."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from handlers.lightgbm_booster import LightGBMBoosterHandler
+from handlers.meta import ModelMeta
+from handlers.tree_compiler import DISABLE_ENV, compiled_predictor
+from tests.model_factory import write_lightgbm
+
+pytest.importorskip("tl2cgen")
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler (gcc)")
+
+FEATURES = [f"f{i}" for i in range(6)]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path / "cache"))
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+
+
+def _data(rows: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, len(FEATURES))) * 10.0 ** rng.integers(-3, 4, (rows, 1))
+    x[rng.random(x.shape) < 0.1] = np.nan  # trained with missing values: NaN branches
+    x[rng.random(x.shape) < 0.03] = 0.0
+    return x
+
+
+def _model(tmp_path: Path, task: str) -> tuple[Path, ModelMeta]:
+    x = _data(600, 1)
+    signal = np.nan_to_num(x[:, 0]) - 0.5 * np.nan_to_num(x[:, 3]) + np.isnan(x[:, 1])
+    y = (signal > 0).astype(float) if task == "binary" else signal
+    directory = write_lightgbm(tmp_path / "run", "t", "LightGBM", x, y, FEATURES, task=task,
+                               num_trees=60)
+    meta = ModelMeta.from_dict({"feature_list": FEATURES, "task": task}, "LightGBM")
+    return directory / "model.txt", meta
+
+
+@pytest.mark.parametrize("task", ["regression", "binary"])
+def test_the_compiled_model_predicts_what_lightgbm_predicts(tmp_path: Path, task: str) -> None:
+    import lightgbm as lgb
+
+    path, meta = _model(tmp_path, task)
+    handler = LightGBMBoosterHandler.load(path, meta)
+    assert handler.compiled
+    booster = lgb.Booster(model_file=str(path))
+    rows = _data(2000, 2).astype(np.float32)
+    rows[::97] = np.inf
+    want = booster.predict(rows, num_threads=1)
+    got = handler.predict(rows)
+    np.testing.assert_array_equal(got, want)
+    # One row at a time too (the latency path).
+    for i in range(0, 40):
+        np.testing.assert_array_equal(handler.predict(rows[i : i + 1]), want[i : i + 1])
+
+
+def test_a_compiled_model_that_differs_is_not_used(tmp_path: Path) -> None:
+    import lightgbm as lgb
+
+    path, _ = _model(tmp_path, "regression")
+    booster = lgb.Booster(model_file=str(path))
+
+    def off_by_a_hair(rows: np.ndarray) -> np.ndarray:
+        return np.asarray(booster.predict(rows, num_threads=1)) + 1e-12
+
+    assert compiled_predictor(path, "lightgbm", off_by_a_hair, len(FEATURES)) is None
+
+
+def test_the_library_is_built_once_and_reused(tmp_path: Path) -> None:
+    path, meta = _model(tmp_path, "regression")
+    assert LightGBMBoosterHandler.load(path, meta).compiled
+    libraries = list((tmp_path / "cache").rglob("*.so"))
+    assert len(libraries) == 1
+    built = libraries[0].stat().st_mtime_ns
+    assert LightGBMBoosterHandler.load(path, meta).compiled
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.so")] == [built]
+
+
+def test_compiling_can_be_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    path, meta = _model(tmp_path, "regression")
+    handler = LightGBMBoosterHandler.load(path, meta)
+    assert not handler.compiled
+    assert handler.predict(_data(5, 3).astype(np.float32)).shape == (5,)
