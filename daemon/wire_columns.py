@@ -9,7 +9,7 @@ Redis, no asyncio.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
@@ -79,6 +79,8 @@ def field_map(fields: Any) -> dict[Any, Any]:
     """An entry's fields as a dict, from Redis's flat [k, v, k, v, ...] list or a mapping."""
     if isinstance(fields, dict):
         return fields
+    if isinstance(fields, Mapping):
+        return dict(fields)
     if fields is None:
         return {}
     flat = list(fields)
@@ -94,7 +96,7 @@ def _data_blob(fields: Any) -> Any:
         keys = fields[0::2]
         if len(fields) % 2 == 0 and keys.count(_DATA) == 1:
             return fields[2 * keys.index(_DATA) + 1]
-    elif t is dict:
+    elif isinstance(fields, Mapping):
         return fields.get(_DATA)
     return None
 

@@ -52,6 +52,7 @@ class TargetBatch:
     preds: dict[str, np.ndarray]  # family -> (B,) float64
     warming: dict[str, np.ndarray]  # family -> (B,) int64, 0 = ready
     failed: dict[str, list[str | None]]  # family -> reason per row or None
+    size: int = 0  # rows in the batch (also when every family of the target was refused)
 
     def row(self, i: int) -> dict[str, Any]:
         """The wire map of one row (CONTRACT §4); `rows()` builds them all at once."""
@@ -59,7 +60,7 @@ class TargetBatch:
 
     def rows(self) -> list[dict[str, Any]]:
         """`row(i)` for every row, built from plain lists (the hot path of every batch)."""
-        n = len(next(iter(self.preds.values()))) if self.preds else 0
+        n = len(next(iter(self.preds.values()))) if self.preds else self.size
         out: list[dict[str, Any]] = [
             {"preds": {}, "selected": self.selected, "pred": None, "warming": {}, "failed": {}}
             for _ in range(n)
@@ -281,7 +282,7 @@ class InferenceEngine:
         results: dict[str, TargetBatch] = {}
         seconds: dict[tuple[str, str], float] = {}
         for target in sorted(self.models):
-            batch = TargetBatch(self.selected.get(target), {}, {}, {})
+            batch = TargetBatch(self.selected.get(target), {}, {}, {}, n)
             for family in sorted(self.models[target]):
                 preds, warming, failed, elapsed = done[(target, family)]
                 seconds[(target, family)] = elapsed
