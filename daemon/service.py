@@ -14,6 +14,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from daemon.observe import HealthServer, Metrics, SystemdNotifier
+from daemon.runtime import settle_heap
 from daemon.settings import Settings, partition_keys
 from daemon.streams import StreamIO
 from daemon.worker import PartitionWorker, Role
@@ -129,6 +130,7 @@ class Service:
         loop = asyncio.get_running_loop()
         if self.engine is None:
             self.engine = await loop.run_in_executor(self.executor, build_engine, self.settings)
+        settle_heap()
         self._report_models(self.engine)
         if self.redis is None:
             self.redis = make_redis(self.settings)
@@ -287,9 +289,9 @@ class Service:
         self.metrics.reloads.labels("ok").inc()
         log.info("models reloaded", run=run_id_of(engine))
         self.notifier.notify("READY=1")
-        if old is not None:
-            # Close after the batch that may still use it has finished (same executor).
-            asyncio.get_running_loop().run_in_executor(self.executor, old.close)
+        # Close the old models after the batch that may still use them has finished (same
+        # executor), then settle the heap around the new ones.
+        asyncio.get_running_loop().run_in_executor(self.executor, _retire, old)
         return True
 
     def _report_models(self, engine: InferenceEngine) -> None:
@@ -307,3 +309,9 @@ class Service:
                 features=len(fam.meta.feature_list),
                 window=fam.meta.window,
             )
+
+
+def _retire(engine: InferenceEngine | None) -> None:
+    if engine is not None:
+        engine.close()
+    settle_heap()

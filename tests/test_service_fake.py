@@ -201,3 +201,32 @@ async def test_a_second_instance_stands_by_while_the_lease_is_held(lgb_run: Path
     service.request_stop()
     assert await asyncio.wait_for(task, 10) == 0
     await redis.aclose()
+
+
+async def test_the_heap_is_settled_once_the_models_are_loaded_and_after_a_reload(
+    lgb_run: Path,
+) -> None:
+    import gc
+
+    from daemon.runtime import GC_THRESHOLD
+
+    before = gc.get_threshold()
+    try:
+        gc.unfreeze()
+        redis = fakeredis.FakeAsyncRedis()
+        service = Service(settings_for(lgb_run), redis=redis)
+        await service.start()
+        loaded = service.engine
+        assert gc.get_freeze_count() > 0  # the frameworks and models: out of the collector's view
+        assert gc.get_threshold() == GC_THRESHOLD
+        gc.unfreeze()
+        assert await service.reload()
+        # The old engine is retired (closed) and the heap settled again, on the executor.
+        await asyncio.get_running_loop().run_in_executor(service.executor, lambda: None)
+        assert service.engine is not loaded
+        assert gc.get_freeze_count() > 0
+        await service.close()
+        await redis.aclose()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
