@@ -17,11 +17,13 @@ import gc
 GC_THRESHOLD = (50_000, 20, 100)
 
 
-def settle_heap() -> None:
-    """Once the models are loaded (and after each reload): collect, then move every object
-    alive now out of the collector's view (`gc.freeze`), and raise the young threshold.
-    Blocks for one full collection (~0.1-0.3 s with TensorFlow and torch loaded)."""
-    gc.unfreeze()  # a previous engine's objects: collectable again once dropped
+def settle_heap(*, thaw: bool = False) -> None:
+    """Once the models are loaded: collect, then move every object alive now out of the
+    collector's view (`gc.freeze`), and raise the young threshold. `thaw` (after a reload):
+    first make the frozen objects collectable again, so the old models' cycles are freed;
+    that collection walks the whole heap (~0.1-0.3 s with TensorFlow and torch loaded)."""
+    if thaw:
+        gc.unfreeze()
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)

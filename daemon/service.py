@@ -314,4 +314,4 @@ class Service:
 def _retire(engine: InferenceEngine | None) -> None:
     if engine is not None:
         engine.close()
-    settle_heap()
+    settle_heap(thaw=True)
