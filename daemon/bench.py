@@ -117,7 +117,7 @@ def machine_info(redis_url: str, embedded: bool) -> dict[str, Any]:
         mem_gb = round(int(first.split()[1]) / 2**20, 1)
     versions = {}
     for package in ("numpy", "pandas", "lightgbm", "torch", "tensorflow-cpu", "keras",
-                    "redis", "hiredis", "msgpack"):
+                    "redis", "hiredis", "msgpack", "tl2cgen"):
         with contextlib.suppress(PackageNotFoundError):
             versions[package] = version(package)
     redis_version = "fakeredis (embedded)" if embedded else "?"
