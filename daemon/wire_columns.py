@@ -116,16 +116,21 @@ def decode_columns(
     fast_pos: list[int] = []
     values: list[tuple[Any, ...]] = []
     slow: list[int] = []
+    unpack, get7, data, any_refused = _unpackb, _get7, _DATA, bool(refuse)
     for i, f in enumerate(fields):
-        if i in refuse:
+        if any_refused and i in refuse:
             continue
-        blob = _data_blob(f)
+        if type(f) is list and len(f) == 2 and f[0] == data:  # the usual entry, inline
+            blob = f[1]
+        else:
+            blob = _data_blob(f)
         if type(blob) is not bytes:
             slow.append(i)
             continue
         try:
-            m = _unpackb(blob, raw=False, strict_map_key=False)
-            values.append(_get7(m))
+            # Defaults: str keys only (a map with other keys goes the slow way, which
+            # accepts them as decode_bar does).
+            values.append(get7(unpack(blob)))
         except Exception:  # not msgpack, not a map, a key missing: the exact reason is slow
             slow.append(i)
             continue
@@ -159,10 +164,9 @@ def _check_fast(
     judge instead. A row passes only if `decode_bar` would accept it with these values:
     str symbol of 1..64 characters, int ts in 1..2**63-1, int or float prices > 0 and volume
     >= 0, all finite (bools, strings and nil are not numbers)."""
-    k = len(values)
-    symbols = [v[0] for v in values]
-    ts_list = [v[1] for v in values]
-    numbers = [v[2:] for v in values]
+    columns = list(zip(*values, strict=True))  # seven columns in one pass
+    symbols, ts_list = list(columns[0]), list(columns[1])
+    numbers = [list(c) for c in columns[2:]]  # open, high, low, close, volume
     suspect: set[int] = set()
     if set(map(type, symbols)) != {str} or not 0 < min(map(len, symbols)) <= max(
         map(len, symbols)
@@ -176,35 +180,43 @@ def _check_fast(
         suspect.update(j for j, t in enumerate(ts_list) if type(t) is not int)
     if not set(map(type, chain.from_iterable(numbers))) <= _NUMBER_TYPES:
         suspect.update(
-            j for j, row in enumerate(numbers) if not set(map(type, row)) <= _NUMBER_TYPES
+            j for j, row in enumerate(zip(*numbers, strict=True))
+            if not set(map(type, row)) <= _NUMBER_TYPES
         )
     if suspect:  # placeholders keep the arrays rectangular; these rows go the slow way
-        for j in suspect:
-            symbols[j] = ""
-            ts_list[j] = 1
-            numbers[j] = (1.0, 1.0, 1.0, 1.0, 0.0)
+        _blank(suspect, symbols, ts_list, numbers)
     try:
         ts = np.array(ts_list, dtype=np.int64)
     except OverflowError:  # an int beyond int64 somewhere: find it
-        big = [j for j, t in enumerate(ts_list) if not -(2**63) <= t < 2**63]
+        big = {j for j, t in enumerate(ts_list) if not -(2**63) <= t < 2**63}
         suspect.update(big)
-        for j in big:
-            ts_list[j] = 1
+        _blank(big, symbols, ts_list, numbers)
         ts = np.array(ts_list, dtype=np.int64)
     try:
-        ohlcv = np.array(numbers, dtype=np.float64).reshape(k, 5)
+        ohlcv = np.ascontiguousarray(np.array(numbers, dtype=np.float64).T)
     except OverflowError:  # an int too large for a float64
-        huge = [j for j, row in enumerate(numbers) if not _floatable(row)]
+        huge = {j for j, row in enumerate(zip(*numbers, strict=True)) if not _floatable(row)}
         suspect.update(huge)
-        for j in huge:
-            numbers[j] = (1.0, 1.0, 1.0, 1.0, 0.0)
-        ohlcv = np.array(numbers, dtype=np.float64).reshape(k, 5)
+        _blank(huge, symbols, ts_list, numbers)
+        ohlcv = np.ascontiguousarray(np.array(numbers, dtype=np.float64).T)
     prices, volume = ohlcv[:, :4], ohlcv[:, 4]
     ok = (ts > 0) & ((prices > 0.0) & (prices < np.inf)).all(axis=1)
     ok &= (volume >= 0.0) & (volume < np.inf)
     if not ok.all():
         suspect.update(np.flatnonzero(~ok).tolist())
     return symbols, ts, ohlcv, sorted(suspect)
+
+
+_PLACEHOLDER = (1.0, 1.0, 1.0, 1.0, 0.0)
+
+
+def _blank(rows: set[int], symbols: list[Any], ts: list[Any], numbers: list[list[Any]]) -> None:
+    """Harmless values in `rows` (judged by decode_bar instead), in place."""
+    for j in rows:
+        symbols[j] = ""
+        ts[j] = 1
+        for column, value in zip(numbers, _PLACEHOLDER, strict=True):
+            column[j] = value
 
 
 def _floatable(row: tuple[Any, ...]) -> bool:
