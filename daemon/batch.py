@@ -6,29 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from daemon.pipeline import Pipeline
 from daemon.streams import Commit, Entry, EntryBatch
-from daemon.wire import WIRE_VERSION, Rejection, dead_letter_fields
+from daemon.wire import Rejection, dead_letter_fields
 from daemon.wire_columns import BarColumns, decode_columns, field_map
 from daemon.wire_pack import pack_predictions
 
 POISON = "max_deliveries"
-
-
-def pack_prediction(
-    symbol: str, ts: int, src: str, run: str, lat_us: int, targets: dict[str, Any],
-    packer: msgpack.Packer | None = None,
-) -> bytes:
-    """The `data` field of CONTRACT §4 from plain values, one row at a time (the daemon packs
-    whole batches with `daemon.wire_pack`)."""
-    doc = {"v": WIRE_VERSION, "symbol": symbol, "ts": ts, "src": src, "run": run,
-           "lat_us": lat_us, "targets": targets}
-    if packer is None:
-        return msgpack.packb(doc, use_bin_type=True)
-    return packer.pack(doc)
 
 
 @dataclass(slots=True)

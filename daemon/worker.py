@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daemon.batch import BatchReport, oldest_first, run_batch, select_recent, warm_from_columns
 from daemon.pipeline import Pipeline
-from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, Entry, EntryBatch, StreamIO
+from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, EntryBatch, StreamIO
 from daemon.wire_columns import BarColumns
 from handlers.engine import InferenceEngine
 
@@ -297,9 +297,8 @@ class PartitionWorker:
                 return
             stream = entries[0].stream
             counts = await self.io.delivery_counts(stream, [e.entry_id for e in entries])
-            batch = EntryBatch.of(
-                [Entry(e.stream, e.entry_id, e.fields, counts.get(e.entry_id, 1)) for e in entries]
-            )
+            batch = EntryBatch.of(entries)
+            batch.deliveries = [counts.get(i, 1) for i in batch.ids]
             cursor[stream] = batch.ids[-1]
             await self._process(batch, self.clock_us())
 

@@ -6,7 +6,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +57,8 @@ class TargetBatch:
         return self.rows()[i]
 
     def rows(self) -> list[dict[str, Any]]:
-        """`row(i)` for every row, built from plain lists (the hot path of every batch)."""
+        """`row(i)` for every row, built from plain lists (replay, and the rows that
+        `daemon.wire_pack` cannot write in the all-ready shape)."""
         n = len(next(iter(self.preds.values()))) if self.preds else self.size
         out: list[dict[str, Any]] = [
             {"preds": {}, "selected": self.selected, "pred": None, "warming": {}, "failed": {}}
@@ -141,15 +141,8 @@ class InferenceEngine:
         view: str = DEFAULT_VIEW,
         targets: Sequence[str] = (),
         families: Sequence[str] = (),
-        threads: int = 1,
     ) -> None:
         self.loader = loader
-        # Families of a batch run side by side on this many threads (each model itself runs
-        # single-threaded, and frees the GIL while it computes). 1 (the default): one after
-        # the other, which measured as fast on two cores, where Redis needs the other one.
-        self.threads = max(1, threads)
-        self._pool: ThreadPoolExecutor | None = None
-        self._last_seconds: dict[tuple[str, str], float] = {}
         self.device = device
         self.view = view
         self.target_filter = tuple(targets)
@@ -249,9 +242,6 @@ class InferenceEngine:
         return self._spec
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         for fam in self.families():
             closer = getattr(fam.model, "close", None)
             if closer is not None:
@@ -263,42 +253,22 @@ class InferenceEngine:
     # ---- batch inference -----------------------------------------------------------------
 
     def predict_batch(self, inputs: BatchInputs) -> BatchResult:
-        """Every family of every target on the batch; with several families and threads they
-        run concurrently (the slowest last time starts first). Results do not depend on it."""
         spec = self.input_spec
         n = len(inputs)
-        jobs = list(self.families())
-        if len(jobs) > 1 and self.threads > 1 and n > 0:
-            jobs.sort(key=lambda f: -self._last_seconds.get((f.target, f.family), 0.0))
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=min(self.threads, len(jobs)), thread_name_prefix="livepred-family"
-                )
-            futures = [self._pool.submit(self._timed, fam, inputs, n, spec) for fam in jobs]
-            outcomes = [f.result() for f in futures]
-        else:
-            outcomes = [self._timed(fam, inputs, n, spec) for fam in jobs]
-        done = {(fam.target, fam.family): out for fam, out in zip(jobs, outcomes, strict=True)}
         results: dict[str, TargetBatch] = {}
         seconds: dict[tuple[str, str], float] = {}
         for target in sorted(self.models):
             batch = TargetBatch(self.selected.get(target), {}, {}, {}, n)
             for family in sorted(self.models[target]):
-                preds, warming, failed, elapsed = done[(target, family)]
-                seconds[(target, family)] = elapsed
+                fam = self.models[target][family]
+                started = time.perf_counter()
+                preds, warming, failed = self._predict_family(fam, inputs, n, spec)
+                seconds[(target, family)] = time.perf_counter() - started
                 batch.preds[family] = preds
                 batch.warming[family] = warming
                 batch.failed[family] = failed
             results[target] = batch
-        self._last_seconds.update(seconds)
         return BatchResult(results, seconds)
-
-    def _timed(
-        self, fam: LoadedFamily, inputs: BatchInputs, n: int, spec: InputSpec
-    ) -> tuple[np.ndarray, np.ndarray, list[str | None], float]:
-        started = time.perf_counter()
-        preds, warming, failed = self._predict_family(fam, inputs, n, spec)
-        return preds, warming, failed, time.perf_counter() - started
 
     def _family_input(self, fam: LoadedFamily, inputs: BatchInputs) -> np.ndarray:
         if fam.sequence is not None:
