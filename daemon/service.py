@@ -18,6 +18,7 @@ from daemon.runtime import settle_heap
 from daemon.settings import Settings, partition_keys
 from daemon.streams import StreamIO
 from daemon.worker import PartitionWorker, Role
+from handlers import tree_compiler
 from handlers.engine import InferenceEngine
 from handlers.run import ModelLoader
 
@@ -34,6 +35,7 @@ class NoModelsError(RuntimeError):
 def build_engine(settings: Settings) -> InferenceEngine:
     """Load every selected family (blocking: call it off the event loop)."""
     m = settings.models
+    tree_compiler.enabled = m.compile_trees
     try:
         loader = ModelLoader(
             m.run_root,

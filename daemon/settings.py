@@ -262,6 +262,7 @@ class ModelsSettings(_Section):
     device: Annotated[StrictStr, AfterValidator(_device)] = "cpu"
     allow_pickle: StrictBool = True
     interval_minutes: Annotated[StrictInt, _at_least(0)] = 0  # 0 = don't check
+    compile_trees: StrictBool = True  # LightGBM compiled to native code (the `trees` extra)
 
 
 class StateSettings(_Section):

@@ -22,7 +22,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Predict = Callable[[np.ndarray], np.ndarray]
-DISABLE_ENV = "LIVEPRED_COMPILE_TREES"  # "0": never compile
+# The daemon sets this from `models.compile_trees` before it loads models.
+enabled = True
 
 
 def cache_dir() -> Path:
@@ -37,7 +38,7 @@ def compiled_predictor(
 ) -> Predict | None:
     """A compiled predictor equal to `reference` on a probe batch, or None. `loader`: the
     treelite frontend ("lightgbm")."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
+    if not enabled:
         return None
     try:
         import tl2cgen

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from handlers import tree_compiler
 from handlers.lightgbm_booster import LightGBMBoosterHandler
 from handlers.meta import ModelMeta
-from handlers.tree_compiler import DISABLE_ENV, compiled_predictor
+from handlers.tree_compiler import compiled_predictor
 from tests.model_factory import write_lightgbm
 
 pytest.importorskip("tl2cgen")
@@ -22,7 +23,7 @@ FEATURES = [f"f{i}" for i in range(6)]
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path / "cache"))
-    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.setattr(tree_compiler, "enabled", True)
 
 
 def _data(rows: int, seed: int) -> np.ndarray:
@@ -84,8 +85,22 @@ def test_the_library_is_built_once_and_reused(tmp_path: Path) -> None:
 
 
 def test_compiling_can_be_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(DISABLE_ENV, "0")
+    monkeypatch.setattr(tree_compiler, "enabled", False)
     path, meta = _model(tmp_path, "regression")
     handler = LightGBMBoosterHandler.load(path, meta)
     assert not handler.compiled
     assert handler.predict(_data(5, 3).astype(np.float32)).shape == (5,)
+
+
+@pytest.mark.parametrize("setting", ["true", "false"])
+def test_models_compile_trees_decides_for_the_daemon(tmp_path: Path, setting: str) -> None:
+    from daemon.service import build_engine
+    from daemon.settings import load_settings
+
+    _model(tmp_path, "regression")
+    env = {"LIVEPRED_MODELS__RUN_ROOT": str(tmp_path / "run"),
+           "LIVEPRED_MODELS__COMPILE_TREES": setting}
+    engine = build_engine(load_settings(None, env))
+    (family,) = engine.families()
+    assert family.model.compiled is (setting == "true")
+    engine.close()
