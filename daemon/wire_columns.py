@@ -1,10 +1,11 @@
 """A whole batch of input entries decoded at once, into columns (CONTRACT section 4).
 
-The common entry (one `data` field holding a well-formed msgpack map) is unpacked and its
-seven values taken with one C-level getter; types and ranges are then checked for the whole
-batch with numpy. Any entry the fast path is not sure of goes through `decode_bar`, entry by
-entry, so every value accepted and every rejection reason is exactly `decode_bar`'s. Pure: no
-Redis, no asyncio.
+The common entry is one `data` field holding a well-formed msgpack map. Entries whose maps
+share a byte layout (a feeder's usual output) are read together from a byte matrix
+(`wire_layout`); any other map is unpacked and its seven values taken with one C-level
+getter. Types and ranges are then checked for the whole batch with numpy. Any entry the fast
+paths are not sure of goes through `decode_bar`, entry by entry, so every value accepted and
+every rejection reason is exactly `decode_bar`'s. Pure: no Redis, no asyncio.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import msgpack
 import numpy as np
 
 from daemon.wire import MAX_SYMBOL_CHARS, Bar, Rejection, decode_bar
+from daemon.wire_layout import decode_uniform
 
+_first, _second = itemgetter(0), itemgetter(1)
 _get7 = itemgetter("symbol", "ts", "open", "high", "low", "close", "volume")
 _unpackb = msgpack.unpackb
 _NUMBER_TYPES = {float, int}
 _DATA = b"data"
+UNIFORM_MIN_BATCH = 32  # fewer blobs than this: each unpacked, no byte matrix
 
 
 @dataclass(slots=True)
@@ -87,6 +91,16 @@ def field_map(fields: Any) -> dict[Any, Any]:
     return dict(zip(flat[0::2], flat[1::2], strict=False))
 
 
+def _all_inline(fields: Sequence[Any]) -> bool:
+    """True when every entry is `[b"data", <bytes>]` (checked with C-level passes)."""
+    return (
+        set(map(type, fields)) == {list}
+        and set(map(len, fields)) == {2}
+        and set(map(_first, fields)) == {_DATA}
+        and set(map(type, map(_second, fields))) == {bytes}
+    )
+
+
 def _data_blob(fields: Any) -> Any:
     """The `data` value of an entry (bytes when it is the usual msgpack map), else None."""
     t = type(fields)
@@ -113,11 +127,16 @@ def decode_columns(
     n = len(fields)
     streams = [stream] * n if isinstance(stream, str) else list(stream)
     refuse = refuse or {}
-    fast_pos: list[int] = []
-    values: list[tuple[Any, ...]] = []
+    inline: list[int] = []
+    blobs: list[bytes] = []
     slow: list[int] = []
-    unpack, get7, data, any_refused = _unpackb, _get7, _DATA, bool(refuse)
-    for i, f in enumerate(fields):
+    data, any_refused = _DATA, bool(refuse)
+    if not any_refused and _all_inline(fields):  # every entry the usual one: no per-entry test
+        inline, blobs = list(range(n)), list(map(_second, fields))
+        fields_to_check: Sequence[Any] = ()
+    else:
+        fields_to_check = fields
+    for i, f in enumerate(fields_to_check):
         if any_refused and i in refuse:
             continue
         if type(f) is list and len(f) == 2 and f[0] == data:  # the usual entry, inline
@@ -127,26 +146,17 @@ def decode_columns(
         if type(blob) is not bytes:
             slow.append(i)
             continue
-        try:
-            # Defaults: str keys only (a map with other keys goes the slow way, which
-            # accepts them as decode_bar does).
-            values.append(get7(unpack(blob)))
-        except Exception:  # not msgpack, not a map, a key missing: the exact reason is slow
-            slow.append(i)
-            continue
-        fast_pos.append(i)
-    symbols: list[str] = []
-    ts = np.empty(0, np.int64)
-    ohlcv = np.empty((0, 5), np.float64)
-    if values:
-        symbols, ts, ohlcv, bad = _check_fast(values)
-        if bad:
-            keep = np.ones(len(values), dtype=bool)
-            keep[bad] = False
-            slow.extend(fast_pos[j] for j in bad)
-            fast_pos = [p for p, k in zip(fast_pos, keep.tolist(), strict=True) if k]
-            symbols = [s for s, k in zip(symbols, keep.tolist(), strict=True) if k]
-            ts, ohlcv = ts[keep], ohlcv[keep]
+        inline.append(i)
+        blobs.append(blob)
+    fast_pos, symbols, ts, ohlcv, suspect = _decode_blobs(inline, blobs, slow)
+    if suspect:
+        keep = np.ones(len(fast_pos), dtype=bool)
+        keep[suspect] = False
+        slow.extend(fast_pos[j] for j in suspect)
+        slow.sort()
+        fast_pos = [p for p, k in zip(fast_pos, keep.tolist(), strict=True) if k]
+        symbols = [s for s, k in zip(symbols, keep.tolist(), strict=True) if k]
+        ts, ohlcv = ts[keep], ohlcv[keep]
     cols = BarColumns(fast_pos, symbols, ts, ohlcv)
     cols.rejected = [
         (i, Rejection(reason, field_map(fields[i]), streams[i], entry_ids[i]))
@@ -155,6 +165,69 @@ def decode_columns(
     if slow:
         _merge_slow(cols, slow, fields, streams, entry_ids)
     return cols
+
+
+def _decode_blobs(
+    inline: list[int], blobs: list[bytes], slow: list[int]
+) -> tuple[list[int], list[str], np.ndarray, np.ndarray, list[int]]:
+    """The `data` blobs at entry positions `inline`: the rows of a shared layout at once
+    (wire_layout), the others each unpacked; in entry order, with the rows `decode_bar`
+    must judge instead (indices into the result). Blobs that do not unpack to a map with
+    the seven keys are added to `slow`."""
+    uni = decode_uniform(blobs) if len(blobs) >= UNIFORM_MIN_BATCH else None
+    done = uni.rows.tolist() if uni is not None else []
+    if len(done) == len(blobs):
+        rest: list[int] = []
+    elif done:
+        taken = np.zeros(len(blobs), dtype=bool)
+        taken[done] = True
+        rest = np.flatnonzero(~taken).tolist()
+    else:
+        rest = list(range(len(blobs)))
+    values: list[tuple[Any, ...]] = []
+    unpacked: list[int] = []
+    unpack, get7 = _unpackb, _get7
+    for j in rest:
+        try:
+            # Defaults: str keys only (a map with other keys goes the slow way, which
+            # accepts them as decode_bar does).
+            values.append(get7(unpack(blobs[j])))
+        except Exception:  # not msgpack, not a map, a key missing: the exact reason is slow
+            slow.append(inline[j])
+            continue
+        unpacked.append(j)
+    if not done and not values:
+        return [], [], np.empty(0, np.int64), np.empty((0, 5), np.float64), []
+    if not values:
+        assert uni is not None
+        positions = [inline[j] for j in done]
+        return positions, uni.symbols, uni.ts, uni.ohlcv, _out_of_range(uni.ts, uni.ohlcv)
+    symbols, ts, ohlcv, bad = _check_fast(values)
+    positions = [inline[j] for j in unpacked]
+    if not done:
+        return positions, symbols, ts, ohlcv, bad
+    assert uni is not None
+    # Both kinds: one block in entry order.
+    positions = [inline[j] for j in done] + positions
+    order = np.argsort(np.asarray(positions, dtype=np.int64), kind="stable")
+    pick = order.tolist()
+    all_symbols = uni.symbols + symbols
+    flagged = np.zeros(len(positions), dtype=bool)
+    flagged[[len(done) + j for j in bad]] = True
+    ts = np.concatenate([uni.ts, ts])[order]
+    ohlcv = np.concatenate([uni.ohlcv, ohlcv])[order]
+    flagged = flagged[order]
+    suspect = sorted(set(np.flatnonzero(flagged).tolist()) | set(_out_of_range(ts, ohlcv)))
+    return [positions[j] for j in pick], [all_symbols[j] for j in pick], ts, ohlcv, suspect
+
+
+def _out_of_range(ts: np.ndarray, ohlcv: np.ndarray) -> list[int]:
+    """Rows `decode_bar` would reject for their values: ts <= 0, a price <= 0, a volume < 0,
+    anything not finite."""
+    prices, volume = ohlcv[:, :4], ohlcv[:, 4]
+    ok = (ts > 0) & ((prices > 0.0) & (prices < np.inf)).all(axis=1)
+    ok &= (volume >= 0.0) & (volume < np.inf)
+    return [] if ok.all() else np.flatnonzero(~ok).tolist()
 
 
 def _check_fast(
@@ -199,11 +272,7 @@ def _check_fast(
         suspect.update(huge)
         _blank(huge, symbols, ts_list, numbers)
         ohlcv = np.ascontiguousarray(np.array(numbers, dtype=np.float64).T)
-    prices, volume = ohlcv[:, :4], ohlcv[:, 4]
-    ok = (ts > 0) & ((prices > 0.0) & (prices < np.inf)).all(axis=1)
-    ok &= (volume >= 0.0) & (volume < np.inf)
-    if not ok.all():
-        suspect.update(np.flatnonzero(~ok).tolist())
+    suspect.update(_out_of_range(ts, ohlcv))
     return symbols, ts, ohlcv, sorted(suspect)
 
 
