@@ -147,6 +147,21 @@ class EntryBatch:
             [e.deliveries for e in entries],
         )
 
+    @classmethod
+    def join(cls, batches: Sequence[EntryBatch]) -> EntryBatch:
+        """Several reads as one batch, in read order."""
+        if len(batches) == 1:
+            return batches[0]
+        deliveries = None
+        if any(b.deliveries is not None for b in batches):
+            deliveries = [n for b in batches for n in (b.deliveries or [1] * len(b))]
+        return cls(
+            [s for b in batches for s in b.streams],
+            [i for b in batches for i in b.ids],
+            [f for b in batches for f in b.fields],
+            deliveries,
+        )
+
     def acks(self) -> dict[str, list[str]]:
         """Entry ids by input stream, in order."""
         if not self.ids:

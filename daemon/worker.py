@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from concurrent.futures import Executor
 from enum import StrEnum
@@ -26,6 +27,7 @@ log = structlog.get_logger("livepred.worker")
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
 REBUILD_CHUNK = 50_000  # history bars applied to state per executor call
+COALESCE_READS = 4  # reads made while a batch computes are computed next as one batch
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
@@ -303,28 +305,61 @@ class PartitionWorker:
             await self._process(batch, self.clock_us())
 
     async def _serve_new(self, stop: asyncio.Event) -> None:
-        next_read: asyncio.Task[tuple[EntryBatch, int]] | None = None
-        # Overlap: the next read runs while this batch computes, and this batch computes
-        # while the previous one's atomic write is in flight (Redis works on its own core).
-        # One of each at most; writes stay in batch order.
+        # Overlap: reads go on while a batch computes, and a batch computes while the
+        # previous one's atomic write is in flight (Redis works on its own core). What is
+        # read while a batch computes is computed next as one batch (up to COALESCE_READS
+        # reads): under load, batches grow and fixed per-call costs shrink per bar; at light
+        # load a bar is computed as soon as it is read. Writes stay in read order.
+        reading: asyncio.Task[tuple[EntryBatch, int]] | None = None
+        ready: list[tuple[EntryBatch, int]] = []  # read, not computed yet (read time each)
         committing: asyncio.Task[None] | None = None
+        cap = self.batch * COALESCE_READS
+
+        def may_read() -> bool:
+            return not stop.is_set() and not self._handback.is_set()
+
         try:
             while True:
                 self._check_lease()
-                if next_read is None:
-                    if stop.is_set() or self._handback.is_set():
-                        break
-                    next_read = asyncio.create_task(self._read())
-                entries, read_at = await next_read
-                next_read = None
-                self.last_progress_s = time.monotonic()
-                if not entries:
+                if not ready:
+                    if reading is None:
+                        if not may_read():
+                            break
+                        reading = asyncio.create_task(self._read())
+                    entries, read_at = await reading
+                    reading = None
+                    self.last_progress_s = time.monotonic()
+                    if entries:
+                        ready.append((entries, read_at))
                     continue
-                if not stop.is_set() and not self._handback.is_set():
-                    next_read = asyncio.create_task(self._read())
+                batch = EntryBatch.join([entries for entries, _ in ready])
+                read_at = ready[0][1]
+                ready = []
+                if reading is None and may_read():
+                    reading = asyncio.create_task(self._read())
                 if committing is not None and self._needs_rebuild():
                     await committing  # a rebuild reads history up to the last ack
-                commit, report = await self._compute(entries, read_at)
+                computing = asyncio.ensure_future(self._compute(batch, read_at))
+                try:
+                    while reading is not None and not computing.done():
+                        await asyncio.wait({computing, reading}, return_when=FIRST_COMPLETED)
+                        if not reading.done():
+                            continue
+                        entries, at = reading.result()
+                        reading = None
+                        self.last_progress_s = time.monotonic()
+                        if entries:
+                            ready.append((entries, at))
+                        if may_read() and sum(map(len, (e for e, _ in ready))) < cap:
+                            reading = asyncio.create_task(self._read())
+                except BaseException:
+                    # A read failed (the lease is gone, ...): the batch in hand is left
+                    # unpublished, but not running behind our back.
+                    await asyncio.wait({computing})
+                    if not computing.cancelled():
+                        computing.exception()  # retrieved: its error is not the story
+                    raise
+                commit, report = await computing
                 if committing is not None:
                     await committing
                 committing = asyncio.create_task(self._publish(commit, report, read_at))
@@ -332,11 +367,11 @@ class PartitionWorker:
                 await committing
                 committing = None
         finally:
-            if next_read is not None:
+            if reading is not None:
                 # Never cancel a read mid-flight (an entry could be delivered and forgotten):
                 # what it returns stays pending and is handled on the next start.
                 try:
-                    await next_read
+                    await reading
                 except Exception:
                     pass
             if committing is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import fakeredis
@@ -12,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from daemon import worker as worker_module
+from daemon.observe import Metrics
 from daemon.service import Service
 from daemon.settings import load_settings
 from daemon.wire import decode_prediction, encode_bar
@@ -230,3 +233,49 @@ async def test_the_heap_is_settled_once_the_models_are_loaded_and_after_a_reload
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+class _BatchSizes(Metrics):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def batch(self, partition, report, read_at_us: int, now_us: int) -> None:
+        super().batch(partition, report, read_at_us, now_us)
+        self.sizes.append(report.bars)
+
+
+async def test_reads_made_while_a_batch_computes_are_computed_together(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backlog read 4 entries at a time, with a slow compute: the reads made meanwhile join
+    # into one batch of at most COALESCE_READS reads; every bar still gets one output, in
+    # input order, equal to the framework's.
+    original = worker_module._run_batch_job
+
+    def slow_job(*args, **kwargs):
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "_run_batch_job", slow_job)
+    redis = fakeredis.FakeAsyncRedis()
+    metrics = _BatchSizes()
+    service = Service(settings_for(lgb_run, LIVEPRED_STREAMS__BATCH="4"), redis=redis,
+                      metrics=metrics)
+    await service.start()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB", "CCC"], 30, seed=3)
+    ids = [(await redis.xadd("bars", encode_bar(b))).decode() for b in bars]
+
+    await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars)))
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert [o.src for o in outputs] == [f"bars/{i}" for i in ids]
+    expected = expected_lgb(lgb_run, bars)
+    for o in outputs:
+        got = o.targets["fwd"].preds["LightGBM"]
+        assert got == pytest.approx(expected[(o.symbol, o.ts)], rel=1e-6, abs=1e-9)
+    assert sum(metrics.sizes) == len(bars)
+    assert max(metrics.sizes) > 4  # reads joined
+    assert max(metrics.sizes) <= 4 * worker_module.COALESCE_READS
+    assert (await redis.xpending("bars", "livepred"))["pending"] == 0
+    await redis.aclose()
