@@ -27,7 +27,7 @@ log = structlog.get_logger("livepred.worker")
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
 REBUILD_CHUNK = 50_000  # history bars applied to state per executor call
-COALESCE_READS = 4  # reads made while a batch computes are computed next as one batch
+COALESCE_READS = 8  # reads made while a batch computes are computed next as one batch
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
