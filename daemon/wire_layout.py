@@ -120,19 +120,18 @@ def _decode_group(
                 match &= sub[:, v.type_at] < 0x80
         hit = np.flatnonzero(match)
         if len(hit):
-            decoded = _values(sub if len(hit) == len(sub) else sub[hit], layout)
-            if decoded is not None:
-                good, symbols, ts, ohlcv = decoded
-                out.append((remaining[hit[good]], symbols, ts, ohlcv))
+            good, symbols, ts, ohlcv = _values(sub if len(hit) == len(sub) else sub[hit], layout)
+            out.append((remaining[hit[good]], symbols, ts, ohlcv))
         remaining = remaining[~match]
     return out
 
 
 def _values(
     rows: np.ndarray, layout: _Layout
-) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray] | None:
-    """The values of rows that share `layout`; `good` marks the rows kept (others go the
-    msgpack way: an integer a float64 cannot hold, a symbol that is not UTF-8)."""
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """The values of rows that share `layout`: the indices of the rows kept (the others go the
+    msgpack way: an integer a float64 may not hold exactly, a symbol that is not UTF-8 or
+    too long) and their columns."""
     k = len(rows)
     good = np.ones(k, dtype=bool)
     numbers = np.empty((k, 6), dtype=np.float64)
