@@ -194,10 +194,13 @@ class Service:
             log.info("stopping: finishing the batch in hand")
             done, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
             for t in pending:
+                log.error("worker did not stop in time; cancelling it", where=_stack_of(t))
                 t.cancel()
             for t in background:
                 t.cancel()
-            await asyncio.gather(*pending, *background, return_exceptions=True)
+            # Bounded: a cancel lost inside a Redis call must not hold the exit (the loops
+            # also end on the stop event).
+            await asyncio.wait([*pending, *background], timeout=STOP_GRACE_S)
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     log.error("worker failed", error=repr(t.exception()))
@@ -222,7 +225,7 @@ class Service:
     async def _heartbeat_loop(self) -> None:
         key = f"{self.settings.streams.group}:heartbeat:{self.consumer}"
         last_lag = 0.0
-        while True:
+        while not self.stop_event.is_set():
             try:
                 await self.redis.set(key, str(int(time.time() * 1000)), ex=10)
                 self.redis_ok = True
@@ -239,7 +242,10 @@ class Service:
             # withholds it; /healthz still reports Redis.
             if self.stalled() is None:
                 self.notifier.notify("WATCHDOG=1")
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), timeout=HEARTBEAT_EVERY_S)
+            except TimeoutError:
+                pass
 
     async def _update_lag(self) -> None:
         for w in self.workers:
@@ -317,3 +323,15 @@ def _retire(engine: InferenceEngine | None) -> None:
     if engine is not None:
         engine.close()
     settle_heap(thaw=True)
+
+
+def _stack_of(task: asyncio.Task[Any]) -> str:
+    """Where a task is suspended, innermost last (for a log line)."""
+    frames = []
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return " > ".join(frames)

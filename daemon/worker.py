@@ -16,17 +16,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from daemon.batch import BatchReport, oldest_first, run_batch, select_recent, warm_from_columns
+from daemon.batch import BatchReport, run_batch
 from daemon.pipeline import Pipeline
+from daemon.rebuild import rebuild_pipeline
 from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, EntryBatch, StreamIO
-from daemon.wire_columns import BarColumns
 from handlers.engine import InferenceEngine
 
 log = structlog.get_logger("livepred.worker")
 
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
-REBUILD_CHUNK = 50_000  # history bars applied to state per executor call
 COALESCE_READS = 8  # reads made while a batch computes are computed next as one batch
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -195,7 +194,8 @@ class PartitionWorker:
 
     async def _own(self, stop: asyncio.Event) -> None:
         self._lost.clear()
-        renewer = asyncio.create_task(self._renew_forever())
+        done = asyncio.Event()
+        renewer = asyncio.create_task(self._renew_forever(done))
         try:
             await self.io.ensure_groups()
             self._set_role(Role.REBUILDING)
@@ -207,17 +207,22 @@ class PartitionWorker:
             await self._drain_pending(stop)
             await self._serve_new(stop)
         finally:
+            # A cancel can be lost inside a Redis call (its timeout racing with it): `done`
+            # then ends the renewer at its next turn. Waited for, so the lease is never
+            # renewed after this partition is left (and released).
+            done.set()
             renewer.cancel()
-            try:
-                await renewer
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.wait({renewer})
+            if not renewer.cancelled():
+                renewer.exception()  # retrieved; a renewer error is not this exit's story
 
-    async def _renew_forever(self) -> None:
+    async def _renew_forever(self, done: asyncio.Event) -> None:
         interval_s = self.lease_ms / 3000
         last_ok = time.monotonic()
         while True:
-            await asyncio.sleep(interval_s)
+            await _wait(done, interval_s)
+            if done.is_set():
+                return
             try:
                 ok = await self.io.renew_lease(self.token, self.lease_ms)
             except (RedisError, OSError):
@@ -245,33 +250,10 @@ class PartitionWorker:
         """State from the retained history up to the last acknowledged entry (CONTRACT §5)."""
         started = time.perf_counter()
         pipeline = Pipeline(self.engine(), ttl_s=self.ttl_s)
-        loop = asyncio.get_running_loop()
-        total = 0
-        for stream in self.io.inputs:
-            boundary = await self.io.history_boundary(stream)
-            if boundary is None:
-                continue
-            # Each entry is decoded once, in the executor, while the next chunk is fetched.
-            kept: list[BarColumns] = []
-            per_symbol: dict[str, int] = {}
-            decoding: asyncio.Future[BarColumns] | None = None
-            async for ids, fields in self.io.scan_history_backwards(stream, boundary):
-                if decoding is not None:
-                    kept.append(await decoding)
-                decoding = loop.run_in_executor(
-                    self.executor, select_recent, ids, fields, stream, per_symbol,
-                    self.warmup_bars,
-                )
-                self._check_lease()
-            if decoding is not None:
-                kept.append(await decoding)
-            history = oldest_first(kept)
-            del kept
-            for i in range(0, len(history), REBUILD_CHUNK):
-                total += await loop.run_in_executor(
-                    self.executor, warm_from_columns, pipeline,
-                    history.window(i, i + REBUILD_CHUNK),
-                )
+        total = await rebuild_pipeline(
+            self.io, pipeline, executor=self.executor, warmup_bars=self.warmup_bars,
+            check=self._check_lease,
+        )
         self.pipeline = pipeline
         elapsed = time.perf_counter() - started
         self.metrics.rebuild(total, elapsed)

@@ -213,3 +213,44 @@ async def test_an_entry_that_always_fails_ends_as_poison_alone(
         f"bars/{i.decode()}" for i in ids if i.decode() != culprit
     )
     await redis.aclose()
+
+
+async def test_a_cancel_lost_inside_a_lease_renewal_does_not_hold_the_exit(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Redis call can swallow the cancel that races with its own timeout; the renewer must
+    # still end when the partition is left (else the exit waits out the grace period and the
+    # lease keeps being renewed for an instance that is leaving).
+    inside = asyncio.Event()
+    swallowed = {"n": 0}
+
+    async def stubborn_renew(self: StreamIO, token: str, lease_ms: int) -> bool:
+        inside.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed["n"] += 1
+        inside.clear()
+        return True
+
+    monkeypatch.setattr(StreamIO, "renew_lease", stubborn_renew)
+    redis = fakeredis.FakeAsyncRedis()
+    environ = {
+        "LIVEPRED_MODELS__RUN_ROOT": str(lgb_run),
+        "LIVEPRED_METRICS__PORT": "0",
+        "LIVEPRED_STREAMS__BLOCK_MS": "10",
+        "LIVEPRED_STREAMS__LEASE_MS": "3000",  # first renewal after 1 s
+        "LIVEPRED_STREAMS__CONSUMER": "stubborn",
+    }
+    service = Service(load_settings(None, environ), redis=redis)
+    task = asyncio.create_task(service.run())
+    await asyncio.wait_for(inside.wait(), 20)
+    assert service.workers[0].role == Role.ACTIVE
+    started = asyncio.get_running_loop().time()
+    service.request_stop()
+    await asyncio.wait({task}, timeout=15)  # not wait_for: its cancel could be lost too
+    assert task.done(), "the service did not stop"
+    assert task.result() == 0
+    assert swallowed["n"] == 1  # the cancel did land inside the call, and was lost there
+    assert asyncio.get_running_loop().time() - started < 3.0
+    await redis.aclose()

@@ -1,0 +1,56 @@
+"""State rebuilt from a stream's retained history (CONTRACT section 5): the scan, not the math.
+
+The history is read newest first in chunks; each chunk is decoded in the executor while the
+next is fetched, keeping each symbol's newest `warmup_bars`; then it is applied to a fresh
+`Pipeline` oldest first, without predicting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from daemon.batch import oldest_first, select_recent, warm_from_columns
+from daemon.pipeline import Pipeline
+from daemon.streams import StreamIO
+from daemon.wire_columns import BarColumns
+
+REBUILD_CHUNK = 50_000  # history bars applied to state per executor call
+
+
+async def rebuild_pipeline(
+    io: StreamIO,
+    pipeline: Pipeline,
+    *,
+    executor: Executor,
+    warmup_bars: int,
+    check: Callable[[], None] = lambda: None,
+) -> int:
+    """Apply every input stream's history up to its last acknowledged entry to `pipeline`;
+    returns the bars applied. `check` runs after each chunk read (it raises to give up)."""
+    loop = asyncio.get_running_loop()
+    total = 0
+    for stream in io.inputs:
+        boundary = await io.history_boundary(stream)
+        if boundary is None:
+            continue
+        kept: list[BarColumns] = []
+        per_symbol: dict[str, int] = {}
+        decoding: asyncio.Future[BarColumns] | None = None
+        async for ids, fields in io.scan_history_backwards(stream, boundary):
+            if decoding is not None:
+                kept.append(await decoding)
+            decoding = loop.run_in_executor(
+                executor, select_recent, ids, fields, stream, per_symbol, warmup_bars
+            )
+            check()
+        if decoding is not None:
+            kept.append(await decoding)
+        history = oldest_first(kept)
+        del kept
+        for i in range(0, len(history), REBUILD_CHUNK):
+            total += await loop.run_in_executor(
+                executor, warm_from_columns, pipeline, history.window(i, i + REBUILD_CHUNK)
+            )
+    return total
