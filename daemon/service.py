@@ -17,7 +17,7 @@ from daemon.observe import HealthServer, Metrics, SystemdNotifier
 from daemon.runtime import settle_heap
 from daemon.settings import Settings, partition_keys
 from daemon.streams import StreamIO
-from daemon.worker import PartitionWorker, Role
+from daemon.worker import PartitionWorker, Role, sleep_unless
 from handlers import tree_compiler
 from handlers.engine import InferenceEngine
 from handlers.run import ModelLoader
@@ -242,10 +242,7 @@ class Service:
             # withholds it; /healthz still reports Redis.
             if self.stalled() is None:
                 self.notifier.notify("WATCHDOG=1")
-            try:
-                await asyncio.wait_for(self.stop_event.wait(), timeout=HEARTBEAT_EVERY_S)
-            except TimeoutError:
-                pass
+            await sleep_unless(self.stop_event, HEARTBEAT_EVERY_S)
 
     async def _update_lag(self) -> None:
         for w in self.workers:

@@ -153,7 +153,6 @@ def decode_columns(
         keep = np.ones(len(fast_pos), dtype=bool)
         keep[suspect] = False
         slow.extend(fast_pos[j] for j in suspect)
-        slow.sort()
         fast_pos = [p for p, k in zip(fast_pos, keep.tolist(), strict=True) if k]
         symbols = [s for s, k in zip(symbols, keep.tolist(), strict=True) if k]
         ts, ohlcv = ts[keep], ohlcv[keep]

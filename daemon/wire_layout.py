@@ -134,7 +134,7 @@ def _values(
     too long) and their columns."""
     k = len(rows)
     good = np.ones(k, dtype=bool)
-    numbers = np.empty((k, 6), dtype=np.float64)
+    ohlcv = np.empty((k, 5), dtype=np.float64)
     ts = np.empty(k, dtype=np.int64)
     symbols: list[str] = []
     for v in layout.values:
@@ -154,11 +154,11 @@ def _values(
         else:
             if raw.dtype.kind in "iu":
                 good &= np.abs(raw.astype(np.float64)) <= _EXACT
-            numbers[:, v.column - 1] = raw.astype(np.float64)
+            ohlcv[:, v.column - 2] = raw.astype(np.float64)  # columns 2..6: open..volume
     keep = np.flatnonzero(good)
     if len(keep) < k:
         symbols = [symbols[j] for j in keep.tolist()]
-    return keep, symbols, ts[keep], np.ascontiguousarray(numbers[keep, 1:])
+    return keep, symbols, ts[keep], ohlcv[keep]
 
 
 def _symbols(block: np.ndarray) -> tuple[list[str], np.ndarray]:

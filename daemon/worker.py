@@ -111,7 +111,7 @@ class PartitionWorker:
                 try:
                     if not await self._try_take():
                         self._set_role(Role.STANDBY)
-                        await _wait(stop, self.lease_ms / 4000)
+                        await sleep_unless(stop, self.lease_ms / 4000)
                         continue
                     backoff.reset()
                     await self._own(stop)
@@ -126,7 +126,7 @@ class PartitionWorker:
                     delay = backoff.next_s()
                     self.metrics.redis_error()
                     self._log.warning("redis unavailable, retrying", error=str(exc), delay_s=delay)
-                    await _wait(stop, delay)
+                    await sleep_unless(stop, delay)
                 except Exception as exc:
                     # Anything else (a Redis error reply such as OOM, a bug in a batch): a
                     # dead worker in a live process would serve nothing and still look healthy,
@@ -139,7 +139,7 @@ class PartitionWorker:
                     )
                     self.pipeline = None
                     self._set_role(Role.STANDBY)
-                    await _wait(stop, delay)
+                    await sleep_unless(stop, delay)
         finally:
             self._set_role(Role.STOPPED)
             try:
@@ -190,7 +190,7 @@ class PartitionWorker:
         self.metrics.lease_handback(self.partition)
         self.pipeline = None
         self._set_role(Role.STANDBY)
-        await _wait(stop, self.lease_ms / 1000)
+        await sleep_unless(stop, self.lease_ms / 1000)
 
     async def _own(self, stop: asyncio.Event) -> None:
         self._lost.clear()
@@ -220,7 +220,7 @@ class PartitionWorker:
         interval_s = self.lease_ms / 3000
         last_ok = time.monotonic()
         while True:
-            await _wait(done, interval_s)
+            await sleep_unless(done, interval_s)
             if done.is_set():
                 return
             try:
@@ -470,7 +470,8 @@ def _run_batch_job(
     )
 
 
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `stop` is set meanwhile."""
     try:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
     except TimeoutError:
