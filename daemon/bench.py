@@ -166,6 +166,7 @@ async def _run_all(url: str, run_dir: Path, plan: Plan, results: dict[str, Any])
 
     from daemon import bench_daemon, bench_limit, bench_offline
     from daemon.bench_procs import Feeder, Reader
+    from daemon.runtime import settle_heap
     from daemon.service import build_engine
 
     prefix = f"livepred-bench:{uuid.uuid4().hex[:8]}:"
@@ -183,6 +184,9 @@ async def _run_all(url: str, run_dir: Path, plan: Plan, results: dict[str, Any])
         # One engine for every daemon start: models load once (a restart's rebuild is timed
         # without the model load); closed at the end.
         engine.close = lambda: None  # type: ignore[method-assign]
+        # The collector as the daemon sets it once its models are loaded, before anything is
+        # measured: the baselines run in this process too, beside the same loaded frameworks.
+        settle_heap()
 
         started = time.perf_counter()
         _note("Redis limit: passthrough drains and one-bar round trips ...")

@@ -25,6 +25,7 @@ from daemon.bench_limit import (
     passthrough_latency,
     percentiles_ms,
     sample,
+    split_percentiles,
     stream_io,
 )
 from daemon.bench_procs import Feeder, Reader, latencies_ms
@@ -225,7 +226,7 @@ async def livepred_scale(
         missing += lost
         fed_total += len(fed["ids"])
         kept.append(lat[int(len(lat) * WARMUP_FRACTION) :])
-        runs.append(percentiles_ms(kept[-1]))
+        runs.append({**percentiles_ms(kept[-1]), **split_percentiles(fed, seen)})
         per_batch = daemon.metrics.per_batch_ms()
     # And at a light load (10% of the drain rate), where the CPUs are not the limit.
     daemon.metrics.reset_totals()
@@ -237,7 +238,7 @@ async def livepred_scale(
     lat, lost = latencies_ms(fed["ids"], fed["sent_us"], seen["ids"], seen["seen_us"])
     missing += lost
     light = {"rate": light_rate, **percentiles_ms(lat[int(len(lat) * WARMUP_FRACTION) :]),
-             "per_batch": daemon.metrics.per_batch_ms()}
+             "split": split_percentiles(fed, seen), "per_batch": daemon.metrics.per_batch_ms()}
     published_ok &= missing == 0
     lat_kept = np.concatenate(kept)
     result: dict[str, Any] = {

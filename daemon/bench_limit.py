@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from daemon.bench_procs import Feeder, Reader, latencies_ms
+from daemon.bench_procs import Feeder, Reader, latencies_ms, server_split_ms
 from daemon.streams import Commit, EntryBatch, StreamIO
 
 WARMUP_FRACTION = 0.1  # the first 10% of every measured feed is excluded (warm-up)
@@ -32,6 +32,19 @@ async def delete_prefixed(redis: Any, prefix: str) -> None:
     keys = [key async for key in redis.scan_iter(match=f"{prefix}*", count=1000)]
     for start in range(0, len(keys), 500):
         await redis.delete(*keys[start : start + 500])
+
+
+def split_percentiles(fed: dict[str, Any], seen: dict[str, Any]) -> dict[str, float]:
+    """p50 and p99 of the latency's two parts by Redis's clock (`server_split_ms`), warm-up
+    excluded: input XADD -> output XADD ("inside"), output XADD -> seen ("reader")."""
+    inside, reader = server_split_ms(fed["ids"], seen["ids"], seen["out_ids"], seen["seen_us"])
+    skip = int(len(inside) * WARMUP_FRACTION)
+    out: dict[str, float] = {}
+    for name, values in (("inside", inside[skip:]), ("reader", reader[skip:])):
+        v = values[np.isfinite(values)]
+        p50, p99 = np.percentile(v, [50, 99]) if v.size else (float("nan"),) * 2
+        out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = float(p50), float(p99)
+    return out
 
 
 def sample(values: np.ndarray, n: int) -> list[float]:
@@ -167,7 +180,7 @@ async def passthrough_latency(
     lat, missing = latencies_ms(fed["ids"], fed["sent_us"], seen["ids"], seen["seen_us"])
     lat = lat[int(len(lat) * WARMUP_FRACTION) :]
     return {"rate": rate, "bars": len(fed["ids"]), "missing": missing, **percentiles_ms(lat),
-            "latency_sample_ms": sample(lat, 4000)}
+            "split": split_percentiles(fed, seen), "latency_sample_ms": sample(lat, 4000)}
 
 
 async def redis_limit(

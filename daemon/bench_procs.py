@@ -8,9 +8,11 @@ copied. This module imports only numpy, msgpack and redis at the top.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +91,20 @@ class Market:
 # ---- the feeder process ----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _no_collector() -> Iterator[None]:
+    """While a child timestamps, CPython's cyclic collector stays off: a full collection in
+    the reader paused it for ~120 ms once per run on a 2-CPU box, which showed up as the
+    p99 of every latency measured (the passthrough's included). Nothing the children make
+    while timing has cycles; it is freed by reference counting."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _publish(client: Any, stream: str, bars: list[tuple[str, bytes]]) -> list[str]:
     ids: list[str] = []
     for start in range(0, len(bars), PIPELINE_CHUNK):
@@ -105,9 +121,16 @@ def _paced(
     """`rate` bars/s for `seconds`, each due bar sent as soon as it is due (one pipeline per
     tick); records each bar's send time. `single`: one XADD per round trip, never batched.
     The bars are made before the clock starts: a feeder's cost is its XADDs, not our walk."""
+    ready = market.take(int(rate * seconds) + 1)
+    with _no_collector():
+        return _send_paced(client, ready, stream, rate, single)
+
+
+def _send_paced(
+    client: Any, ready: list[tuple[str, bytes]], stream: str, rate: float, single: bool
+) -> dict[str, Any]:
     ids: list[str] = []
     sent: list[int] = []
-    ready = market.take(int(rate * seconds) + 1)
     started = time.perf_counter()
     published = 0
     while published < len(ready):  # every bar made is sent: no gap in any symbol's bars
@@ -199,15 +222,16 @@ def _reader_main(conn: Any, redis_url: str) -> None:
                 newest = client.xrevrange(stream, count=1)
                 last = newest[0][0] if newest else "0-0"
             replies: list[tuple[int, list[Any]]] = []
-            conn.send(("ok", None))
-            while not conn.poll(0):
-                reply = client.xread({stream: last}, count=5000, block=20)
-                if reply:
-                    seen = now_us()
-                    rows = reply[0][1]
-                    last = rows[-1][0]
-                    replies.append((seen, rows))
-            conn.recv()  # "stop"
+            with _no_collector():
+                conn.send(("ok", None))
+                while not conn.poll(0):
+                    reply = client.xread({stream: last}, count=5000, block=20)
+                    if reply:
+                        seen = now_us()
+                        rows = reply[0][1]
+                        last = rows[-1][0]
+                        replies.append((seen, rows))
+                conn.recv()  # "stop"
             # Entries still in flight when stop came: one last non-blocking read.
             while True:
                 reply = client.xread({stream: last}, count=5000)
@@ -218,12 +242,16 @@ def _reader_main(conn: Any, redis_url: str) -> None:
                 replies.append((now_us(), rows))
             srcs: list[str] = []
             seen_us: list[int] = []
+            out_ids: list[str] = []
             for seen, rows in replies:
-                for _, fields in rows:
+                for out_id, fields in rows:
                     data = msgpack.unpackb(fields[b"data"], raw=False)
                     srcs.append(input_id(str(data.get("src", ""))))
                     seen_us.append(seen)
-            conn.send(("ok", {"ids": srcs, "seen_us": seen_us, "last": _s(last)}))
+                    out_ids.append(_s(out_id))
+            conn.send((
+                "ok", {"ids": srcs, "seen_us": seen_us, "out_ids": out_ids, "last": _s(last)}
+            ))
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -347,3 +375,27 @@ def latencies_ms(
             out[k] = (got - sent) / 1000.0
     missing = int(np.isnan(out).sum())
     return out, missing
+
+
+def _entry_ms(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0])
+
+
+def server_split_ms(
+    sent_ids: Sequence[str], seen_ids: Sequence[str], out_ids: Sequence[str],
+    seen_us: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per fed bar (feed order), the latency split by Redis's own clock, read off the entry
+    ids Redis assigned (milliseconds): input XADD -> output XADD (waiting in the stream plus
+    the daemon), and output XADD -> seen by the reader (the reader's wake-up and read). NaN
+    where a bar has no output. Whole milliseconds: a coarse split, not a timing."""
+    seen = {i: (o, t) for i, o, t in zip(seen_ids, out_ids, seen_us, strict=True)}
+    daemon = np.full(len(sent_ids), np.nan)
+    reader = np.full(len(sent_ids), np.nan)
+    for k, entry_id in enumerate(sent_ids):
+        got = seen.get(entry_id)
+        if got is not None:
+            out_ms = _entry_ms(got[0])
+            daemon[k] = out_ms - _entry_ms(entry_id)
+            reader[k] = got[1] / 1000.0 - out_ms
+    return daemon, reader

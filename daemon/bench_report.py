@@ -147,6 +147,13 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                     ["load bars/s", "p50 ms", "p99 ms", "p99.9 ms"],
                     [[fmt(moderate.get("rate")), fmt(moderate.get("p50_ms"), 2),
                       fmt(moderate.get("p99_ms"), 2), fmt(moderate.get("p999_ms"), 2)]]))
+    split_rows = _split_rows(limit, lp)
+    if split_rows:
+        out.append(("Where the latency goes, by Redis's clock (the entry ids' whole "
+                    "milliseconds): input XADD -> output XADD (waiting in the stream + the "
+                    "consumer) and output XADD -> seen by the reader",
+                    ["run", "load bars/s", "inside p50 / p99 ms", "reader p50 / p99 ms"],
+                    split_rows))
     burst, rebuild, memory = results.get("burst"), results.get("rebuild"), results.get("memory")
     rows = []
     if burst:
@@ -197,6 +204,27 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                   "-" if t["ok"] is None else ("yes" if t["ok"] else "NO")]
                  for t in results.get("targets") or []]))
     return out
+
+
+def _split_rows(limit: dict[str, Any], lp: dict[str, Any]) -> list[list[str]]:
+    runs: list[tuple[str, Any, Any]] = [
+        ("passthrough, one bar at a time", _get(limit, "rtt", "rate"), _get(limit, "rtt", "split")),
+        ("passthrough at livepred's 50% load", _get(limit, "moderate", "rate"),
+         _get(limit, "moderate", "split")),
+    ]
+    for scale in sorted(lp, key=int):
+        r = lp[scale]
+        runs.append((f"livepred {int(scale):,} symbols, 50% load", r.get("latency_rate"), r))
+        runs.append((f"livepred {int(scale):,} symbols, 10% load", _get(r, "light_load", "rate"),
+                     _get(r, "light_load", "split")))
+    rows = []
+    for name, rate, split in runs:
+        if not split or "inside_p50_ms" not in split:
+            continue
+        rows.append([name, fmt(rate),
+                     f"{fmt(split['inside_p50_ms'])} / {fmt(split['inside_p99_ms'])}",
+                     f"{fmt(split['reader_p50_ms'], 2)} / {fmt(split['reader_p99_ms'], 2)}"])
+    return rows
 
 
 def _phases(phases: dict[str, float] | None) -> str:

@@ -49,6 +49,11 @@ def check_results(results: dict[str, Any]) -> None:
             assert isinstance(r[key], int | float), (scale, key, r[key])
         assert r["bars_per_s"] > 0
         assert r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
+        # The split by Redis's clock: per bar, input XADD -> output XADD is part of feeder
+        # send -> seen (up to the ids' whole-millisecond rounding), so are its percentiles.
+        assert 0 <= r["inside_p50_ms"] <= r["p50_ms"] + 1, scale
+        assert 0 <= r["inside_p99_ms"] <= r["p99_ms"] + 1, scale
+        assert r["reader_p50_ms"] >= -1, scale
         # Every bar of every drain and of the latency run: exactly one output naming it.
         assert r["outputs_match"] is True, scale
         assert r["latency_missing"] == 0, scale
