@@ -1,21 +1,18 @@
-"""CPU work of one batch, in two parts run on two threads: decode -> state (in read order),
-then models -> encode. No I/O."""
+"""CPU work of one batch, run in the executor: decode -> pipeline -> encode. No I/O."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from daemon.pipeline import ColumnsOutcome, Pipeline, predict_outcome
+from daemon.pipeline import Pipeline
 from daemon.streams import Commit, Entry, EntryBatch
 from daemon.wire import Rejection, dead_letter_fields
 from daemon.wire_columns import BarColumns, decode_columns, field_map
 from daemon.wire_pack import pack_predictions
-from handlers.engine import InferenceEngine
 
 POISON = "max_deliveries"
 
@@ -42,41 +39,25 @@ def decode_batch(entries: EntryBatch, max_deliveries: int = 0) -> BarColumns:
     return decode_columns(entries.fields, entries.streams, entries.ids, refuse)
 
 
-@dataclass(slots=True)
-class PreparedBatch:
-    """A batch decoded and applied to state, its model inputs gathered; not predicted yet.
-    `engine` is the one whose inputs were gathered (the pipeline's at the time)."""
+def run_batch(
+    pipeline: Pipeline,
+    entries: EntryBatch | Sequence[Entry],
+    *,
+    run_id: str,
+    read_at_us: int,
+    now_us: object,
+    max_deliveries: int = 0,
+) -> tuple[Commit, BatchReport]:
+    """Decode, predict and encode one batch; every entry ends as one output or dead letter
+    (or a skipped duplicate), and every entry is acked."""
+    import time
 
-    entries: EntryBatch
-    cols: BarColumns
-    outcome: ColumnsOutcome
-    engine: InferenceEngine
-    stage_seconds: dict[str, float]
-
-
-def prepare_batch(
-    pipeline: Pipeline, entries: EntryBatch | Sequence[Entry], max_deliveries: int = 0
-) -> PreparedBatch:
-    """Decode a batch and apply it to state (the part that must run in read order)."""
     batch = entries if isinstance(entries, EntryBatch) else EntryBatch.of(entries)
+    clock = now_us if callable(now_us) else (lambda: time.time_ns() // 1000)
     t0 = time.perf_counter()
     cols = decode_batch(batch, max_deliveries)
     t1 = time.perf_counter()
-    outcome = pipeline.apply(cols)
-    t2 = time.perf_counter()
-    return PreparedBatch(batch, cols, outcome, pipeline.engine,
-                         {"decode": t1 - t0, "state": t2 - t1})
-
-
-def finish_batch(
-    prepared: PreparedBatch, *, run_id: str, read_at_us: int, now_us: object
-) -> tuple[Commit, BatchReport]:
-    """Predict a prepared batch and encode it: every entry ends as one output or dead letter
-    (or a skipped duplicate), and every entry is acked."""
-    batch, cols, outcome = prepared.entries, prepared.cols, prepared.outcome
-    clock = now_us if callable(now_us) else (lambda: time.time_ns() // 1000)
-    t1 = time.perf_counter()
-    predict_outcome(prepared.engine, outcome)
+    outcome = pipeline.run(cols)
     t2 = time.perf_counter()
     commit = Commit(outputs=[], dead=[], acks=batch.acks())
     report = BatchReport(bars=len(batch), duplicates=len(outcome.duplicates))
@@ -105,26 +86,8 @@ def finish_batch(
     report.resets, report.evicted = outcome.resets, outcome.evicted
     if outcome.result is not None:
         report.family_seconds = outcome.result.family_seconds
-    report.stage_seconds = {
-        "decode": prepared.stage_seconds["decode"],
-        "state+models": prepared.stage_seconds["state"] + (t2 - t1),
-        "encode": t3 - t2,
-    }
+    report.stage_seconds = {"decode": t1 - t0, "state+models": t2 - t1, "encode": t3 - t2}
     return commit, report
-
-
-def run_batch(
-    pipeline: Pipeline,
-    entries: EntryBatch | Sequence[Entry],
-    *,
-    run_id: str,
-    read_at_us: int,
-    now_us: object,
-    max_deliveries: int = 0,
-) -> tuple[Commit, BatchReport]:
-    """Decode, predict and encode one batch (`prepare_batch`, then `finish_batch`)."""
-    prepared = prepare_batch(pipeline, entries, max_deliveries)
-    return finish_batch(prepared, run_id=run_id, read_at_us=read_at_us, now_us=now_us)
 
 
 def select_recent(

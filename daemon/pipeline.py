@@ -47,20 +47,15 @@ class Pipeline:
 
     def run(self, cols: BarColumns, *, predict: bool = True) -> ColumnsOutcome:
         """Apply the bars to state and (unless warming up from history) predict them."""
-        outcome = self.apply(cols, gather=predict)
-        if predict:
-            predict_outcome(self.engine, outcome)
-        return outcome
-
-    def apply(self, cols: BarColumns, *, gather: bool = True) -> ColumnsOutcome:
-        """Apply the bars to state; `gather`: also copy out the model inputs of each accepted
-        bar (fresh arrays: later bars do not change them, so they can be predicted while the
-        next batch is applied)."""
-        applied = self.table.apply_columns(cols.symbols, cols.ts, cols.ohlcv, gather=gather)
-        return ColumnsOutcome(
-            applied.accepted, applied.rejected, applied.duplicates, inputs=applied.inputs,
+        applied = self.table.apply_columns(cols.symbols, cols.ts, cols.ohlcv, gather=predict)
+        outcome = ColumnsOutcome(
+            applied.accepted, applied.rejected, applied.duplicates,
             resets=applied.resets, evicted=applied.evicted,
         )
+        if predict and applied.inputs is not None:
+            outcome.inputs = applied.inputs
+            outcome.result = self.engine.predict_batch(applied.inputs)
+        return outcome
 
     def process(self, items: Sequence[Bar | Rejection], *, predict: bool = True) -> BatchOutcome:
         """`run` for decoded items (bars and rejections, in entry order), with each
@@ -92,9 +87,3 @@ class Pipeline:
         changed = engine.input_spec != self.engine.input_spec
         self.engine = engine
         return changed
-
-
-def predict_outcome(engine: InferenceEngine, outcome: ColumnsOutcome) -> None:
-    """The engine's predictions of the gathered inputs (none gathered: nothing to do)."""
-    if outcome.inputs is not None:
-        outcome.result = engine.predict_batch(outcome.inputs)

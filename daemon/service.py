@@ -107,9 +107,6 @@ class Service:
         self.stop_event = asyncio.Event()
         self.reload_event = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepred-infer")
-        # Decoding and state on their own thread: the next batch is applied while the
-        # frameworks predict the previous one with the GIL released.
-        self.state_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepred-state")
         self.workers: list[PartitionWorker] = []
         self.health_server: HealthServer | None = None
         self.redis_ok = True
@@ -160,7 +157,6 @@ class Service:
                     ttl_s=float(self.settings.state.symbol_ttl_s),
                     run_id=lambda: run_id_of(self.engine),  # type: ignore[arg-type]
                     executor=self.executor,
-                    state_executor=self.state_executor,
                     token=self.token,
                     batch=s.batch,
                     block_ms=s.block_ms,
@@ -219,7 +215,6 @@ class Service:
                 await self.redis.aclose()
             except (RedisError, OSError):
                 pass
-        self.state_executor.shutdown(wait=True)
         self.executor.shutdown(wait=True)
         if self.engine is not None:
             self.engine.close()

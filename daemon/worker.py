@@ -6,8 +6,7 @@ import asyncio
 import random
 import time
 from asyncio import FIRST_COMPLETED
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
 from enum import StrEnum
 from typing import Any
@@ -17,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from daemon.batch import BatchReport, PreparedBatch, finish_batch, prepare_batch
+from daemon.batch import BatchReport, run_batch
 from daemon.pipeline import Pipeline
 from daemon.rebuild import rebuild_pipeline
 from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, EntryBatch, StreamIO
@@ -27,8 +26,7 @@ log = structlog.get_logger("livepred.worker")
 
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
-COALESCE_READS = 8  # reads made while a batch is prepared are prepared next as one batch
-IN_FLIGHT = 2  # prepared batches being predicted or published while the next is prepared
+COALESCE_READS = 8  # reads made while a batch computes are computed next as one batch
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
@@ -77,15 +75,13 @@ class PartitionWorker:
         metrics: Any,
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
         preferred: bool = True,
-        state_executor: Executor | None = None,
     ) -> None:
         self.io = io
         self.partition = partition
         self.engine = engine  # the current engine; replaced on reload by the service
         self.ttl_s = ttl_s
         self.run_id = run_id
-        self.executor = executor  # models and encoding (one thread for every partition)
-        self.state_executor = state_executor or executor  # decoding and state, in read order
+        self.executor = executor
         self.token = token
         self.batch = batch
         self.block_ms = block_ms
@@ -255,7 +251,7 @@ class PartitionWorker:
         started = time.perf_counter()
         pipeline = Pipeline(self.engine(), ttl_s=self.ttl_s)
         total = await rebuild_pipeline(
-            self.io, pipeline, executor=self.state_executor, warmup_bars=self.warmup_bars,
+            self.io, pipeline, executor=self.executor, warmup_bars=self.warmup_bars,
             check=self._check_lease,
         )
         self.pipeline = pipeline
@@ -291,17 +287,14 @@ class PartitionWorker:
             await self._process(batch, self.clock_us())
 
     async def _serve_new(self, stop: asyncio.Event) -> None:
-        # Overlap, three ways: reads go on while a batch is prepared (decoded and applied to
-        # state, on the state thread); a prepared batch is predicted and encoded (on the
-        # inference thread, where the frameworks release the GIL) while the next one is
-        # prepared; and a batch's atomic write is in flight while later ones compute (Redis
-        # works on its own core). What is read while a batch is prepared is prepared next as
-        # one batch (up to COALESCE_READS reads): under load, batches grow and fixed per-call
-        # costs shrink per bar; at light load a bar is prepared as soon as it is read. Writes
-        # stay in read order.
+        # Overlap: reads go on while a batch computes, and a batch computes while the
+        # previous one's atomic write is in flight (Redis works on its own core). What is
+        # read while a batch computes is computed next as one batch (up to COALESCE_READS
+        # reads): under load, batches grow and fixed per-call costs shrink per bar; at light
+        # load a bar is computed as soon as it is read. Writes stay in read order.
         reading: asyncio.Task[tuple[EntryBatch, int]] | None = None
-        ready: list[tuple[EntryBatch, int]] = []  # read, not prepared yet (read time each)
-        in_flight: deque[asyncio.Task[None]] = deque()  # predict + publish, in read order
+        ready: list[tuple[EntryBatch, int]] = []  # read, not computed yet (read time each)
+        committing: asyncio.Task[None] | None = None
         cap = self.batch * COALESCE_READS
 
         def may_read() -> bool:
@@ -310,8 +303,6 @@ class PartitionWorker:
         try:
             while True:
                 self._check_lease()
-                while in_flight and in_flight[0].done():
-                    in_flight.popleft().result()  # a batch that failed ends the loop
                 if not ready:
                     if reading is None:
                         if not may_read():
@@ -328,19 +319,13 @@ class PartitionWorker:
                 ready = []
                 if reading is None and may_read():
                     reading = asyncio.create_task(self._read())
-                preparing = asyncio.ensure_future(self._prepare(batch, in_flight))
+                if committing is not None and self._needs_rebuild():
+                    await committing  # a rebuild reads history up to the last ack
+                computing = asyncio.ensure_future(self._compute(batch, read_at))
                 try:
-                    # Until the batch is prepared and there is room in flight, keep reading.
-                    while not preparing.done() or (
-                        len(in_flight) >= IN_FLIGHT and not in_flight[0].done()
-                    ):
-                        waits: set[asyncio.Future[Any]] = {
-                            preparing if not preparing.done() else in_flight[0]
-                        }
-                        if reading is not None:
-                            waits.add(reading)
-                        await asyncio.wait(waits, return_when=FIRST_COMPLETED)
-                        if reading is None or not reading.done():
+                    while reading is not None and not computing.done():
+                        await asyncio.wait({computing, reading}, return_when=FIRST_COMPLETED)
+                        if not reading.done():
                             continue
                         entries, at = reading.result()
                         reading = None
@@ -349,25 +334,20 @@ class PartitionWorker:
                             ready.append((entries, at))
                         if may_read() and sum(map(len, (e for e, _ in ready))) < cap:
                             reading = asyncio.create_task(self._read())
-                    prepared = await preparing
-                    while in_flight and in_flight[0].done():
-                        in_flight.popleft().result()
-                    prepared = await self._up_to_date(prepared, in_flight)
                 except BaseException:
                     # A read failed (the lease is gone, ...): the batch in hand is left
                     # unpublished, but not running behind our back.
-                    await asyncio.wait({preparing})
-                    if not preparing.cancelled():
-                        preparing.exception()  # retrieved: its error is not the story
+                    await asyncio.wait({computing})
+                    if not computing.cancelled():
+                        computing.exception()  # retrieved: its error is not the story
                     raise
-                # From the check of the engine to the job's submission, nothing yields to
-                # the loop: a reload cannot retire the models this batch is predicted with.
-                in_flight.append(asyncio.create_task(self._publish_after(
-                    self._submit_finish(prepared, read_at), in_flight[-1] if in_flight else None,
-                    read_at,
-                )))
-            while in_flight:
-                await in_flight.popleft()
+                commit, report = await computing
+                if committing is not None:
+                    await committing
+                committing = asyncio.create_task(self._publish(commit, report, read_at))
+            if committing is not None:
+                await committing
+                committing = None
         finally:
             if reading is not None:
                 # Never cancel a read mid-flight (an entry could be delivered and forgotten):
@@ -376,11 +356,11 @@ class PartitionWorker:
                     await reading
                 except Exception:
                     pass
-            for task in in_flight:
-                # Leaving on an error: what was prepared is predicted and its write completes
-                # (or fails) on its own; what it did not ack stays pending.
+            if committing is not None:
+                # Leaving on an error: the write in flight completes (or fails) on its own;
+                # what it did not ack stays pending.
                 try:
-                    await asyncio.shield(task)
+                    await asyncio.shield(committing)
                 except BaseException:
                     pass
 
@@ -419,77 +399,34 @@ class PartitionWorker:
         return entries, self.clock_us()
 
     async def _process(self, entries: EntryBatch, read_at_us: int) -> None:
-        prepared = await self._up_to_date(await self._prepare(entries, ()), ())
-        commit, report = await self._submit_finish(prepared, read_at_us)
+        commit, report = await self._compute(entries, read_at_us)
         await self._publish(commit, report, read_at_us)
 
-    async def _prepare(
-        self, entries: EntryBatch, in_flight: Sequence[asyncio.Task[None]]
-    ) -> PreparedBatch:
-        """Decode the batch and apply it to state, on the state thread (in read order)."""
+    def _needs_rebuild(self) -> bool:
+        engine = self.engine()
+        return self.pipeline is not None and engine is not self.pipeline.engine
+
+    async def _compute(
+        self, entries: EntryBatch, read_at_us: int
+    ) -> tuple[Commit, BatchReport]:
         assert self.pipeline is not None
         engine = self.engine()
-        if engine is not self.pipeline.engine:
-            await self._switch_to(engine, in_flight)
-        return await self._apply(entries)
-
-    async def _apply(self, entries: EntryBatch) -> PreparedBatch:
+        if engine is not self.pipeline.engine and self.pipeline.rebind(engine):
+            # Between batches: the new models read other inputs, so state is rebuilt from
+            # the stream (a pure function of the bars), then this batch runs on it.
+            self._log.info("model inputs changed: rebuilding state from the stream")
+            await self.rebuild()
         assert self.pipeline is not None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.state_executor, _prepare_job, self.pipeline, entries
+            self.executor,
+            _run_batch_job,
+            self.pipeline,
+            entries,
+            self.run_id(),
+            read_at_us,
+            self.clock_us,
         )
-
-    async def _up_to_date(
-        self, prepared: PreparedBatch, in_flight: Sequence[asyncio.Task[None]]
-    ) -> PreparedBatch:
-        """The batch, ready for the models current now. Returns without yielding to the loop
-        once they are the batch's; models reloaded while it was prepared predict it if they
-        read the same inputs, else state is rebuilt and the batch prepared again."""
-        while True:
-            assert self.pipeline is not None
-            current = self.engine()
-            if prepared.engine is current:
-                return prepared
-            if current.input_spec == prepared.engine.input_spec:
-                self.pipeline.rebind(current)
-                prepared.engine = current
-                return prepared
-            await self._switch_to(current, in_flight)
-            prepared = await self._apply(prepared.entries)
-
-    async def _switch_to(
-        self, engine: InferenceEngine, in_flight: Sequence[asyncio.Task[None]]
-    ) -> None:
-        assert self.pipeline is not None
-        if not self.pipeline.rebind(engine):
-            return
-        # The new models read other inputs, so state is rebuilt from the stream (a pure
-        # function of the bars) once every batch in flight is published: the rebuild reads
-        # the history up to the last ack.
-        self._log.info("model inputs changed: rebuilding state from the stream")
-        for task in list(in_flight):
-            await task
-        await self.rebuild()
-
-    def _submit_finish(
-        self, prepared: PreparedBatch, read_at_us: int
-    ) -> asyncio.Future[tuple[Commit, BatchReport]]:
-        """Predict and encode on the inference thread; submitted now (not when awaited)."""
-        return asyncio.get_running_loop().run_in_executor(
-            self.executor, _finish_job, prepared, self.run_id(), read_at_us, self.clock_us
-        )
-
-    async def _publish_after(
-        self,
-        job: asyncio.Future[tuple[Commit, BatchReport]],
-        previous: asyncio.Task[None] | None,
-        read_at_us: int,
-    ) -> None:
-        commit, report = await job
-        if previous is not None:
-            await previous  # writes in read order; an earlier failure stops this one too
-        await self._publish(commit, report, read_at_us)
 
     async def _publish(self, commit: Commit, report: BatchReport, read_at_us: int) -> None:
         started = time.perf_counter()
@@ -520,14 +457,17 @@ class PartitionWorker:
             return
 
 
-def _prepare_job(pipeline: Pipeline, entries: EntryBatch) -> PreparedBatch:
-    return prepare_batch(pipeline, entries, MAX_DELIVERIES)
-
-
-def _finish_job(
-    prepared: PreparedBatch, run_id: str, read_at_us: int, clock_us: Any
+def _run_batch_job(
+    pipeline: Pipeline, entries: EntryBatch, run_id: str, read_at_us: int, clock_us: Any
 ) -> tuple[Commit, BatchReport]:
-    return finish_batch(prepared, run_id=run_id, read_at_us=read_at_us, now_us=clock_us)
+    return run_batch(
+        pipeline,
+        entries,
+        run_id=run_id,
+        read_at_us=read_at_us,
+        now_us=clock_us,
+        max_deliveries=MAX_DELIVERIES,
+    )
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:

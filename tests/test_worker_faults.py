@@ -67,7 +67,7 @@ async def _serve_until_done(service: Service, redis: fakeredis.FakeAsyncRedis, n
         assert await asyncio.wait_for(task, 15) == 0
 
 
-@pytest.mark.parametrize("where", ["commit", "prepare", "finish"])
+@pytest.mark.parametrize("where", ["commit", "batch"])
 async def test_an_unexpected_error_is_retried_not_fatal(
     lgb_run: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
@@ -88,17 +88,15 @@ async def test_an_unexpected_error_is_retried_not_fatal(
 
         monkeypatch.setattr(StreamIO, "commit", flaky_commit)
     else:
-        # A bug in either half of the batch code: applying state, or predicting/encoding.
-        name = "_prepare_job" if where == "prepare" else "_finish_job"
-        real_job = getattr(worker_module, name)
+        real_job = worker_module._run_batch_job
 
         def flaky_job(*args: object) -> object:
             if failures["left"]:
                 failures["left"] -= 1
                 raise RuntimeError("a bug in the batch code")
-            return real_job(*args)
+            return real_job(*args)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(worker_module, name, flaky_job)
+        monkeypatch.setattr(worker_module, "_run_batch_job", flaky_job)
     service = _service(lgb_run, redis)
     await service.start()
     await _serve_until_done(service, redis, len(bars))
@@ -193,15 +191,15 @@ async def test_an_entry_that_always_fails_ends_as_poison_alone(
     bars = h.walk_bars(["AAA", "BBB", "CCC"], 5, seed=4)
     ids = [await redis.xadd("bars", encode_bar(bar)) for bar in bars]
     culprit = ids[7].decode()
-    real_job = worker_module._prepare_job
+    real_job = worker_module._run_batch_job
 
-    def job(pipeline: object, entries: list) -> object:
+    def job(pipeline: object, entries: list, *args: object) -> object:
         if any(e.entry_id == culprit and e.deliveries <= worker_module.MAX_DELIVERIES
                for e in entries):
             raise RuntimeError("this entry breaks the batch code")
-        return real_job(pipeline, entries)  # type: ignore[arg-type]
+        return real_job(pipeline, entries, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(worker_module, "_prepare_job", job)
+    monkeypatch.setattr(worker_module, "_run_batch_job", job)
     monkeypatch.setattr(worker_module.Backoff, "next_s", lambda self: 0.01)
     service = _service(lgb_run, redis)
     await service.start()
