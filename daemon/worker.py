@@ -332,7 +332,15 @@ class PartitionWorker:
                         self.last_progress_s = time.monotonic()
                         if entries:
                             ready.append((entries, at))
-                        if may_read() and sum(map(len, (e for e, _ in ready))) < cap:
+                        # A full read: more is waiting, read on. A short one: the stream
+                        # is drained, so the next read waits for this batch (one read per
+                        # batch at light load, not one per arriving bar: each read costs
+                        # this process and Redis CPU that the models need).
+                        if (
+                            len(entries) >= self.batch
+                            and may_read()
+                            and sum(map(len, (e for e, _ in ready))) < cap
+                        ):
                             reading = asyncio.create_task(self._read())
                 except BaseException:
                     # A read failed (the lease is gone, ...): the batch in hand is left

@@ -279,3 +279,203 @@ async def test_reads_made_while_a_batch_computes_are_computed_together(
     assert max(metrics.sizes) <= 4 * worker_module.COALESCE_READS
     assert (await redis.xpending("bars", "livepred"))["pending"] == 0
     await redis.aclose()
+
+
+# ---- a reload while a batch computes ---------------------------------------------------------
+
+FEATURES_WIDER = [*FEATURES, "ret_10d", "vol_20d"]  # other inputs: the swap rebuilds state
+
+
+def _lgb_run_with(root: Path, features: list[str], run_id: str, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(400, len(features)))
+    y = X[:, 0] * 0.3 + X[:, -1] * 0.2 + rng.normal(0, 0.1, 400)
+    mf.write_lightgbm(root, "fwd", "LightGBM", X, y, features)
+    mf.write_routing(root, "fwd", "LightGBM")
+    mf.write_manifest(root, run_id=run_id)
+    return root
+
+
+def _expected(run: Path, features: list[str], bars: list[dict]) -> dict[tuple[str, int], float]:
+    booster = lgb.Booster(model_file=str(mf.family_dir(run, "fwd", "LightGBM") / "model.txt"))
+    out = {}
+    for symbol, g in pd.DataFrame(bars).groupby("symbol", sort=False):
+        full = FeatureBuilder(features).build_frame(g.reset_index(drop=True))
+        preds = booster.predict(full.to_numpy(dtype=np.float32).astype(np.float64))
+        out.update({(symbol, int(ts)): float(p) for ts, p in zip(g["ts"], preds, strict=True)})
+    return out
+
+
+@pytest.mark.parametrize("wider", [False, True], ids=["same-inputs", "other-inputs"])
+async def test_a_batch_computing_at_a_reload_ends_on_its_models_and_the_next_on_the_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wider: bool
+) -> None:
+    # The old models are closed once retired (predicting with them then would fail): the
+    # batch computing when they are swapped ends on them, every later one on the new ones
+    # (on rebuilt state when they read other inputs); every bar one output, in input order.
+    import threading
+
+    run_a = _lgb_run_with(tmp_path / "a", FEATURES, "run-a", seed=1)
+    features_b = FEATURES_WIDER if wider else FEATURES
+    run_b = _lgb_run_with(tmp_path / "b", features_b, "run-b", seed=2)
+    link = tmp_path / "current"
+    link.symlink_to(run_a)
+    entered, release, gate = threading.Event(), threading.Event(), {"on": False}
+    original = worker_module._run_batch_job
+
+    def gated(*args):
+        if gate["on"]:
+            gate["on"] = False
+            entered.set()
+            release.wait(10)
+        return original(*args)
+
+    monkeypatch.setattr(worker_module, "_run_batch_job", gated)
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(link), redis=redis)
+    await service.start()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB", "CCC"], 40, seed=5)
+    first, during, after = bars[:60], bars[60:90], bars[90:]
+
+    async def publish(group: list[dict]) -> list[str]:
+        return [(await redis.xadd("bars", encode_bar(b))).decode() for b in group]
+
+    async def outputs_at_least(n: int) -> None:
+        deadline = asyncio.get_running_loop().time() + 20
+        while await redis.xlen("predictions") < n:
+            assert not task.done()
+            assert asyncio.get_running_loop().time() < deadline, "timed out waiting for output"
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(service.run())
+    try:
+        ids = await publish(first)
+        await outputs_at_least(len(first))
+        gate["on"] = True
+        ids += await publish(during)
+        assert await asyncio.to_thread(entered.wait, 10)
+        link.unlink()
+        link.symlink_to(run_b)
+        assert await service.reload()
+        release.set()
+        ids += await publish(after)
+        await outputs_at_least(len(bars))
+    finally:
+        release.set()
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert [o.src for o in outputs] == [f"bars/{i}" for i in ids]
+    runs = [o.run for o in outputs]
+    switch = runs.index("run-b")
+    assert switch > len(first)  # the batch computing at the reload ended on run a
+    assert set(runs[:switch]) == {"run-a"} and set(runs[switch:]) == {"run-b"}
+    want = {"run-a": _expected(run_a, FEATURES, bars), "run-b": _expected(run_b, features_b, bars)}
+    for o in outputs:
+        got = o.targets["fwd"].preds.get("LightGBM")
+        assert got == pytest.approx(want[o.run][(o.symbol, o.ts)], rel=1e-6, abs=1e-9), (
+            o.symbol, o.ts, o.run,
+        )
+    assert (await redis.xpending("bars", "livepred"))["pending"] == 0
+    await redis.aclose()
+
+
+_OPENMP_PROBE = """
+import asyncio, ctypes, sys, threading
+from pathlib import Path
+import fakeredis, torch
+from daemon.service import Service
+from tests.test_service_fake import settings_for
+
+bundled = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+gomp = ctypes.CDLL(str(bundled) if bundled.exists() else "libgomp.so.1")
+torch.set_num_threads(1)  # as configuring torch does, on this thread
+seen = []
+plain = threading.Thread(target=lambda: seen.append(gomp.omp_get_max_threads()))
+plain.start()
+plain.join()
+
+async def main():
+    service = Service(settings_for(Path(sys.argv[1])), redis=fakeredis.FakeAsyncRedis())
+    await service.start()
+    loop = asyncio.get_running_loop()
+    inference = await loop.run_in_executor(service.executor, gomp.omp_get_max_threads)
+    await service.close()
+    print(seen[0], inference)
+
+asyncio.run(main())
+"""
+
+
+def test_the_inference_thread_runs_one_openmp_thread(lgb_run: Path) -> None:
+    # OpenMP's thread count is per thread: torch configured on one thread leaves a thread
+    # started later at OpenMP's default, where torch's CPU kernels would run a team whose
+    # idle worker spins between calls. Run without OMP_NUM_THREADS (the tests set it).
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run(
+        [sys.executable, "-c", _OPENMP_PROBE, str(lgb_run)], capture_output=True, text=True,
+        timeout=120, env=env, cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, inference = (int(x) for x in done.stdout.split()[-2:])
+    if plain <= 1:
+        pytest.skip(f"OpenMP's default here is one thread already ({os.cpu_count()} CPUs)")
+    assert inference == 1
+
+
+async def test_at_light_load_the_stream_is_read_once_per_batch_not_once_per_bar(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bars arrive one at a time while batches compute: a read that comes back short (the
+    # stream is drained) is not followed by another until the batch is done, so the reads
+    # made while a batch computes do not grow with the bars (each read costs CPU that the
+    # models need); every bar still gets its output, in order.
+    from daemon.streams import StreamIO
+
+    original_job = worker_module._run_batch_job
+
+    def slow_job(*args, **kwargs):
+        time.sleep(0.03)
+        return original_job(*args, **kwargs)
+
+    reads = {"n": 0}
+    original_read = StreamIO.read_new
+
+    async def counted(self, *args, **kwargs):
+        reads["n"] += 1
+        return await original_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "_run_batch_job", slow_job)
+    monkeypatch.setattr(StreamIO, "read_new", counted)
+    redis = fakeredis.FakeAsyncRedis()
+    metrics = _BatchSizes()
+    service = Service(settings_for(lgb_run), redis=redis, metrics=metrics)
+    await service.start()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB", "CCC"], 20, seed=6)
+    task = asyncio.create_task(service.run())
+    try:
+        ids = []
+        for b in bars:
+            ids.append((await redis.xadd("bars", encode_bar(b))).decode())
+            await asyncio.sleep(0.003)
+        deadline = asyncio.get_running_loop().time() + 20
+        while await redis.xlen("predictions") < len(bars):
+            assert not task.done()
+            assert asyncio.get_running_loop().time() < deadline, "timed out waiting for output"
+            await asyncio.sleep(0.02)
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert [o.src for o in outputs] == [f"bars/{i}" for i in ids]
+    batches = len(metrics.sizes)
+    assert batches < len(bars) / 3  # bars did arrive while batches computed
+    # One read per batch while bars arrive (plus the few made while idle), not one per bar.
+    assert reads["n"] <= 2 * batches + 5, (reads["n"], batches, len(bars))
+    await redis.aclose()
