@@ -245,19 +245,24 @@ class _BatchSizes(Metrics):
         self.sizes.append(report.bars)
 
 
+def _slow_batches(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every batch's compute takes `seconds` longer (bars arrive while it runs)."""
+    original = worker_module._run_batch_job
+
+    def slow_job(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "_run_batch_job", slow_job)
+
+
 async def test_reads_made_while_a_batch_computes_are_computed_together(
     lgb_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A backlog read 4 entries at a time, with a slow compute: the reads made meanwhile join
     # into one batch of at most COALESCE_READS reads; every bar still gets one output, in
     # input order, equal to the framework's.
-    original = worker_module._run_batch_job
-
-    def slow_job(*args, **kwargs):
-        time.sleep(0.02)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(worker_module, "_run_batch_job", slow_job)
+    _slow_batches(monkeypatch, 0.02)
     redis = fakeredis.FakeAsyncRedis()
     metrics = _BatchSizes()
     service = Service(settings_for(lgb_run, LIVEPRED_STREAMS__BATCH="4"), redis=redis,
@@ -437,12 +442,7 @@ async def test_at_light_load_the_stream_is_read_once_per_batch_not_once_per_bar(
     # models need); every bar still gets its output, in order.
     from daemon.streams import StreamIO
 
-    original_job = worker_module._run_batch_job
-
-    def slow_job(*args, **kwargs):
-        time.sleep(0.03)
-        return original_job(*args, **kwargs)
-
+    _slow_batches(monkeypatch, 0.03)
     reads = {"n": 0}
     original_read = StreamIO.read_new
 
@@ -450,7 +450,6 @@ async def test_at_light_load_the_stream_is_read_once_per_batch_not_once_per_bar(
         reads["n"] += 1
         return await original_read(self, *args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "_run_batch_job", slow_job)
     monkeypatch.setattr(StreamIO, "read_new", counted)
     redis = fakeredis.FakeAsyncRedis()
     metrics = _BatchSizes()
