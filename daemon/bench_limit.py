@@ -41,9 +41,8 @@ def split_percentiles(fed: dict[str, Any], seen: dict[str, Any]) -> dict[str, fl
     skip = int(len(inside) * WARMUP_FRACTION)
     out: dict[str, float] = {}
     for name, values in (("inside", inside[skip:]), ("reader", reader[skip:])):
-        v = values[np.isfinite(values)]
-        p50, p99 = np.percentile(v, [50, 99]) if v.size else (float("nan"),) * 2
-        out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = float(p50), float(p99)
+        pc = percentiles_ms(values)
+        out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = pc["p50_ms"], pc["p99_ms"]
     return out
 
 

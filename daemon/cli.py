@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise on a terminal and in
     # the journal; set before any handler imports it. An explicit setting wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # One OpenMP thread per calling thread unless told otherwise (see
-    # handlers.registry.pin_inference_thread); read when the OpenMP runtime loads.
+    # One OpenMP thread unless told otherwise (torch also pins each thread that runs a model,
+    # see handlers.torchscript); read when the OpenMP runtime loads.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -20,7 +20,6 @@ from daemon.streams import StreamIO
 from daemon.worker import PartitionWorker, Role, sleep_unless
 from handlers import tree_compiler
 from handlers.engine import InferenceEngine
-from handlers.registry import pin_inference_thread
 from handlers.run import ModelLoader
 
 log = structlog.get_logger("livepred.service")
@@ -107,9 +106,7 @@ class Service:
         self.clock_us = clock_us or (lambda: time.time_ns() // 1000)
         self.stop_event = asyncio.Event()
         self.reload_event = asyncio.Event()
-        self.executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="livepred-infer", initializer=pin_inference_thread
-        )
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepred-infer")
         self.workers: list[PartitionWorker] = []
         self.health_server: HealthServer | None = None
         self.redis_ok = True

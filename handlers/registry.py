@@ -21,22 +21,6 @@ from handlers.meta import ModelMeta
 INFERENCE_THREADS = 1
 
 
-def pin_inference_thread() -> None:
-    """Run first on every thread that calls the models (an executor's initializer).
-
-    OpenMP keeps its thread count per thread: torch sets it on the thread that configures
-    torch, and a thread started later gets OpenMP's default (every core). torch's CPU
-    kernels (oneDNN's LSTM among them) then run a two-thread team from that thread, and the
-    team's idle worker spins at a barrier between calls: measured on 2 cores at light load,
-    a worker at 40-50% of a core and the LSTM call 4x slower. Nothing to do while torch is
-    not loaded (whoever loads it configures the loading thread)."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(INFERENCE_THREADS)
-
-
 @dataclass(frozen=True, slots=True)
 class ModelFormat:
     """One row of the CONTRACT section 2 table."""

@@ -6,6 +6,7 @@ Also the torch runtime set-up and the module runner the pickled-module handler r
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -38,6 +39,21 @@ def configure_torch() -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         log.debug("torch inter-op pool already started; keeping its size")
+
+
+_this_thread = threading.local()
+
+
+def _pin_this_thread() -> None:
+    """Once per thread that runs a torch model: OpenMP keeps its thread count per thread, and
+    `configure_torch` sets it only on the thread that loads torch first. A thread started
+    elsewhere (an executor's, or the models loaded on another thread) would otherwise run
+    torch's CPU kernels (oneDNN's LSTM among them) as a two-thread team whose idle worker
+    spins at a barrier between calls: measured on 2 cores at light load, a worker at 40-50%
+    of a core and the LSTM call 4x slower."""
+    if not getattr(_this_thread, "pinned", False):
+        torch.set_num_threads(INFERENCE_THREADS)
+        _this_thread.pinned = True
 
 
 def torch_device(device: str) -> torch.device:
@@ -84,6 +100,7 @@ class TorchModuleHandler:
         return to_prediction_vector(raw, count, binary=self._binary)
 
     def _run(self, rows: np.ndarray) -> np.ndarray:
+        _pin_this_thread()
         if not rows.flags.writeable:
             rows = rows.copy()  # torch.from_numpy warns on read-only memory
         x = torch.from_numpy(rows)

@@ -389,22 +389,34 @@ async def test_a_batch_computing_at_a_reload_ends_on_its_models_and_the_next_on_
 _OPENMP_PROBE = """
 import asyncio, ctypes, sys, threading
 from pathlib import Path
-import fakeredis, torch
+import fakeredis, numpy as np, torch
 from daemon.service import Service
-from tests.test_service_fake import settings_for
+from handlers.torchscript import configure_torch
+from tests import model_factory as mf
+from tests.test_service_fake import FEATURES, settings_for
 
+root = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+X = rng.normal(size=(64, 5, len(FEATURES))).astype(np.float32)
+mf.write_torchscript(root, "fwd", "LSTM", X, X[:, -1, 0], FEATURES, epochs=1)
+mf.write_routing(root, "fwd", "LSTM")
+mf.write_manifest(root, run_id="omp-run")
 bundled = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
 gomp = ctypes.CDLL(str(bundled) if bundled.exists() else "libgomp.so.1")
-torch.set_num_threads(1)  # as configuring torch does, on this thread
+configure_torch()  # torch configured on this thread, as a loader elsewhere would
 seen = []
 plain = threading.Thread(target=lambda: seen.append(gomp.omp_get_max_threads()))
 plain.start()
 plain.join()
 
 async def main():
-    service = Service(settings_for(Path(sys.argv[1])), redis=fakeredis.FakeAsyncRedis())
+    service = Service(settings_for(root), redis=fakeredis.FakeAsyncRedis())
     await service.start()
     loop = asyncio.get_running_loop()
+    engine = service.engine
+    fam = next(iter(engine.families()))
+    x = np.zeros((3, *fam.model._row_shape), dtype=np.float32)
+    await loop.run_in_executor(service.executor, fam.model.predict, x)
     inference = await loop.run_in_executor(service.executor, gomp.omp_get_max_threads)
     await service.close()
     print(seen[0], inference)
@@ -413,18 +425,19 @@ asyncio.run(main())
 """
 
 
-def test_the_inference_thread_runs_one_openmp_thread(lgb_run: Path) -> None:
+def test_the_inference_thread_runs_one_openmp_thread(tmp_path: Path) -> None:
     # OpenMP's thread count is per thread: torch configured on one thread leaves a thread
     # started later at OpenMP's default, where torch's CPU kernels would run a team whose
-    # idle worker spins between calls. Run without OMP_NUM_THREADS (the tests set it).
+    # idle worker spins between calls; the torch handler pins each thread that runs it.
+    # Run without OMP_NUM_THREADS (the tests set it).
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run(
-        [sys.executable, "-c", _OPENMP_PROBE, str(lgb_run)], capture_output=True, text=True,
-        timeout=120, env=env, cwd=Path(__file__).parent.parent,
+        [sys.executable, "-c", _OPENMP_PROBE, str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parent.parent,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     plain, inference = (int(x) for x in done.stdout.split()[-2:])
