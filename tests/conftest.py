@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import fakeredis
 import pytest
@@ -73,3 +74,16 @@ async def fake_redis() -> AsyncIterator[fakeredis.FakeAsyncRedis]:
     client = fakeredis.FakeAsyncRedis()
     yield client
     await client.aclose()
+
+
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.redis)])
+async def client_and_prefix(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
+    """The same test on fakeredis and on the real Redis: (client, key prefix)."""
+    if request.param == "fake":
+        fake = fakeredis.FakeAsyncRedis()
+        yield fake, "t:"
+        await fake.aclose()
+    else:
+        real = aioredis.Redis.from_url(request.getfixturevalue("real_redis_url"))
+        yield real, request.getfixturevalue("key_prefix")
+        await real.aclose()

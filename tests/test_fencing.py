@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import fakeredis
 import numpy as np
@@ -25,21 +23,6 @@ from tests import model_factory as mf
 pytestmark = pytest.mark.timeout(60)
 
 MINE, OTHER = "inst-a:1111", "inst-b:2222"
-
-
-@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.redis)])
-async def client_and_prefix(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
-    client: Any
-    if request.param == "fake":
-        client = fakeredis.FakeAsyncRedis()
-        yield client, "t:"
-        await client.aclose()
-    else:
-        url = request.getfixturevalue("real_redis_url")
-        prefix = request.getfixturevalue("key_prefix")
-        client = aioredis.Redis.from_url(url)
-        yield client, prefix
-        await client.aclose()
 
 
 def _io(redis: object, prefix: str, consumer: str = "inst-a") -> StreamIO:

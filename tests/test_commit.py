@@ -1,0 +1,86 @@
+"""The atomic write of a batch (`StreamIO.commit`, CONTRACT section 4): every output in
+order with its symbol and data, every dead letter with its fields, every entry acked (more
+than one XACK's worth included), the output trimmed to about `output_maxlen`, and a batch
+committed twice written once. On fakeredis and on the real Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from daemon.streams import ALREADY_COMMITTED, COMMITTED, Commit, StreamIO
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "inst-a:1111"
+MAXLEN = 1000
+
+
+async def _io_with_pending(redis: Any, prefix: str, per_input: int) -> tuple[StreamIO, list[Any]]:
+    """Two input streams with `per_input` entries each, all read (pending) under the lease."""
+    io = StreamIO(
+        redis,
+        inputs=[f"{prefix}bars:a", f"{prefix}bars:b"],
+        output=f"{prefix}predictions",
+        dead_letter=f"{prefix}bars:dead",
+        group=f"{prefix}livepred",
+        consumer="inst-a",
+        lease_key=f"{prefix}livepred:lease",
+        output_maxlen=MAXLEN,
+    )
+    await io.ensure_groups()
+    for stream in io.inputs:
+        pipe = redis.pipeline(transaction=False)
+        for i in range(per_input):
+            pipe.xadd(stream, {"n": str(i)})
+        await pipe.execute()
+    await redis.set(io.lease_key, TOKEN, px=30_000)
+    entries: list[Any] = []
+    while True:
+        batch = await io.read_new(TOKEN, 5000, 10)
+        assert batch is not None
+        if not len(batch):
+            return io, entries
+        entries.extend(batch)
+
+
+async def test_a_commit_writes_every_output_and_dead_letter_and_acks_every_entry(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    redis, prefix = client_and_prefix
+    io, entries = await _io_with_pending(redis, prefix, per_input=600)  # 1,200 ids in all
+    acks: dict[str, list[str]] = {}
+    for e in entries:
+        acks.setdefault(e.stream, []).append(e.entry_id)
+    outputs = [(f"S{i:04d}".encode(), bytes([i % 256]) * (1 + i % 7)) for i in range(700)]
+    dead = [
+        {b"error": b"decode_error", b"src_stream": b"bars:a", b"src_id": b"1-0"},
+        {b"data": b"\xc1", b"error": b"bad_value:close"},
+    ]
+    assert await io.commit(TOKEN, Commit(outputs=outputs, dead=dead, acks=acks)) == COMMITTED
+
+    written = await redis.xrange(io.output)
+    assert [(f[b"symbol"], f[b"data"]) for _, f in written] == outputs
+    assert [f for _, f in await redis.xrange(io.dead_letter)] == dead
+    for stream in io.inputs:
+        assert (await redis.xpending(stream, io.group))["pending"] == 0
+    # The same batch again (a retry after a dropped connection): nothing is written twice.
+    again = Commit(outputs=outputs, dead=dead, acks=acks)
+    assert await io.commit(TOKEN, again) == ALREADY_COMMITTED
+    assert await redis.xlen(io.output) == len(outputs)
+
+
+async def test_the_output_is_trimmed_to_about_its_maxlen(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    redis, prefix = client_and_prefix
+    io, entries = await _io_with_pending(redis, prefix, per_input=3)
+    outputs = [(b"S", str(i).encode()) for i in range(MAXLEN * 3)]
+    acks = {io.inputs[0]: [e.entry_id for e in entries if e.stream == io.inputs[0]]}
+    assert await io.commit(TOKEN, Commit(outputs=outputs, dead=[], acks=acks)) == COMMITTED
+    # `MAXLEN ~`: Redis trims whole nodes (100 entries each by default), never below maxlen.
+    length = await redis.xlen(io.output)
+    assert MAXLEN <= length <= MAXLEN + 100
+    newest = await redis.xrevrange(io.output, count=1)
+    assert newest[0][1][b"data"] == str(MAXLEN * 3 - 1).encode()
