@@ -13,8 +13,10 @@ from typing import Any
 import structlog
 from redis.exceptions import ResponseError
 
-from daemon.settings import Settings, partition_for_symbol, partition_key
-from daemon.wire import Bar, PredictionEvent, decode_prediction, encode_bar
+from daemon.partitions import partition_for_symbol, partition_key
+from daemon.settings import Settings
+from daemon.wire import Bar, encode_bar
+from daemon.wire_events import PredictionEvent, decode_prediction
 
 log = structlog.get_logger("livepred.client")
 

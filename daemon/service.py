@@ -14,8 +14,9 @@ import structlog
 from redis.exceptions import RedisError
 
 from daemon.observe import HealthServer, Metrics, SystemdNotifier
+from daemon.partitions import partition_keys
 from daemon.runtime import settle_heap
-from daemon.settings import Settings, partition_keys
+from daemon.settings import Settings
 from daemon.streams import StreamIO
 from daemon.worker import PartitionWorker, Role, sleep_unless
 from handlers import tree_compiler

@@ -1,19 +1,14 @@
-"""The one frozen settings object: TOML file plus LIVEPRED_<SECTION>__<KEY> overrides, validated once.
-
-Also owns the naming of partitioned stream and lease keys (CONTRACT sections 6 and 9).
-"""
+"""The one frozen settings object: TOML file plus LIVEPRED_<SECTION>__<KEY> overrides, validated
+once (CONTRACT section 6). Reading and parsing the sources: `daemon.config_sources`; the keys
+of each partition: `daemon.partitions`."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tomllib
-import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
@@ -28,31 +23,15 @@ from pydantic import (
     model_validator,
 )
 
-from handlers.errors import LivepredError
+from daemon.config_sources import (
+    ConfigError,
+    parse_env_name,
+    parse_env_value,
+    read_toml,
+    to_config_error,
+)
 
-ENV_PREFIX = "LIVEPRED_"
-# LIVEPRED_* names that are not overrides; any other LIVEPRED_* name must be a known key,
-# so a typo (LIVEPRED_STREAMS_BATCH) is an error instead of a silently ignored setting.
-RESERVED_ENV_NAMES = frozenset({"LIVEPRED_CONFIG"})
-
-INT64_MAX = 2**63 - 1
 MAX_PARTITIONS = 16384  # Redis Cluster's hash slot count: more partitions can't spread further
-
-
-class ConfigError(LivepredError, ValueError):
-    """Invalid configuration. `str()` is one line: `<dotted key>: <message> [from <source>]`."""
-
-    def __init__(self, key: str, message: str, source: str | None = None) -> None:
-        self.key = key
-        self.message = " ".join(message.split())  # one line, whatever the cause said
-        self.source = source
-        text = f"{key}: {self.message}"
-        if source:
-            text += f" [from {source}]"
-        super().__init__(text)
-
-    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str, str | None]]:
-        return type(self), (self.key, self.message, self.source)
 
 
 # --- field validators -------------------------------------------------------------------------
@@ -328,54 +307,6 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
-# --- partition key naming (CONTRACT section 9) --------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionKeys:
-    """The Redis keys of one partition; `partition` is None for unsuffixed keys."""
-
-    partition: int | None
-    inputs: tuple[str, ...]
-    output: str
-    dead_letter: str
-    lease_key: str
-    preferred: bool = True  # False: stand by, take it only when free, hand it back on request
-    # Where a preferred instance asks the holder to hand it back (derived from lease_key).
-    handback_key: str = field(default="", compare=False)
-
-
-def partition_key(name: str, partition: int | None) -> str:
-    """`bars` -> `bars:{3}` for partition 3; unchanged for None (unpartitioned)."""
-    return name if partition is None else f"{name}:{{{partition}}}"
-
-
-def partition_for_symbol(symbol: str, partitions: int) -> int:
-    """The partition a feeder sends `symbol` to: crc32 of its UTF-8 bytes mod `partitions`."""
-    if partitions < 1:
-        raise ValueError(f"partitions must be >= 1 (got {partitions})")
-    return zlib.crc32(symbol.encode()) % partitions
-
-
-def partition_keys(settings: Settings) -> list[PartitionKeys]:
-    """The keys of every partition this instance owns (all of them for `partitions_owned = []`)."""
-    streams = settings.streams
-    owned: tuple[int | None, ...] = settings.owned_partitions if settings.partitioned else (None,)
-    preferred = set(streams.partitions_preferred)
-    return [
-        PartitionKeys(
-            partition=p,
-            inputs=tuple(partition_key(name, p) for name in streams.input),
-            output=partition_key(streams.output, p),
-            dead_letter=partition_key(streams.dead_letter, p),
-            lease_key=partition_key(f"{streams.group}:lease", p),
-            preferred=not preferred or p in preferred,
-            handback_key=partition_key(f"{streams.group}:handback", p),
-        )
-        for p in owned
-    ]
-
-
 # --- loading ----------------------------------------------------------------------------------
 
 
@@ -393,7 +324,7 @@ def load_settings(
     sources: dict[str, str] = {}
     if path is not None:
         label = str(path)
-        for section, table in _read_toml(Path(path), label).items():
+        for section, table in read_toml(Path(path), label).items():
             model = _section_model(section, label)
             if not isinstance(table, dict):
                 raise ConfigError(section, f"must be a table ([{section}])", label)
@@ -402,35 +333,18 @@ def load_settings(
                 values.setdefault(section, {})[key] = value
                 sources[f"{section}.{key}"] = label
     for name, text in sorted(environ.items()):
-        parsed = _parse_env_name(name)
+        parsed = parse_env_name(name)
         if parsed is None:
             continue
         section, key = parsed
         model = _section_model(section, name, key)
         _check_known_key(model, section, key, name)
-        values.setdefault(section, {})[key] = _parse_env_value(model, section, key, text, name)
+        values.setdefault(section, {})[key] = parse_env_value(model, section, key, text, name)
         sources[f"{section}.{key}"] = name
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
-        raise _to_config_error(exc, sources) from None
-
-
-def _read_toml(path: Path, label: str) -> dict[str, Any]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(label, "no such config file") from None
-    except OSError as exc:
-        raise ConfigError(label, f"cannot read config file: {exc.strerror or exc}") from None
-    try:
-        return tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(label, f"not UTF-8 text (at line {line})") from None
-    except tomllib.TOMLDecodeError as exc:
-        # tomllib's message ends with "(at line L, column C)".
-        raise ConfigError(label, f"invalid TOML: {exc}") from None
+        raise to_config_error(exc, sources) from None
 
 
 def _section_model(section: str, source: str, key: str | None = None) -> type[_Section]:
@@ -445,120 +359,6 @@ def _check_known_key(model: type[_Section], section: str, key: str, source: str)
     if key not in model.model_fields:
         known = ", ".join(model.model_fields)
         raise ConfigError(f"{section}.{key}", f"unknown key (known: {known})", source)
-
-
-def _parse_env_name(name: str) -> tuple[str, str] | None:
-    if not name.upper().startswith(ENV_PREFIX) or name.upper() in RESERVED_ENV_NAMES:
-        return None
-    section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
-    if not sep or not section or not key or "__" in key:
-        raise ConfigError(
-            name,
-            "not a setting: overrides are named LIVEPRED_<SECTION>__<KEY>, "
-            "e.g. LIVEPRED_STREAMS__BATCH",
-        )
-    return section, key
-
-
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
-
-
-def _parse_env_value(model: type[_Section], section: str, key: str, text: str, source: str) -> Any:
-    """Turn the variable's text into the key's type; pydantic checks ranges afterwards."""
-    dotted = f"{section}.{key}"
-    field = model.model_fields[key]
-    kind = _base_type(field.annotation)
-    if kind is bool:
-        word = text.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-        raise ConfigError(dotted, f"must be true or false (got {text!r})", source)
-    if kind is int:
-        return _parse_int(text, dotted, source)
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(dotted, f"must be a number (got {text!r})", source) from None
-    if kind is tuple:
-        return _parse_list(text, _item_type(field.annotation), dotted, source)
-    return text
-
-
-def _parse_int(text: str, dotted: str, source: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ConfigError(dotted, f"must be an integer (got {text!r})", source) from None
-
-
-def _parse_list(text: str, item_type: type, dotted: str, source: str) -> list[Any]:
-    """A JSON array (`["a","b"]`) or comma-separated items (`a,b`); empty text = []."""
-    stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            value = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(dotted, f"is not a valid JSON list: {exc.msg}", source) from None
-        if not isinstance(value, list):
-            raise ConfigError(dotted, f"must be a list (got {text!r})", source)
-        return value
-    if not stripped:
-        return []
-    items = [item.strip() for item in stripped.split(",")]
-    if item_type is int:
-        return [_parse_int(item, dotted, source) for item in items]
-    return items
-
-
-def _base_type(annotation: Any) -> Any:
-    while get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
-    origin = get_origin(annotation)
-    return origin if origin is not None else annotation
-
-
-def _item_type(annotation: Any) -> Any:
-    while get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
-    args = get_args(annotation)
-    return _base_type(args[0]) if args else str
-
-
-_TYPE_MESSAGES = {
-    "int_type": "must be an integer",
-    "bool_type": "must be true or false",
-    "string_type": "must be a string",
-    "tuple_type": "must be a list",
-    "list_type": "must be a list",
-    "model_type": "must be a table",
-    "model_attributes_type": "must be a table",
-    "extra_forbidden": "unknown key",
-}
-
-
-def _to_config_error(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
-    """The first pydantic error as one ConfigError line naming the dotted key."""
-    error = exc.errors(include_url=False)[0]
-    cause = (error.get("ctx") or {}).get("error")
-    if isinstance(cause, ConfigError):
-        return ConfigError(cause.key, cause.message, sources.get(cause.key))
-    loc = error["loc"]
-    names = [part for part in loc if isinstance(part, str)]
-    indexes = [part for part in loc if isinstance(part, int)]
-    key = ".".join(names)
-    if cause is not None:
-        message = str(cause)
-    elif error["type"] in _TYPE_MESSAGES:
-        message = f"{_TYPE_MESSAGES[error['type']]} (got {error['input']!r})"
-    else:
-        message = error["msg"]
-    if indexes:
-        message = f"item {indexes[0]}: {message}"
-    return ConfigError(key, message, sources.get(key) or sources.get(".".join(names[:1])))
 
 
 def prefixed_settings(

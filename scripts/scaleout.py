@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 import redis.asyncio as aioredis  # noqa: E402
 
 from daemon.client import BarPublisher  # noqa: E402
-from daemon.wire import decode_prediction  # noqa: E402
+from daemon.wire_events import decode_prediction  # noqa: E402
 from tests import scaleout_support as sx  # noqa: E402
 
 HOLD_TOKEN = "scaleout-placeholder:0"

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import redis
 
-from daemon.wire import PredictionEvent, decode_prediction
+from daemon.wire_events import PredictionEvent, decode_prediction
 from handlers.features import FeatureBuilder
 from tests import model_factory as mf
 

@@ -27,8 +27,8 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from daemon.settings import partition_for_symbol, partition_key
-from daemon.wire import PredictionEvent, decode_prediction
+from daemon.partitions import partition_for_symbol, partition_key
+from daemon.wire_events import PredictionEvent, decode_prediction
 from handlers import FeatureBuilder
 from tests import model_factory as mf
 

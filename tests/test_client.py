@@ -14,13 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from daemon.client import BarPublisher, PredictionReader, stream_keys
-from daemon.wire import (
-    Bar,
-    PredictionEvent,
-    TargetResult,
-    decode_bar,
-    encode_prediction,
-)
+from daemon.wire import Bar, decode_bar
+from daemon.wire_events import PredictionEvent, TargetResult, encode_prediction
 
 
 @dataclass
@@ -356,7 +351,8 @@ async def test_group_acks_malformed_entries(backend: Backend) -> None:
 
 
 async def test_from_settings_uses_the_daemon_names(backend: Backend) -> None:
-    from daemon.settings import load_settings, partition_keys
+    from daemon.partitions import partition_keys
+    from daemon.settings import load_settings
 
     settings = load_settings(
         None,

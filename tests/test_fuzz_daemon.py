@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from daemon.service import Service
 from daemon.settings import load_settings
-from daemon.wire import decode_prediction
+from daemon.wire_events import decode_prediction
 from daemon.worker import Role
 from tests import daemon_harness as h
 from tests import model_factory as mf

@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from daemon.client import BarPublisher
-from daemon.wire import PredictionEvent
+from daemon.wire_events import PredictionEvent
 from tests import scaleout_support as sx
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e, pytest.mark.timeout(180)]

@@ -17,7 +17,8 @@ from daemon import worker as worker_module
 from daemon.observe import Metrics
 from daemon.service import Service
 from daemon.settings import load_settings
-from daemon.wire import decode_prediction, encode_bar
+from daemon.wire import encode_bar
+from daemon.wire_events import decode_prediction
 from handlers.features import FeatureBuilder
 from tests import model_factory as mf
 

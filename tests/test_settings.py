@@ -8,15 +8,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from daemon.partitions import PartitionKeys, partition_for_symbol, partition_key, partition_keys
 from daemon.settings import (
     ConfigError,
-    PartitionKeys,
     Settings,
     StreamsSettings,
     load_settings,
-    partition_for_symbol,
-    partition_key,
-    partition_keys,
     redact_url,
 )
 
@@ -434,7 +431,8 @@ def test_config_error_survives_pickling() -> None:
 
 
 def test_partitions_preferred_must_be_owned_and_marks_the_keys() -> None:
-    from daemon.settings import ConfigError, load_settings, partition_keys
+    from daemon.partitions import partition_keys
+    from daemon.settings import ConfigError, load_settings
 
     env = {"LIVEPRED_STREAMS__PARTITIONS": "4", "LIVEPRED_STREAMS__PARTITIONS_PREFERRED": "1,3"}
     keys = partition_keys(load_settings(None, env))

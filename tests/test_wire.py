@@ -14,15 +14,12 @@ from hypothesis import strategies as st
 
 from daemon.wire import (
     Bar,
-    PredictionEvent,
     Rejection,
-    TargetResult,
     dead_letter_fields,
     decode_bar,
-    decode_prediction,
     encode_bar,
-    encode_prediction,
 )
+from daemon.wire_events import PredictionEvent, TargetResult, decode_prediction, encode_prediction
 
 GOOD: dict[str, Any] = {
     "symbol": "AAPL",

@@ -21,7 +21,8 @@ from daemon import worker as worker_module
 from daemon.service import Service
 from daemon.settings import load_settings
 from daemon.streams import StreamIO
-from daemon.wire import decode_prediction, encode_bar
+from daemon.wire import encode_bar
+from daemon.wire_events import decode_prediction
 from daemon.worker import Role
 from tests import daemon_harness as h
 from tests import model_factory as mf
