@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from handlers.artifact_hash import artifact_sha256
 from handlers.features import DEFAULT_FEATURES, reference_frame
 from handlers.registry import detect_model_file
-from handlers.run import artifact_sha256
 
 TARGET = "fwd_ret_5"
 HORIZON_BARS = 5

@@ -3,73 +3,25 @@ and `ModelLoader`, which turns a family directory into a loaded handler or a ref
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import stat
 import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from handlers.artifact_hash import artifact_sha256
 from handlers.base import ModelHandler
 from handlers.errors import LivepredError, ModelLoadError
 from handlers.meta import MetaError, ModelMeta
 from handlers.registry import MODEL_FILE_NAMES, detect_model_file, handler_class
+from handlers.run_manifest import RunLayoutError, normalise_key, read_json, read_manifest
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VIEW = "CROSS_SECTIONAL"
-_HASH_CHUNK_BYTES = 1 << 20
 _SHOWN_HEX = 12  # sha256 prefix length in messages
-
-
-class RunLayoutError(LivepredError, ValueError):
-    """A run-level file (manifest.json, routing_decision.json) is malformed."""
-
-
-# --- hashing -------------------------------------------------------------------------------
-
-_hash_cache: dict[tuple[str, int, int, int, int], str] = {}
-_hash_lock = threading.Lock()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex of a file, read in chunks; cached while its size, mtime and inode hold."""
-    st = path.stat()
-    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    with _hash_lock:
-        cached = _hash_cache.get(key)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    with _hash_lock:
-        _hash_cache[key] = value
-    return value
-
-
-def tree_sha256(directory: Path) -> str:
-    """sha256 of a directory (a SavedModel `model/`): over its regular files sorted by relative
-    POSIX path, the lines `<relative path>\\0<file sha256 hex>\\n`, UTF-8 encoded."""
-    files = sorted(
-        (path.relative_to(directory).as_posix(), path)
-        for path in directory.rglob("*")
-        if path.is_file()
-    )
-    digest = hashlib.sha256()
-    for rel, path in files:
-        digest.update(f"{rel}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def artifact_sha256(path: Path) -> str:
-    """The checksum the manifest and `model_checksum` use: a file's sha256, a directory's tree hash."""
-    return tree_sha256(path) if path.is_dir() else file_sha256(path)
 
 
 # --- descriptions (for `livepred inspect`) -------------------------------------------------
@@ -138,9 +90,9 @@ class ModelLoader:
         self.allow_pickle = allow_pickle
         self.interval_minutes = float(interval_minutes)
         self.device = device
-        self._manifest = _read_manifest(self.run_root / "manifest.json")
+        self._manifest = read_manifest(self.run_root / "manifest.json")
         self._artifacts: dict[str, str] = {
-            _normalise_key(key): value.lower()
+            normalise_key(key): value.lower()
             for key, value in self._manifest.get("artifacts", {}).items()
         }
         self._lock = threading.RLock()
@@ -177,7 +129,7 @@ class ModelLoader:
         path = self.view_dir(target, view) / "routing_decision.json"
         if not path.is_file():
             return None
-        data = _read_json(path)
+        data = read_json(path)
         selected = data.get("selected_family")
         if selected is not None and not isinstance(selected, str):
             raise RunLayoutError(f"{path}: selected_family must be a string or null")
@@ -416,45 +368,6 @@ def load_model_from_run(
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    data = _read_json(path)
-    run_id = data.get("run_id")
-    if run_id is not None and not isinstance(run_id, str):
-        raise RunLayoutError(f"{path}: run_id must be a string")
-    artifacts = data.get("artifacts", {})
-    if not isinstance(artifacts, dict) or not all(
-        isinstance(k, str) and _is_sha256(v) for k, v in artifacts.items()
-    ):
-        raise RunLayoutError(
-            f"{path}: artifacts must map paths relative to the run to sha256 hex digests"
-        )
-    return data
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunLayoutError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise RunLayoutError(f"{path} must hold a JSON object")
-    return data
-
-
-def _normalise_key(key: str) -> str:
-    return PurePosixPath(key.replace("\\", "/")).as_posix().removeprefix("./")
-
-
-def _is_sha256(value: object) -> bool:
-    return (
-        isinstance(value, str)
-        and len(value) == 64
-        and all(c in "0123456789abcdefABCDEF" for c in value)
-    )
 
 
 def _name(value: str) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from handlers.artifact_hash import artifact_sha256
 from handlers.registry import detect_model_file
-from handlers.run import artifact_sha256
 
 VIEW = "CROSS_SECTIONAL"
 PICKLE_MODE = 0o644  # the loader refuses group/world-writable pickles, whatever the umask
@@ -58,7 +58,7 @@ def write_manifest(
     run_root: Path, *, run_id: str = "test-run", include_meta: bool = False
 ) -> dict[str, Any]:
     """manifest.json with the sha256 of every family's model file (a SavedModel directory: its
-    tree hash, see handlers.run.tree_sha256), and of model_meta.json if `include_meta`."""
+    tree hash, see handlers.artifact_hash.tree_sha256), and of model_meta.json if `include_meta`."""
     run_root = Path(run_root)
     artifacts: dict[str, str] = {}
     target_index: dict[str, list[str]] = {}

@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 
 from handlers import run as run_module
+from handlers.artifact_hash import artifact_sha256, file_sha256, tree_sha256
 from handlers.errors import MissingDependencyError, ModelLoadError
-from handlers.run import (
-    ModelLoader,
-    RunLayoutError,
-    artifact_sha256,
-    file_sha256,
-    load_model_from_run,
-    tree_sha256,
-)
+from handlers.run import ModelLoader, RunLayoutError, load_model_from_run
 from tests import model_factory as mf
 
 FEATURES = ["ret_1d", "vol_10d", "rsi_14"]
