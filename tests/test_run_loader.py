@@ -326,23 +326,6 @@ def test_savedmodel_directory_checksum(run_root: Path) -> None:
     assert_others_load(loader, except_family="SavedModel")
 
 
-def test_tree_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x").write_bytes(b"1")
-    (tmp_path / "y").write_bytes(b"2")
-    first = tree_sha256(tmp_path)
-    assert tree_sha256(tmp_path) == first
-    (tmp_path / "y").rename(tmp_path / "z")  # same bytes, another name
-    assert tree_sha256(tmp_path) != first
-
-
-def test_hashes_are_cached(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = fam(run_root, "LightGBM") / "model.txt"
-    file_sha256(path)
-    monkeypatch.setattr(Path, "open", lambda *a, **k: pytest.fail("re-read a hashed file"))
-    file_sha256(path)
-
-
 @pytest.mark.parametrize("mode", [0o664, 0o646, 0o666])
 def test_group_or_world_writable_pickle(run_root: Path, mode: int) -> None:
     path = fam(run_root, "LGBMPkl") / "model.pkl"
