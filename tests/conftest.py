@@ -77,13 +77,9 @@ async def fake_redis() -> AsyncIterator[fakeredis.FakeAsyncRedis]:
 
 
 @pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.redis)])
-async def client_and_prefix(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
-    """The same test on fakeredis and on the real Redis: (client, key prefix)."""
+def client_and_prefix(request: pytest.FixtureRequest) -> tuple[Any, str]:
+    """The same test on fakeredis and on the real Redis: (client, key prefix), from the
+    fixtures above (which close the client and delete the keys)."""
     if request.param == "fake":
-        fake = fakeredis.FakeAsyncRedis()
-        yield fake, "t:"
-        await fake.aclose()
-    else:
-        real = aioredis.Redis.from_url(request.getfixturevalue("real_redis_url"))
-        yield real, request.getfixturevalue("key_prefix")
-        await real.aclose()
+        return request.getfixturevalue("fake_redis"), "t:"
+    return request.getfixturevalue("real_redis"), request.getfixturevalue("key_prefix")
