@@ -27,6 +27,7 @@ class BatchReport:
     dead_reasons: list[str] = field(default_factory=list)
     family_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # CPU time of the computing thread over the batch (all stages)
     resets: int = 0
     evicted: int = 0
 
@@ -54,6 +55,7 @@ def run_batch(
 
     batch = entries if isinstance(entries, EntryBatch) else EntryBatch.of(entries)
     clock = now_us if callable(now_us) else (lambda: time.time_ns() // 1000)
+    cpu0 = time.thread_time()
     t0 = time.perf_counter()
     cols = decode_batch(batch, max_deliveries)
     t1 = time.perf_counter()
@@ -87,6 +89,7 @@ def run_batch(
     if outcome.result is not None:
         report.family_seconds = outcome.result.family_seconds
     report.stage_seconds = {"decode": t1 - t0, "state+models": t2 - t1, "encode": t3 - t2}
+    report.cpu_seconds = time.thread_time() - cpu0
     return commit, report
 
 

@@ -55,6 +55,7 @@ class BenchMetrics(Metrics):
         self.predictions = 0
         self.batches = 0
         self.stage_s: dict[str, float] = {}
+        self.cpu_s = 0.0  # the computing thread's CPU time over the batches (not Redis's)
         self.family_s: dict[str, float] = {}
         self.marks: list[tuple[int, float]] = []  # (bars done, perf_counter) after each batch
         self.target: int | None = None
@@ -66,6 +67,7 @@ class BenchMetrics(Metrics):
         self.predictions += report.predictions
         self.batches += 1
         self.marks.append((self.bars_done, time.perf_counter()))
+        self.cpu_s += report.cpu_seconds
         for stage, seconds in report.stage_seconds.items():
             self.stage_s[stage] = self.stage_s.get(stage, 0.0) + seconds
         for (_, family), seconds in report.family_seconds.items():
@@ -97,6 +99,12 @@ class BenchMetrics(Metrics):
         out = {"mean_batch": self.bars_done / n}
         out.update({k: v / n * 1e3 for k, v in self.stage_s.items()})
         out.update({f"model:{k}": v / n * 1e3 for k, v in self.family_s.items()})
+        # Wall time of decode + state + models + encode against the computing thread's CPU
+        # time over the same: where they are close, the thread was not waiting (GIL, CPU).
+        out["compute wall"] = sum(
+            self.stage_s.get(k, 0.0) for k in ("decode", "state+models", "encode")
+        ) / n * 1e3
+        out["compute CPU"] = self.cpu_s / n * 1e3
         return out
 
     def breakdown_us(self) -> dict[str, float]:

@@ -177,13 +177,14 @@ def state_memory(engine: Any, symbols: int, ttl_s: float = 900.0) -> dict[str, A
 
 
 def handler_microbench(run_dir: Path, batch: int, min_time_s: float) -> list[dict[str, Any]]:
-    from handlers.microbench import bench_run
+    from handlers.microbench import PAUSE_S, bench_run
 
     return [
         {
             "target": row.target, "family": row.family, "format": row.format_name,
             "batch": row.batch_size, "single_us_per_row": row.single_us_per_row,
             "batched_us_per_row": row.batched_us_per_row, "speedup": row.speedup,
+            "single_after_pause_us": row.single_after_pause_us, "pause_ms": PAUSE_S * 1e3,
             "refusal": row.refusal,
         }
         for row in bench_run(run_dir, batch_size=batch, min_time_s=min_time_s)

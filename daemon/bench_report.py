@@ -141,6 +141,14 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                  *(fmt(per_batch[s].get(k), 2) for s in per_batch)] for k in keys]
         out.append(("At 50% load: batch size and time per batch (fixed per-call costs show "
                     "here)", ["", *(f"{int(s):,} symbols" for s in per_batch)], rows))
+    light = {s: (_get(lp[s], "light_load", "per_batch") or {}) for s in sorted(lp, key=int)}
+    keys = list(dict.fromkeys(k for b in light.values() for k in b))
+    if keys:
+        rows = [[("bars per batch" if k == "mean_batch" else f"{k} ms"),
+                 *(fmt(light[s].get(k), 2) for s in light)] for k in keys]
+        out.append(("At 10% load: batch size and time per batch (compute CPU: the computing "
+                    "thread's own CPU time)", ["", *(f"{int(s):,} symbols" for s in light)],
+                    rows))
     moderate = limit.get("moderate")
     if moderate:
         out.append(("Passthrough at the same load as livepred's latency run",
@@ -194,10 +202,13 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                       fmt(f["bytes_per_slot"])] for f in feats]))
     fams = results.get("families") or []
     if fams:
-        out.append(("Handlers: single-row vs batched predict",
-                    ["family", "format", "B=1 us/row", f"B={fams[0]['batch']} us/row", "speedup"],
+        pause = fams[0].get("pause_ms", 3.0)
+        out.append(("Handlers: single-row vs batched predict, and one row after a pause",
+                    ["family", "format", "B=1 us/row", f"B={fams[0]['batch']} us/row", "speedup",
+                     f"B=1 after {pause:g} ms asleep, us"],
                     [[f["family"], f["format"], fmt(f["single_us_per_row"]),
-                      fmt(f["batched_us_per_row"], 2), f"{f['speedup']:,.0f}x"] for f in fams]))
+                      fmt(f["batched_us_per_row"], 2), f"{f['speedup']:,.0f}x",
+                      fmt(f.get("single_after_pause_us"))] for f in fams]))
     out.append(("Targets (ratios measured in this run)", ["target", "measured on", "goal",
                                                             "measured", "met"],
                 [[t["name"], t["what"], t["target"], _target_value(t),

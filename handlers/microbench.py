@@ -1,4 +1,6 @@
-"""Per-row predict cost of every family of a run, one row at a time vs batched.
+"""Per-row predict cost of every family of a run, one row at a time vs batched, and one row
+right after a short pause (what a call costs when the caches and branch predictors have gone
+cold meanwhile, as between a daemon's batches at light load).
 
 `python -m handlers.microbench RUN_ROOT [--view V] [--batch N]`; `bench_run` returns the rows.
 """
@@ -18,6 +20,8 @@ from handlers.errors import ModelLoadError
 from handlers.registry import expected_input_shape
 from handlers.run import DEFAULT_VIEW, ModelLoader
 
+PAUSE_S = 0.003  # about the gap between two batches of a daemon at light load
+
 
 @dataclass(frozen=True, slots=True)
 class BenchRow:
@@ -28,6 +32,7 @@ class BenchRow:
     single_us_per_row: float  # predict on (1, ...): the cost of one row alone
     batched_us_per_row: float  # predict on (batch_size, ...) divided by batch_size
     refusal: str | None = None
+    single_after_pause_us: float = 0.0  # predict on (1, ...) right after PAUSE_S of sleep
 
     @property
     def speedup(self) -> float:
@@ -67,6 +72,7 @@ def bench_run(
                         single_us_per_row=_us_per_call(handler.predict, single, min_time_s),
                         batched_us_per_row=_us_per_call(handler.predict, batch, min_time_s)
                         / batch_size,
+                        single_after_pause_us=_us_after_pause(handler.predict, single, min_time_s),
                     )
                 )
     return rows
@@ -95,8 +101,26 @@ def _us_per_call(
     return float(np.median(rounds)) * 1e6
 
 
+def _us_after_pause(
+    predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, min_time_s: float
+) -> float:
+    """Median microseconds of single calls, each made after sleeping PAUSE_S: the call as it
+    costs when it does not follow another at once (at least 9 calls)."""
+    times: list[float] = []
+    deadline = time.perf_counter() + min_time_s
+    while len(times) < 9 or time.perf_counter() < deadline:
+        time.sleep(PAUSE_S)
+        start = time.perf_counter()
+        predict(batch)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e6
+
+
 def format_rows(rows: Sequence[BenchRow]) -> str:
-    header = f"{'target':<16} {'family':<20} {'format':<14} {'B=1 us/row':>11} {'B=N us/row':>11} {'speedup':>8}"
+    header = (
+        f"{'target':<16} {'family':<20} {'format':<14} {'B=1 us/row':>11} {'B=N us/row':>11}"
+        f" {'speedup':>8} {'B=1 after pause':>16}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         if row.refusal is not None:
@@ -105,9 +129,13 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
         lines.append(
             f"{row.target:<16} {row.family:<20} {row.format_name:<14}"
             f" {row.single_us_per_row:>11.1f} {row.batched_us_per_row:>11.2f} {row.speedup:>7.0f}x"
+            f" {row.single_after_pause_us:>16.1f}"
         )
     if rows:
-        lines.append(f"(B=N: batches of {rows[0].batch_size} rows)")
+        lines.append(
+            f"(B=N: batches of {rows[0].batch_size} rows; after pause: one row, right after"
+            f" {PAUSE_S * 1e3:g} ms of sleep, us)"
+        )
     return "\n".join(lines)
 
 

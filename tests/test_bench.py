@@ -57,6 +57,10 @@ def check_results(results: dict[str, Any]) -> None:
         # Every bar of every drain and of the latency run: exactly one output naming it.
         assert r["outputs_match"] is True, scale
         assert r["latency_missing"] == 0, scale
+        # The computing thread's CPU time per batch: some, and never more than the wall
+        # time of the stages it spans (a process-wide clock would exceed it).
+        for per_batch in (r["latency_per_batch"], r["light_load"]["per_batch"]):
+            assert 0 < per_batch["compute CPU"] <= per_batch["compute wall"] * 1.1 + 0.05, scale
         stages = set(r["breakdown_us_per_bar"])
         assert {"decode", "state", "encode", "redis_commit"} <= stages
         assert {f"model:{f}" for f in FAMILIES} <= stages
@@ -72,6 +76,7 @@ def check_results(results: dict[str, Any]) -> None:
     assert results["rebuild"]["bars_per_s"] > 0
     assert {f["family"] for f in results["families"]} == FAMILIES
     assert all(f["refusal"] is None for f in results["families"])
+    assert all(f["single_after_pause_us"] > 0 for f in results["families"])
     assert {t["name"] for t in results["targets"]} >= {
         "throughput vs Redis limit", "throughput vs naive", "burst: last prediction",
         "state rebuild",

@@ -432,5 +432,32 @@ def test_microbench_rows(run_root: Path, capsys: pytest.CaptureFixture[str]) -> 
     light = by_family["ret_1d", "LightGBM"]
     assert light.format_name == "lightgbm" and light.single_us_per_row > 0
     assert 0 < light.batched_us_per_row < light.single_us_per_row
+    # the pause itself is not timed: a median far below the pause's 3 ms
+    assert 0 < light.single_after_pause_us < microbench.PAUSE_S * 1e6
     assert microbench.main([str(run_root), "--batch", "20", "--min-time", "0.005"]) == 0
-    assert "B=1 us/row" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "B=1 us/row" in out and "after pause" in out
+
+
+def test_microbench_after_pause_times_calls_that_follow_a_pause() -> None:
+    import time
+
+    import numpy as np
+
+    from handlers import microbench
+
+    starts: list[float] = []
+    durations = iter([0.004, 0.001, 0.002] * 10)
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        starts.append(time.perf_counter())
+        time.sleep(next(durations))
+        return batch
+
+    us = microbench._us_after_pause(predict, np.zeros((1, 3), np.float32), min_time_s=0.0)
+    assert len(starts) == 9  # the minimum number of calls when the time budget is spent
+    gaps = np.diff(starts)
+    # each call starts a whole pause after the previous call ended (its own 1-4 ms included)
+    assert (gaps >= microbench.PAUSE_S + 0.001).all()
+    # the median of the calls' own durations (3 x 4 ms, 3 x 1 ms, 3 x 2 ms): ~2 ms
+    assert 1800 < us < 3500
