@@ -112,7 +112,7 @@ def test_batch_predictions_equal_each_framework_on_reference_features(run3: Path
             assert out["pred"] is None
         window = f[-T:]
         if len(window) == T and np.isfinite(window).all():
-            want = float(lstm(torch.from_numpy(window[None])).reshape(-1)[0])
+            want = float(lstm(torch.from_numpy(window[None])).detach().reshape(-1)[0])
             assert out["preds"]["LSTM"] == pytest.approx(want, rel=1e-5, abs=1e-6)
             checked["LSTM"] += 1
         else:
@@ -123,7 +123,7 @@ def test_batch_predictions_equal_each_framework_on_reference_features(run3: Path
         if i + 1 >= 4:
             w = ohlcv[i - 3 : i + 1]
             z = (w - w.mean(0)) / w.std(0)
-            want = float(raw(torch.from_numpy(z.astype(np.float32)[None])).reshape(-1)[0])
+            want = float(raw(torch.from_numpy(z.astype(np.float32)[None])).detach().reshape(-1)[0])
             assert out["preds"]["RawLSTM"] == pytest.approx(want, rel=1e-5, abs=1e-6)
             checked["RawLSTM"] += 1
         else:
@@ -214,7 +214,7 @@ def test_seed_api_sequential_warmup_and_reset(run3: Path) -> None:
     assert engine.warmup_sequential("fwd", "LSTM", history[:-1], symbol="S") == T - 1
     value = engine.predict("fwd", "LSTM", history[-1], symbol="S")
     lstm = torch.jit.load(str(mf.family_dir(run3, "fwd", "LSTM") / "model.pt"))
-    assert value == pytest.approx(float(lstm(torch.from_numpy(history[None])).reshape(-1)[0]), rel=1e-5)
+    assert value == pytest.approx(float(lstm(torch.from_numpy(history[None])).detach().reshape(-1)[0]), rel=1e-5)
     engine.reset_buffers()
     with pytest.raises(InferenceError, match="warming"):
         engine.predict("fwd", "LSTM", history[-1], symbol="S")
