@@ -18,7 +18,8 @@ from daemon.partitions import partition_keys
 from daemon.runtime import settle_heap
 from daemon.settings import Settings
 from daemon.streams import StreamIO
-from daemon.worker import PartitionWorker, Role, sleep_unless
+from daemon.waits import sleep_unless
+from daemon.worker import PartitionWorker, Role
 from handlers import tree_compiler
 from handlers.engine import InferenceEngine
 from handlers.run import ModelLoader

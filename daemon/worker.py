@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
@@ -17,9 +16,11 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daemon.batch import BatchReport, run_batch
+from daemon.lease import LeaseLost, PartitionLease
 from daemon.pipeline import Pipeline
 from daemon.rebuild import rebuild_pipeline
 from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, EntryBatch, StreamIO
+from daemon.waits import Backoff, sleep_unless
 from handlers.engine import InferenceEngine
 
 log = structlog.get_logger("livepred.worker")
@@ -35,24 +36,6 @@ class Role(StrEnum):
     REBUILDING = "rebuilding"
     ACTIVE = "active"
     STOPPED = "stopped"
-
-
-class LeaseLost(Exception):
-    """Another instance owns the partition now: stop touching it at once."""
-
-
-class Backoff:
-    """Capped, jittered exponential backoff."""
-
-    def __init__(self, base_s: float = 0.05, cap_s: float = 2.0) -> None:
-        self.base_s, self.cap_s, self.attempt = base_s, cap_s, 0
-
-    def next_s(self) -> float:
-        self.attempt += 1
-        return random.uniform(0.5, 1.0) * min(self.cap_s, self.base_s * 2**self.attempt)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class PartitionWorker:
@@ -82,7 +65,10 @@ class PartitionWorker:
         self.ttl_s = ttl_s
         self.run_id = run_id
         self.executor = executor
-        self.token = token
+        self.lease = PartitionLease(
+            io, partition=partition, token=token, lease_ms=lease_ms, metrics=metrics,
+            preferred=preferred,
+        )
         self.batch = batch
         self.block_ms = block_ms
         self.lease_ms = lease_ms
@@ -92,10 +78,6 @@ class PartitionWorker:
         self.role = Role.STANDBY
         self.pipeline: Pipeline | None = None
         self.last_progress_s = time.monotonic()
-        self.preferred = preferred  # False: a stand-in that hands the partition back
-        self._lost = asyncio.Event()
-        self._handback = asyncio.Event()
-        self._free_since: float | None = None
         self._stop: asyncio.Event | None = None
         self._log = log.bind(partition=partition if partition is not None else "-")
 
@@ -109,13 +91,13 @@ class PartitionWorker:
         try:
             while not stop.is_set():
                 try:
-                    if not await self._try_take():
+                    if not await self.lease.try_take():
                         self._set_role(Role.STANDBY)
                         await sleep_unless(stop, self.lease_ms / 4000)
                         continue
                     backoff.reset()
                     await self._own(stop)
-                    if self._handback.is_set() and not stop.is_set():
+                    if self.lease.handback.is_set() and not stop.is_set():
                         await self._hand_back(stop)
                 except LeaseLost:
                     self._log.warning("lease lost: stopped processing this partition")
@@ -143,7 +125,7 @@ class PartitionWorker:
         finally:
             self._set_role(Role.STOPPED)
             try:
-                await asyncio.wait_for(self.io.release_lease(self.token), timeout=1.0)
+                await asyncio.wait_for(self.lease.release(), timeout=1.0)
             except (RedisError, OSError, TimeoutError):
                 pass  # the lease expires by itself
 
@@ -153,39 +135,10 @@ class PartitionWorker:
             self.role = role
             self.metrics.role(self.partition, str(role))
 
-    async def _acquire(self) -> bool:
-        if await self.io.acquire_lease(self.token, self.lease_ms):
-            self.metrics.lease_acquired(self.partition)
-            return True
-        return False
-
-    async def _try_take(self) -> bool:
-        """Preferred: take the lease when free, else ask its holder to hand it back.
-        Not preferred (a stand-in): take it only once it has stayed free for a whole lease
-        time, so a preferred instance that is starting or restarting gets it first."""
-        if not self.preferred:
-            holder = await self.io.lease_holder()
-            if holder is not None and holder != self.token:
-                self._free_since = None
-                return False
-            now = time.monotonic()
-            if holder is None:
-                if self._free_since is None:
-                    self._free_since = now
-                if now - self._free_since < self.lease_ms / 1000:
-                    return False
-        taken = await self._acquire()
-        if taken:
-            self._free_since = None
-            self._handback.clear()
-        elif self.preferred:
-            await self.io.request_handback(self.token, 2 * self.lease_ms)
-        return taken
-
     async def _hand_back(self, stop: asyncio.Event) -> None:
         """A preferred instance wants this partition: the batch in hand is published, so
         release the lease and stand by (state is rebuilt if it comes back to us)."""
-        await self.io.release_lease(self.token)
+        await self.lease.release()
         self._log.info("partition handed back to its preferred instance")
         self.metrics.lease_handback(self.partition)
         self.pipeline = None
@@ -193,9 +146,9 @@ class PartitionWorker:
         await sleep_unless(stop, self.lease_ms / 1000)
 
     async def _own(self, stop: asyncio.Event) -> None:
-        self._lost.clear()
+        self.lease.lost.clear()
         done = asyncio.Event()
-        renewer = asyncio.create_task(self._renew_forever(done))
+        renewer = asyncio.create_task(self.lease.keep_renewed(done))
         try:
             await self.io.ensure_groups()
             self._set_role(Role.REBUILDING)
@@ -216,34 +169,6 @@ class PartitionWorker:
             if not renewer.cancelled():
                 renewer.exception()  # retrieved; a renewer error is not this exit's story
 
-    async def _renew_forever(self, done: asyncio.Event) -> None:
-        interval_s = self.lease_ms / 3000
-        last_ok = time.monotonic()
-        while True:
-            await sleep_unless(done, interval_s)
-            if done.is_set():
-                return
-            try:
-                ok = await self.io.renew_lease(self.token, self.lease_ms)
-            except (RedisError, OSError):
-                ok = None  # unknown: keep trying until the lease would have expired
-            if ok:
-                last_ok = time.monotonic()
-                self.metrics.lease_renewed(self.partition)
-                if not self.preferred:
-                    try:
-                        if await self.io.handback_requested():
-                            self._handback.set()
-                    except (RedisError, OSError):
-                        pass
-            elif ok is False or time.monotonic() - last_ok > self.lease_ms / 1000:
-                self._lost.set()
-                return
-
-    def _check_lease(self) -> None:
-        if self._lost.is_set():
-            raise LeaseLost()
-
     # ---- state rebuild -------------------------------------------------------------------
 
     async def rebuild(self) -> None:
@@ -252,7 +177,7 @@ class PartitionWorker:
         pipeline = Pipeline(self.engine(), ttl_s=self.ttl_s)
         total = await rebuild_pipeline(
             self.io, pipeline, executor=self.executor, warmup_bars=self.warmup_bars,
-            check=self._check_lease,
+            check=self.lease.check,
         )
         self.pipeline = pipeline
         elapsed = time.perf_counter() - started
@@ -269,8 +194,8 @@ class PartitionWorker:
 
     async def _drain_pending(self, stop: asyncio.Event) -> None:
         cursor: dict[str, str] = {}
-        while not stop.is_set() and not self._handback.is_set():
-            self._check_lease()
+        while not stop.is_set() and not self.lease.handback.is_set():
+            self.lease.check()
             # A batch that failed again after a restart is retried one entry at a time (and
             # read one at a time, so only the entry at the head gains deliveries): an entry
             # that keeps failing ends as poison alone, never with its neighbours.
@@ -298,11 +223,11 @@ class PartitionWorker:
         cap = self.batch * COALESCE_READS
 
         def may_read() -> bool:
-            return not stop.is_set() and not self._handback.is_set()
+            return not stop.is_set() and not self.lease.handback.is_set()
 
         try:
             while True:
-                self._check_lease()
+                self.lease.check()
                 if not ready:
                     if reading is None:
                         if not may_read():
@@ -379,7 +304,7 @@ class PartitionWorker:
                 return await self._read_once()
             except TRANSIENT as exc:
                 # Keep state through an outage; the lease renewer decides if we lost it.
-                self._check_lease()
+                self.lease.check()
                 if self._stop is not None and self._stop.is_set():
                     return EntryBatch(), self.clock_us()  # shutting down: nothing was read
                 self.last_progress_s = time.monotonic()  # waiting on Redis, not hung
@@ -390,7 +315,7 @@ class PartitionWorker:
 
     async def _read_once(self) -> tuple[EntryBatch, int]:
         try:
-            entries = await self.io.read_new(self.token, self.batch, self.block_ms)
+            entries = await self.io.read_new(self.lease.token, self.batch, self.block_ms)
         except ResponseError as exc:
             # (The NOGROUP error text differs between servers when raised inside a script.)
             if "NOGROUP" not in str(exc) and not await self.io.groups_missing():
@@ -402,8 +327,7 @@ class PartitionWorker:
             return EntryBatch(), self.clock_us()
         if entries is None:
             # Fenced: another instance holds the lease, and nothing was delivered to us.
-            self._lost.set()
-            raise LeaseLost()
+            raise self.lease.refused()
         return entries, self.clock_us()
 
     async def _process(self, entries: EntryBatch, read_at_us: int) -> None:
@@ -447,9 +371,9 @@ class PartitionWorker:
         backoff = Backoff()
         while True:
             try:
-                result = await self.io.commit(self.token, commit)
+                result = await self.io.commit(self.lease.token, commit)
             except TRANSIENT as exc:
-                if self._lost.is_set():
+                if self.lease.lost.is_set():
                     raise LeaseLost() from exc
                 self.last_progress_s = time.monotonic()  # waiting on Redis, not hung
                 delay = backoff.next_s()
@@ -458,8 +382,7 @@ class PartitionWorker:
                 await asyncio.sleep(delay)
                 continue
             if result == LEASE_LOST:
-                self._lost.set()
-                raise LeaseLost()
+                raise self.lease.refused()
             if result == ALREADY_COMMITTED:
                 self._log.info("batch was already committed before a dropped connection")
             return
@@ -476,11 +399,3 @@ def _run_batch_job(
         now_us=clock_us,
         max_deliveries=MAX_DELIVERIES,
     )
-
-
-async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep `seconds`, or less if `stop` is set meanwhile."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass

@@ -1,0 +1,107 @@
+"""One partition's lease (CONTRACT §9): take it, keep it renewed, notice its loss, hand it back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from daemon.streams import StreamIO
+from daemon.waits import sleep_unless
+
+
+class LeaseLost(Exception):
+    """Another instance owns the partition now: stop touching it at once."""
+
+
+class PartitionLease:
+    """The lease key of one partition, as held by this instance's `token`.
+
+    `lost` is set once the lease is known gone (a renewal refused, or none confirmed for a
+    whole lease time, or a fenced read or write refused); `handback` once a preferred
+    instance asked for the partition while this one stands in for it."""
+
+    def __init__(
+        self,
+        io: StreamIO,
+        *,
+        partition: int | None,
+        token: str,
+        lease_ms: int,
+        metrics: Any,
+        preferred: bool = True,
+    ) -> None:
+        self.io = io
+        self.partition = partition
+        self.token = token
+        self.lease_ms = lease_ms
+        self.metrics = metrics
+        self.preferred = preferred  # False: a stand-in that hands the partition back
+        self.lost = asyncio.Event()
+        self.handback = asyncio.Event()
+        self._free_since: float | None = None
+
+    def check(self) -> None:
+        """Raise LeaseLost if the lease is known gone."""
+        if self.lost.is_set():
+            raise LeaseLost()
+
+    def refused(self) -> LeaseLost:
+        """A fenced read or write was refused: the lease is gone; the error to raise."""
+        self.lost.set()
+        return LeaseLost()
+
+    async def try_take(self) -> bool:
+        """Preferred: take the lease when free, else ask its holder to hand it back.
+        Not preferred (a stand-in): take it only once it has stayed free for a whole lease
+        time, so a preferred instance that is starting or restarting gets it first."""
+        if not self.preferred:
+            holder = await self.io.lease_holder()
+            if holder is not None and holder != self.token:
+                self._free_since = None
+                return False
+            now = time.monotonic()
+            if holder is None:
+                if self._free_since is None:
+                    self._free_since = now
+                if now - self._free_since < self.lease_ms / 1000:
+                    return False
+        taken = await self.io.acquire_lease(self.token, self.lease_ms)
+        if taken:
+            self.metrics.lease_acquired(self.partition)
+            self._free_since = None
+            self.handback.clear()
+        elif self.preferred:
+            await self.io.request_handback(self.token, 2 * self.lease_ms)
+        return bool(taken)
+
+    async def release(self) -> None:
+        await self.io.release_lease(self.token)
+
+    async def keep_renewed(self, done: asyncio.Event) -> None:
+        """Renew every third of the lease time until `done`; set `lost` and return when the
+        lease is refused, or when no renewal was confirmed for a whole lease time."""
+        interval_s = self.lease_ms / 3000
+        last_ok = time.monotonic()
+        while True:
+            await sleep_unless(done, interval_s)
+            if done.is_set():
+                return
+            try:
+                ok = await self.io.renew_lease(self.token, self.lease_ms)
+            except (RedisError, OSError):
+                ok = None  # unknown: keep trying until the lease would have expired
+            if ok:
+                last_ok = time.monotonic()
+                self.metrics.lease_renewed(self.partition)
+                if not self.preferred:
+                    try:
+                        if await self.io.handback_requested():
+                            self.handback.set()
+                    except (RedisError, OSError):
+                        pass
+            elif ok is False or time.monotonic() - last_ok > self.lease_ms / 1000:
+                self.lost.set()
+                return

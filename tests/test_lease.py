@@ -1,0 +1,135 @@
+"""The partition lease (daemon/lease.py), on fakeredis and the real Redis: taking it, a
+stand-in's patience, renewal, loss, and hand-back requests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from daemon.lease import LeaseLost, PartitionLease
+from daemon.observe import Metrics
+from daemon.streams import StreamIO
+
+LEASE_MS = 300
+
+
+def _io(redis: Any, prefix: str, consumer: str) -> StreamIO:
+    return StreamIO(
+        redis,
+        inputs=[f"{prefix}bars"],
+        output=f"{prefix}predictions",
+        dead_letter=f"{prefix}bars:dead",
+        group=f"{prefix}livepred",
+        consumer=consumer,
+        lease_key=f"{prefix}livepred:lease",
+        handback_key=f"{prefix}livepred:handback",
+        output_maxlen=1000,
+    )
+
+
+def _lease(redis: Any, prefix: str, name: str, *, preferred: bool = True) -> PartitionLease:
+    return PartitionLease(
+        _io(redis, prefix, name), partition=0, token=f"{name}:token", lease_ms=LEASE_MS,
+        metrics=Metrics(), preferred=preferred,
+    )
+
+
+def _count(lease: PartitionLease, counter: str) -> float:
+    return float(getattr(lease.metrics, counter).labels("0")._value.get())
+
+
+async def test_one_holder_at_a_time(client_and_prefix: tuple[Any, str]) -> None:
+    redis, prefix = client_and_prefix
+    a, b = _lease(redis, prefix, "a"), _lease(redis, prefix, "b")
+    assert await a.try_take() is True
+    assert await redis.get(a.io.lease_key) == b"a:token"
+    assert await a.io.handback_requested() is False
+    assert await b.try_take() is False  # held by a; b (preferred) asks for it back instead
+    assert await a.io.handback_requested() is True
+    assert await redis.get(a.io.handback_key) == b"b:token"
+    assert _count(a, "failovers") == 1 and _count(b, "failovers") == 0
+    await a.release()
+    assert await redis.get(a.io.lease_key) is None
+    assert await b.try_take() is True
+
+
+async def test_a_stand_in_waits_for_the_lease_to_stay_free_a_whole_lease_time(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    redis, prefix = client_and_prefix
+    stand_in = _lease(redis, prefix, "s", preferred=False)
+    assert await stand_in.try_take() is False  # free, but only just seen free
+    await asyncio.sleep(LEASE_MS / 2000)
+    assert await stand_in.try_take() is False
+    await redis.set(stand_in.io.lease_key, "other", px=LEASE_MS)
+    assert await stand_in.try_take() is False  # someone took it: the wait starts over
+    await redis.delete(stand_in.io.lease_key)
+    assert await stand_in.try_take() is False
+    await asyncio.sleep(LEASE_MS / 1000 + 0.05)
+    assert await stand_in.try_take() is True
+    # A stand-in never asks anyone to hand a partition back.
+    assert await redis.exists(stand_in.io.handback_key) == 0
+
+
+async def test_renewal_keeps_the_lease_past_its_time_until_done(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    redis, prefix = client_and_prefix
+    a = _lease(redis, prefix, "a")
+    assert await a.try_take()
+    done = asyncio.Event()
+    renewer = asyncio.create_task(a.keep_renewed(done))
+    await asyncio.sleep(3 * LEASE_MS / 1000)
+    assert await redis.get(a.io.lease_key) == b"a:token"
+    assert not a.lost.is_set()
+    assert _count(a, "lease_renewals") >= 3
+    done.set()
+    await asyncio.wait_for(renewer, timeout=1)
+    await asyncio.sleep(LEASE_MS / 1000 + 0.1)
+    assert await redis.get(a.io.lease_key) is None  # no longer renewed: it expired
+
+
+async def test_a_lease_taken_by_another_is_lost(client_and_prefix: tuple[Any, str]) -> None:
+    redis, prefix = client_and_prefix
+    a = _lease(redis, prefix, "a")
+    assert await a.try_take()
+    a.check()  # held: no error
+    done = asyncio.Event()
+    renewer = asyncio.create_task(a.keep_renewed(done))
+    await redis.set(a.io.lease_key, "b:token", px=10 * LEASE_MS)  # expired and taken over
+    await asyncio.wait_for(renewer, timeout=2)  # the renewer ends on its own
+    assert a.lost.is_set()
+    with pytest.raises(LeaseLost):
+        a.check()
+    assert await redis.get(a.io.lease_key) == b"b:token"  # the new holder's, untouched
+
+
+async def test_a_refused_write_marks_the_lease_lost(fake_redis: Any) -> None:
+    a = _lease(fake_redis, "t:", "a")
+    assert await a.try_take()
+    error = a.refused()
+    assert isinstance(error, LeaseLost) and a.lost.is_set()
+    with pytest.raises(LeaseLost):
+        a.check()
+
+
+async def test_a_stand_in_learns_of_a_handback_request_while_renewing(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    redis, prefix = client_and_prefix
+    stand_in = _lease(redis, prefix, "s", preferred=False)
+    preferred = _lease(redis, prefix, "p")
+    assert await stand_in.try_take() is False
+    await asyncio.sleep(LEASE_MS / 1000 + 0.05)
+    assert await stand_in.try_take() is True
+    done = asyncio.Event()
+    renewer = asyncio.create_task(stand_in.keep_renewed(done))
+    assert await preferred.try_take() is False  # asks for it back
+    await asyncio.wait_for(stand_in.handback.wait(), timeout=2)
+    assert not stand_in.lost.is_set()  # asked, not lost: the stand-in hands it back itself
+    done.set()
+    await asyncio.wait_for(renewer, timeout=1)
+    await stand_in.release()
+    assert await preferred.try_take() is True
