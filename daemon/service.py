@@ -140,16 +140,9 @@ class Service:
             self.redis = make_redis(self.settings)
         s = self.settings.streams
         for keys in partition_keys(self.settings):
-            io = StreamIO(
-                self.redis,
-                inputs=keys.inputs,
-                output=keys.output,
-                dead_letter=keys.dead_letter,
-                group=s.group,
-                consumer=self.consumer,
-                lease_key=keys.lease_key,
+            io = StreamIO.for_partition(
+                self.redis, keys, group=s.group, consumer=self.consumer,
                 output_maxlen=s.output_maxlen,
-                handback_key=keys.handback_key,
             )
             self.workers.append(
                 PartitionWorker(

@@ -11,6 +11,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from daemon.partitions import PartitionKeys
 from daemon.stream_scripts import ACQUIRE_LUA, COMMIT_LUA, READ_LUA, RELEASE_LUA, RENEW_LUA
 from daemon.wire_columns import field_map
 
@@ -130,6 +131,23 @@ class StreamIO:
         self._release = redis.register_script(RELEASE_LUA)
         self._read = redis.register_script(READ_LUA)
         self._raw: Any = None  # see _raw_client
+
+    @classmethod
+    def for_partition(
+        cls, redis: Any, keys: PartitionKeys, *, group: str, consumer: str, output_maxlen: int
+    ) -> StreamIO:
+        """The partition's keys as `partition_keys` lays them out."""
+        return cls(
+            redis,
+            inputs=keys.inputs,
+            output=keys.output,
+            dead_letter=keys.dead_letter,
+            group=group,
+            consumer=consumer,
+            lease_key=keys.lease_key,
+            output_maxlen=output_maxlen,
+            handback_key=keys.handback_key,
+        )
 
     # ---- groups and reads ----------------------------------------------------------------
 

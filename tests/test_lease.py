@@ -10,40 +10,37 @@ import pytest
 
 from daemon.lease import LeaseLost, PartitionLease
 from daemon.observe import Metrics
+from daemon.partitions import partition_keys
+from daemon.settings import prefixed_settings
 from daemon.streams import StreamIO
 
 LEASE_MS = 300
 
 
 def _io(redis: Any, prefix: str, consumer: str) -> StreamIO:
-    return StreamIO(
-        redis,
-        inputs=[f"{prefix}bars"],
-        output=f"{prefix}predictions",
-        dead_letter=f"{prefix}bars:dead",
-        group=f"{prefix}livepred",
-        consumer=consumer,
-        lease_key=f"{prefix}livepred:lease",
-        handback_key=f"{prefix}livepred:handback",
-        output_maxlen=1000,
-    )
+    """Partition 1 of 2, keyed as the service keys it (`<prefix>livepred:lease:{1}`, ...)."""
+    settings = prefixed_settings("redis://unused", "unused", prefix, consumer, partitions="2")
+    keys = partition_keys(settings)[1]
+    return StreamIO.for_partition(redis, keys, group=settings.streams.group, consumer=consumer,
+                                  output_maxlen=1000)
 
 
 def _lease(redis: Any, prefix: str, name: str, *, preferred: bool = True) -> PartitionLease:
     return PartitionLease(
-        _io(redis, prefix, name), partition=0, token=f"{name}:token", lease_ms=LEASE_MS,
+        _io(redis, prefix, name), partition=1, token=f"{name}:token", lease_ms=LEASE_MS,
         metrics=Metrics(), preferred=preferred,
     )
 
 
 def _count(lease: PartitionLease, counter: str) -> float:
-    return float(getattr(lease.metrics, counter).labels("0")._value.get())
+    return float(getattr(lease.metrics, counter).labels("1")._value.get())
 
 
 async def test_one_holder_at_a_time(client_and_prefix: tuple[Any, str]) -> None:
     redis, prefix = client_and_prefix
     a, b = _lease(redis, prefix, "a"), _lease(redis, prefix, "b")
     assert await a.try_take() is True
+    assert a.io.lease_key == f"{prefix}livepred:lease:{{1}}"
     assert await redis.get(a.io.lease_key) == b"a:token"
     assert await a.io.handback_requested() is False
     assert await b.try_take() is False  # held by a; b (preferred) asks for it back instead
