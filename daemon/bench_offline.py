@@ -32,7 +32,8 @@ class NaiveModels:
         import lightgbm as lgb
         import torch
 
-        from daemon.demo_run import SEQUENCE_LENGTH, TARGET, VIEW, make_dataset, synthetic_closes
+        from daemon.demo_market import synthetic_closes
+        from daemon.demo_run import SEQUENCE_LENGTH, TARGET, VIEW, make_dataset
         from handlers.tf_savedmodel import configure_tensorflow
         from handlers.torchscript import configure_torch
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.client import BarPublisher, PredictionReader, stream_keys
-from daemon.demo_run import MALFORMED_KINDS, SyntheticMarket, build_demo_run, symbol_names
+from daemon.demo_market import MALFORMED_KINDS, SyntheticMarket, symbol_names
+from daemon.demo_run import build_demo_run
 from daemon.demo_view import (
     DemoStats,
     print_summary,

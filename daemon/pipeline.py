@@ -9,7 +9,8 @@ from typing import Any
 from daemon.state import SymbolTable
 from daemon.wire import Bar, Rejection
 from daemon.wire_columns import BarColumns
-from handlers.engine import BatchInputs, BatchResult, InferenceEngine
+from handlers.batch_io import BatchInputs, BatchResult
+from handlers.engine import InferenceEngine
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from handlers.engine import BatchInputs, InputSpec
+from handlers.batch_io import BatchInputs, InputSpec
 from handlers.features import FeatureState
 from handlers.sequences import RAW, SequenceBuffers
 

@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 
 from daemon.wire import WIRE_VERSION
-from handlers.engine import BatchResult, TargetBatch
+from handlers.batch_io import BatchResult, TargetBatch
 
 
 def _pk(value: object) -> bytes:

@@ -145,29 +145,3 @@ def test_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "something").write_text("x")
     with pytest.raises(FileExistsError):
         build_demo_run(tmp_path)
-
-
-def test_synthetic_market_bars_and_malformed_entries() -> None:
-    from daemon.demo_run import BAR_MS, MALFORMED_KINDS, SyntheticMarket, symbol_names
-    from daemon.wire import Bar, Rejection, decode_bar, encode_bar
-
-    market = SyntheticMarket(symbol_names(50), seed=3)
-    first, second = market.bars(), market.bars(range(5))
-    assert len(first) == 50 and len(second) == 5
-    assert len({b["symbol"] for b in first}) == 50
-    assert {b["ts"] for b in second} == {first[0]["ts"] + BAR_MS}
-    for bar in first + second:
-        encode_bar(bar)  # valid on the wire
-        assert (
-            bar["low"]
-            <= min(bar["open"], bar["close"])
-            <= max(bar["open"], bar["close"])
-            <= bar["high"]
-        )
-    for kind in MALFORMED_KINDS:
-        symbol, fields = market.malformed(kind)
-        decoded = decode_bar(fields, "bars", "1-0")
-        if kind == "out_of_order":  # well-formed; the state table rejects it for its ts
-            assert isinstance(decoded, Bar) and decoded.ts < market.last_ts[symbol]
-        else:
-            assert isinstance(decoded, Rejection) and decoded.reason == kind

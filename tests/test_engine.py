@@ -228,15 +228,3 @@ def test_bars_to_ready_counts_feature_warmup_and_window() -> None:
     assert bars_to_ready(meta, SequenceSpec.for_meta(meta)) == 15
     tab = ModelMeta.from_dict({"feature_list": ["rsi_14"]})
     assert bars_to_ready(tab, None) == 14
-
-
-def test_a_target_whose_families_were_all_refused_still_has_a_map_per_row() -> None:
-    from handlers.engine import BatchResult, TargetBatch
-
-    ok = TargetBatch("a", {"a": np.array([1.0, 2.0])}, {"a": np.array([0, 0])}, {"a": [None, None]}, 2)
-    refused = TargetBatch(None, {}, {}, {}, 2)
-    for targets in ({"t0": refused, "t1": ok}, {"t1": ok, "t2": refused}):
-        rows = BatchResult(targets, {}).rows()
-        assert [r["t1"]["pred"] for r in rows] == [1.0, 2.0]
-        empty = {"preds": {}, "selected": None, "pred": None, "warming": {}, "failed": {}}
-        assert all(r[name] == empty for r in rows for name in targets if name != "t1")

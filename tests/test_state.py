@@ -8,7 +8,7 @@ import pytest
 
 from daemon.state import OUT_OF_ORDER, SymbolTable
 from daemon.wire import Bar
-from handlers.engine import InputSpec
+from handlers.batch_io import InputSpec
 from handlers.features import exact_reference_frame
 from handlers.sequences import FEATURES, RAW, SequenceSpec
 

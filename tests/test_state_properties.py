@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from daemon.state import OUT_OF_ORDER, SymbolTable
 from daemon.wire import Bar
-from handlers.engine import InputSpec
+from handlers.batch_io import InputSpec
 from handlers.features import DEFAULT_FEATURES, exact_reference_frame
 
 NAMES = (*DEFAULT_FEATURES, "rsi_3", "bb_position_5", "vol_2d")

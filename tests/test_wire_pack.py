@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from daemon.wire import WIRE_VERSION
 from daemon.wire_pack import pack_predictions
-from handlers.engine import BatchResult, TargetBatch
+from handlers.batch_io import BatchResult, TargetBatch
 
 INT64_MAX = 2**63 - 1
 CHARS = st.characters(blacklist_categories=("Cs",))  # any code point msgpack can pack
