@@ -297,7 +297,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                "command": _command(args), "seed": SEED}
     with contextlib.ExitStack() as stack:
         if embedded:
-            from daemon.demo import EmbeddedRedis
+            from daemon.embedded_redis import EmbeddedRedis
 
             server = EmbeddedRedis()
             stack.callback(server.close)
