@@ -3,7 +3,7 @@ outputs as they become visible. Each is a long-lived child process driven over a
 feeders and strategies are separate processes in production.
 
 Spawned (not forked): the parent has TensorFlow and torch thread pools that must not be
-copied. This module imports only numpy, msgpack and redis at the top.
+copied. This module imports only numpy, msgpack, redis and the demo market's constants at the top.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-BASE_TS_MS = 1_704_205_800_000  # event time of every symbol's first bar
-BAR_MS = 60_000
+from daemon.demo_market import BAR_MS, BASE_TS_MS  # event time of every symbol's first bar
+
 PIPELINE_CHUNK = 1000  # XADDs per round trip when publishing as fast as possible
 CHILD_START_TIMEOUT_S = 60.0
 
