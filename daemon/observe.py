@@ -52,6 +52,13 @@ class Metrics:
             "livepred_stage_seconds", "Time per batch stage", ["stage"], registry=r,
             buckets=FAMILY_BUCKETS_S,
         )
+        # Against the compute stages' wall time (livepred_stage_seconds: decode, state+models,
+        # encode), a starved host shows: the wall time grows, this does not.
+        self.compute_cpu = Counter(
+            "livepred_compute_cpu_seconds",
+            "CPU time of the thread computing batches (decode, state, models, encode)",
+            registry=r,
+        )
         self.latency = Histogram(
             "livepred_read_to_publish_seconds", "Read-to-publish latency per batch", registry=r,
             buckets=LATENCY_BUCKETS_S,
@@ -111,6 +118,7 @@ class Metrics:
             self.family_seconds.labels(target, family).observe(seconds)
         for stage, seconds in report.stage_seconds.items():
             self.stage_seconds.labels(stage).observe(seconds)
+        self.compute_cpu.inc(max(0.0, report.cpu_seconds))
         self.latency.observe(max(0, now_us - read_at_us) / 1e6)
         if report.evicted:
             self.evictions.inc(report.evicted)

@@ -134,6 +134,15 @@ async def test_every_bar_gets_one_output_equal_to_the_framework(lgb_run: Path) -
     for _, f in dead:
         assert f[b"src_stream"] == b"bars" and f[b"src_id"]
     assert (await redis.xpending("bars", "livepred"))["pending"] == 0
+    # The computing thread's CPU time: some, and no more than the wall time of the stages it
+    # spans (a process-wide clock would count the event loop's thread too).
+    registry = service.metrics.registry
+    cpu = registry.get_sample_value("livepred_compute_cpu_seconds_total")
+    wall = sum(
+        registry.get_sample_value("livepred_stage_seconds_sum", {"stage": stage}) or 0.0
+        for stage in ("decode", "state+models", "encode")
+    )
+    assert cpu is not None and 0 < cpu <= wall * 1.1 + 0.005
     await redis.aclose()
 
 
