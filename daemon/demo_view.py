@@ -233,8 +233,9 @@ def print_summary(result: dict[str, Any], where: str, run_dir: Path | None) -> N
     )
     if result["redis"] == "embedded":
         lines.append(
-            "                     (the demo runs Redis, feeder, strategy, live view and daemon in one"
-            "\n                      Python process: its latency is not the daemon's; see BENCHMARKS.md)"
+            "                     (feeder, strategy, live view and daemon share one Python process,"
+            "\n                      and Redis is fakeredis: its latency is not the daemon's; see"
+            "\n                      BENCHMARKS.md)"
         )
     if run_dir is not None:
         lines.append(f"  training run kept  {run_dir}  (livepred inspect {run_dir})")
