@@ -134,21 +134,15 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                  "p99.9 ms", "one-bar RTT p50 / p99 ms (just before)",
                  "10% load p50 / p99 ms", "RSS MB",
                  "1 output/bar"], rows))
-    per_batch = {s: (lp[s].get("latency_per_batch") or {}) for s in sorted(lp, key=int)}
-    keys = list(dict.fromkeys(k for b in per_batch.values() for k in b))
-    if keys:
-        rows = [[("bars per batch" if k == "mean_batch" else f"{k} ms"),
-                 *(fmt(per_batch[s].get(k), 2) for s in per_batch)] for k in keys]
-        out.append(("At 50% load: batch size and time per batch (fixed per-call costs show "
-                    "here)", ["", *(f"{int(s):,} symbols" for s in per_batch)], rows))
-    light = {s: (_get(lp[s], "light_load", "per_batch") or {}) for s in sorted(lp, key=int)}
-    keys = list(dict.fromkeys(k for b in light.values() for k in b))
-    if keys:
-        rows = [[("bars per batch" if k == "mean_batch" else f"{k} ms"),
-                 *(fmt(light[s].get(k), 2) for s in light)] for k in keys]
-        out.append(("At 10% load: batch size and time per batch (compute CPU: the computing "
-                    "thread's own CPU time)", ["", *(f"{int(s):,} symbols" for s in light)],
-                    rows))
+    for title, path in (
+        ("At 50% load: batch size and time per batch (fixed per-call costs show here)",
+         ("latency_per_batch",)),
+        ("At 10% load: batch size and time per batch (compute CPU: the computing thread's own "
+         "CPU time)", ("light_load", "per_batch")),
+    ):
+        table = _per_batch_table(title, {s: _get(lp[s], *path) or {} for s in sorted(lp, key=int)})
+        if table is not None:
+            out.append(table)
     moderate = limit.get("moderate")
     if moderate:
         out.append(("Passthrough at the same load as livepred's latency run",
@@ -215,6 +209,18 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                   "-" if t["ok"] is None else ("yes" if t["ok"] else "NO")]
                  for t in results.get("targets") or []]))
     return out
+
+
+def _per_batch_table(
+    title: str, per_batch: dict[str, dict[str, float]]
+) -> tuple[str, list[str], list[list[str]]] | None:
+    """One row per measured quantity (bars per batch, then ms per batch), a column per scale."""
+    keys = list(dict.fromkeys(k for b in per_batch.values() for k in b))
+    if not keys:
+        return None
+    rows = [[("bars per batch" if k == "mean_batch" else f"{k} ms"),
+             *(fmt(per_batch[s].get(k), 2) for s in per_batch)] for k in keys]
+    return title, ["", *(f"{int(s):,} symbols" for s in per_batch)], rows
 
 
 def _split_rows(limit: dict[str, Any], lp: dict[str, Any]) -> list[list[str]]:
