@@ -1,7 +1,7 @@
 """Feature state: the features of CONTRACT section 3, updated in O(1) per bar, vectorised over slots.
 
 The definitions (pandas reference, exact variant, FeatureBuilder) live in `features_ref` and are
-re-exported here.
+re-exported here; which channels, windows and sums a list of features needs, in `feature_layout`.
 
 Stability: within 1e-6 rel / 1e-9 abs of the exact window value at any price scale, over any
 number of bars. No rolling sum ever subtracts the element leaving its window. A window of N bars
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from handlers.feature_layout import FeatureLayout
 from handlers.features_ref import (
     BB_DEFAULT_WINDOW,
     DEFAULT_FEATURES,
@@ -60,39 +61,6 @@ _NEVER = np.iinfo(np.int64).max // 4  # warm-up of an unknown feature: never
 # Bigger batches are updated in parts of this many slots: the temporaries stay in cache
 # (about twice as fast per slot at 100k slots).
 _CHUNK_SLOTS = 4096
-_CHANNEL_KINDS = {
-    FeatureKind.MA_RATIO: "close",
-    FeatureKind.BB_POSITION: "close",
-    FeatureKind.VOL: "ret",
-    FeatureKind.RSI: "rsi",
-}
-_OUTPUT_KEYS = {
-    FeatureKind.RET: "lag",
-    FeatureKind.VOL: "vol",
-    FeatureKind.RSI: "rsi",
-    FeatureKind.MA_RATIO: "ma",
-    FeatureKind.BB_POSITION: "bb",
-}
-
-
-class _Group:
-    """The windows of one length N: one block schedule, one front region.
-
-    Up to three channels: closes (ma_ratio_N, bb_position_N), 1-bar returns (vol_Nd), RSI
-    gains/losses (rsi_N). A channel sums two quantities (d and d*d of its shifted values, or
-    gains and losses); the front stores per slot and block offset the group's Q quantities.
-    """
-
-    __slots__ = ("window", "close", "ret", "rsi", "width", "base", "lags", "quantities", "shift")
-
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self.close = self.ret = self.rsi = -1  # the channel's index among its kind, or -1
-        self.width = 0  # Q
-        self.base = 0  # where its region starts in the flat front array
-        self.lags = np.arange(-window, 0)[:, None]
-        self.quantities = np.zeros((0, 1), dtype=np.int64)  # in front order
-        self.shift = np.zeros((0, 1), dtype=np.int64)  # its shifted channels
 
 
 class FeatureState:
@@ -115,93 +83,23 @@ class FeatureState:
             n for n, s in zip(self.names, self.specs, strict=True) if s is None
         )
         log_unknown(self.unknown)
-        known = [s for s in self.specs if s is not None]
         self._warmup = np.array(
             [s.warmup_bars if s is not None else _NEVER for s in self.specs], dtype=np.int64
         )[:, None]
         self._max_warmup = int(self._warmup.max(initial=0))
         self._unknown_cols = [i for i, s in enumerate(self.specs) if s is None]
-        self._ring_len = 1 << max([s.window for s in known] + [1]).bit_length()
-        self._plan_channels(known)
-        self._plan_groups()
+        self._layout = FeatureLayout(self.specs)
+        self._ring_len = self._layout.ring_len
+        self._front_start = [0] * len(self._layout.groups)  # each group's region in `_front`
         self._capacity = 0
         self._ring = np.zeros(0)
         self._nbars = np.zeros(0, dtype=np.int64)
         self._mark = np.zeros(0, dtype=np.int64)
-        self._acc = np.zeros((0, self._acc_rows))
+        self._acc = np.zeros((0, self._layout.acc_rows))
         self._front = np.zeros(0)
         self.ensure_capacity(max(int(capacity), 1))
 
     # ---- layout -------------------------------------------------------------------------
-
-    def _plan_channels(self, known: list[FeatureSpec]) -> None:
-        """Channels (closes, then returns, then RSI; each by window) and output columns."""
-        windows = {
-            kind: sorted({s.window for s in known if _CHANNEL_KINDS.get(s.kind) == kind})
-            for kind in ("close", "ret", "rsi")
-        }
-        self._lag_list = sorted({s.window for s in known if s.kind is FeatureKind.RET} - {1})
-        self._lags = np.array(self._lag_list, dtype=np.int64)[:, None]
-        self._n_close = len(windows["close"])
-        self._n_shifted = self._n_close + len(windows["ret"])
-        self._n_rsi = len(windows["rsi"])
-        self._channel = {
-            "close": {n: i for i, n in enumerate(windows["close"])},
-            "ret": {n: self._n_close + i for i, n in enumerate(windows["ret"])},
-            "rsi": {n: i for i, n in enumerate(windows["rsi"])},
-        }
-        shift_windows = windows["close"] + windows["ret"]
-        self._shift_window = np.array(shift_windows, dtype=np.float64)[:, None]
-        outputs: dict[str, tuple[list[int], list[int]]] = {}
-        for col, spec in enumerate(self.specs):
-            if spec is None:
-                continue
-            key = _OUTPUT_KEYS[spec.kind]
-            if spec.kind is not FeatureKind.RET:
-                index = self._channel[_CHANNEL_KINDS[spec.kind]][spec.window]
-            elif spec.window == 1:
-                key, index = "ret1", 0
-            else:
-                index = self._lag_list.index(spec.window)
-            cols, indices = outputs.setdefault(key, ([], []))
-            cols.append(col)
-            indices.append(index)
-        # output key -> (columns, channel or lag indices)
-        self._outputs = {k: (c, np.array(i, dtype=np.int64)) for k, (c, i) in outputs.items()}
-
-    def _plan_groups(self) -> None:
-        """Groups by window length; accumulator rows; where each quantity's front lives.
-
-        Quantities in accumulator order: d of each shifted channel, d*d of each, gains of each
-        RSI channel, losses of each. Accumulator rows: block phase per group, K per shifted
-        channel, then the quantities' back sums.
-        """
-        n_sh, n_rsi = self._n_shifted, self._n_rsi
-        windows = sorted({n for kind in self._channel.values() for n in kind})
-        self._groups = [_Group(n) for n in windows]
-        q_group = [0] * (2 * n_sh + 2 * n_rsi)
-        q_in_group = [0] * len(q_group)
-        for g, grp in enumerate(self._groups):
-            grp.close = self._channel["close"].get(grp.window, -1)
-            grp.ret = self._channel["ret"].get(grp.window, -1)
-            grp.rsi = self._channel["rsi"].get(grp.window, -1)
-            shifted = [c for c in (grp.close, grp.ret) if c >= 0]
-            members = [q for c in shifted for q in (c, n_sh + c)]
-            if grp.rsi >= 0:
-                members += [2 * n_sh + grp.rsi, 2 * n_sh + n_rsi + grp.rsi]
-            grp.width = len(members)
-            grp.quantities = np.array(members, dtype=np.int64)[:, None]
-            grp.shift = np.array(shifted, dtype=np.int64)[:, None]
-            for k, q in enumerate(members):
-                q_group[q], q_in_group[q] = g, k
-        self._q_group = np.array(q_group, dtype=np.int64)
-        self._q_in_group = np.array(q_in_group, dtype=np.int64)[:, None]
-        self._q_window = np.array([windows[g] for g in q_group], dtype=np.int64)[:, None]
-        self._q_width = np.array([self._groups[g].width for g in q_group], dtype=np.int64)[:, None]
-        self._group_window = np.array(windows, dtype=np.float64)[:, None]
-        self._k0 = len(self._groups)
-        self._q0 = self._k0 + n_sh
-        self._acc_rows = self._q0 + len(q_group)
 
     # ---- capacity -----------------------------------------------------------------------
 
@@ -220,31 +118,32 @@ class FeatureState:
         self._nbars = _grown(self._nbars, new)
         self._mark = _grown(self._mark, new)
         self._acc = _grown(self._acc, new)
-        # One flat array; group g owns [base, base + capacity * N * Q), laid out (slot, N, Q).
-        front = np.zeros(sum(new * g.window * g.width for g in self._groups))
-        base = 0
-        for g in self._groups:
-            size = g.window * g.width
-            front[base : base + old * size] = self._front[g.base : g.base + old * size]
-            g.base = base
-            base += new * size
+        # One flat array; group g owns [start, start + capacity * N * Q), laid out (slot, N, Q).
+        lay = self._layout
+        sizes = lay.front_sizes()
+        front = np.zeros(new * sum(sizes))
+        start = 0
+        for g, size in enumerate(sizes):
+            was = self._front_start[g]
+            front[start : start + old * size] = self._front[was : was + old * size]
+            self._front_start[g] = start
+            start += new * size
         self._front = front
         self._front_base = (
-            np.array([self._groups[g].base for g in self._q_group], dtype=np.int64)[:, None]
-            + self._q_in_group
+            np.array(self._front_start, dtype=np.int64)[lay.q_group][:, None] + lay.q_in_group
         )
         self._capacity = new
 
     def nbytes_per_slot(self) -> int:
         """Bytes of state one slot costs."""
-        fronts = sum(g.window * g.width for g in self._groups)
-        return 8 * (self._ring_len + 2 + self._acc_rows + fronts)
+        fronts = sum(self._layout.front_sizes())
+        return 8 * (self._ring_len + 2 + self._layout.acc_rows + fronts)
 
     def reset(self, slots: np.ndarray) -> None:
         """Start these slots afresh: their next close is bar 0 of a new history."""
         slots = np.asarray(slots, dtype=np.int64)
         self._nbars[slots] = 0
-        self._acc[slots, : self._k0] = 0.0  # block phases
+        self._acc[slots, : self._layout.k0] = 0.0  # block phases
 
     def bars_seen(self, slots: np.ndarray) -> np.ndarray:
         """Closes appended to each slot since its last reset."""
@@ -287,19 +186,19 @@ class FeatureState:
         first = t == 0
         if first.any():
             prev[first] = x[first]  # bar 0 has no diff: pandas counts it as 0
-        outputs = self._outputs
+        outputs = self._layout.outputs
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             ret1 = x / prev
             ret1 -= 1
             if "ret1" in outputs:
                 out[outputs["ret1"][0]] = ret1
             if "lag" in outputs:
-                back = (t - self._lags) & mask
+                back = (t - self._layout.lags) & mask
                 back += base
                 value = x / ring[back]
                 value -= 1
                 out[outputs["lag"][0]] = value[outputs["lag"][1]]
-            if self._groups:
+            if self._layout.groups:
                 self._window_features(out, slots, t, x, prev, ret1)
         if self._unknown_cols:
             out[self._unknown_cols] = np.nan
@@ -316,8 +215,9 @@ class FeatureState:
         prev: np.ndarray,
         ret1: np.ndarray,
     ) -> None:
-        n_close, n_sh, n_rsi = self._n_close, self._n_shifted, self._n_rsi
-        k0, q0 = self._k0, self._q0
+        lay = self._layout
+        n_close, n_sh, n_rsi = lay.n_close, lay.n_shifted, lay.n_rsi
+        k0, q0 = lay.k0, lay.q0
         acc = self._acc.take(slots, axis=0).T.copy()  # (rows, B), one contiguous row each
         shift, sums_back = acc[k0:q0], acc[q0:]
         values = np.empty((n_sh, len(slots)))  # this bar's element of each shifted channel
@@ -328,9 +228,9 @@ class FeatureState:
         if starts.any():
             for g in np.flatnonzero(starts.any(axis=1)):
                 rows = starts[g].nonzero()[0]
-                self._restart(self._groups[g], acc, slots, t, rows, x, ret1, values)
+                self._restart(int(g), acc, slots, t, rows, x, ret1, values)
         phase += 1  # becomes the front offset: where the window starts in the last block
-        phase[phase == self._group_window] = 0
+        phase[phase == lay.group_window] = 0
         following = phase.astype(np.int64)
         if n_sh:
             values -= shift
@@ -344,22 +244,22 @@ class FeatureState:
             sums_back[2 * n_sh + n_rsi :] += np.maximum(diff, 0.0)
         self._acc[slots] = acc.T
         # Window sums = suffix of the previous block (offset 0: empty) + this block so far.
-        index = self._q_window * slots
-        index += following[self._q_group]
-        index *= self._q_width
+        index = lay.q_window * slots
+        index += following[lay.q_group]
+        index *= lay.q_width
         index += self._front_base
         sums = self._front.take(index)
         sums += sums_back
-        outputs = self._outputs
+        outputs = lay.outputs
         if n_sh:
             s1, s2 = sums[:n_sh], sums[n_sh : 2 * n_sh]
-            mean = s1 / self._shift_window
+            mean = s1 / lay.shift_window
             mean += shift
             std = s1 * s1
-            std /= self._shift_window
+            std /= lay.shift_window
             np.subtract(s2, std, out=std)
             np.maximum(std, 0.0, out=std)
-            std /= self._shift_window - 1
+            std /= lay.shift_window - 1
             np.sqrt(std, out=std)
             if "vol" in outputs:
                 out[outputs["vol"][0]] = std[outputs["vol"][1]]
@@ -385,7 +285,7 @@ class FeatureState:
 
     def _restart(
         self,
-        group: _Group,
+        g: int,
         acc: np.ndarray,
         slots: np.ndarray,
         t: np.ndarray,
@@ -403,7 +303,8 @@ class FeatureState:
         (this bar's value). At t = 0 there is no previous block and front gets garbage, but no
         full window reads it (the first full window, at bar N-1, uses offset 0).
         """
-        n, k0, q0 = group.window, self._k0, self._q0
+        group = self._layout.groups[g]
+        n, k0, q0 = group.window, self._layout.k0, self._layout.q0
         acc[q0 + group.quantities, rows] = 0.0  # back sums restart from this bar
         if group.shift.size:
             acc[k0 + group.shift, rows] = values[group.shift, rows]
@@ -441,7 +342,8 @@ class FeatureState:
         while step < n - 1:
             body[:-step] += body[step:]
             step *= 2
-        region = self._front[group.base : group.base + self._capacity * n * width]
+        start = self._front_start[g]
+        region = self._front[start : start + self._capacity * n * width]
         region.reshape(self._capacity, n, width)[slots] = elems.transpose(2, 0, 1)
 
 
