@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from daemon.bench_latency import latencies_ms
 from daemon.bench_limit import (
     WARMUP_FRACTION,
     delete_prefixed,
@@ -28,7 +29,7 @@ from daemon.bench_limit import (
     split_percentiles,
     stream_io,
 )
-from daemon.bench_procs import Feeder, Reader, latencies_ms
+from daemon.bench_procs import Feeder, Reader
 from daemon.observe import Metrics, process_rss_bytes
 from daemon.settings import Settings, prefixed_settings
 

@@ -14,7 +14,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from daemon.bench_procs import Feeder, Reader, latencies_ms, server_split_ms
+from daemon.bench_latency import latencies_ms, server_split_ms
+from daemon.bench_procs import Feeder, Reader
 from daemon.streams import Commit, EntryBatch, StreamIO
 
 WARMUP_FRACTION = 0.1  # the first 10% of every measured feed is excluded (warm-up)

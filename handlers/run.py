@@ -1,17 +1,16 @@
-"""The training-run directory (CONTRACT section 2): manifest, meta, routing, integrity checks,
-and `ModelLoader`, which turns a family directory into a loaded handler or a refusal."""
+"""The training-run directory (CONTRACT section 2): manifest, meta, routing, and `ModelLoader`,
+which turns a family directory into a loaded handler or a refusal (the checks: `admission`)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from handlers.artifact_hash import artifact_sha256
+from handlers.admission import checksum_refusal, interval_refusal, pickle_refusal
 from handlers.base import ModelHandler
 from handlers.errors import LivepredError, ModelLoadError
 from handlers.meta import MetaError, ModelMeta
@@ -21,7 +20,6 @@ from handlers.run_manifest import RunLayoutError, normalise_key, read_json, read
 log = logging.getLogger(__name__)
 
 DEFAULT_VIEW = "CROSS_SECTIONAL"
-_SHOWN_HEX = 12  # sha256 prefix length in messages
 
 
 # --- descriptions (for `livepred inspect`) -------------------------------------------------
@@ -235,10 +233,21 @@ class ModelLoader:
                 f"no model file in {self._rel(family_dir)}: expected one of {', '.join(MODEL_FILE_NAMES)}",
             )
         format_name, model_path = found
-        self._check_interval(meta, family, target)
-        if format_name == "pickle":
-            self._check_pickle(model_path, family, target)
-        self._check_checksums(family_dir, model_path, meta, family, target)
+        refusal = interval_refusal(meta.interval_minutes, self.interval_minutes)
+        if refusal is None and format_name == "pickle":
+            shown = self._rel(model_path)
+            refusal = pickle_refusal(model_path, shown, allow_pickle=self.allow_pickle)
+        if refusal is None:
+            refusal = checksum_refusal(
+                self.run_root,
+                self._rel(family_dir),
+                self._artifacts,
+                model_path,
+                self._rel(model_path),
+                meta.model_checksum,
+            )
+        if refusal is not None:
+            raise ModelLoadError(family, target, refusal)
         try:
             cls = handler_class(format_name)
         except LivepredError as exc:  # MissingDependencyError names the pip extra
@@ -254,67 +263,6 @@ class ModelLoader:
                 f"could not load {self._rel(model_path)} as {format_name}: {_one_line(exc)}",
             ) from exc
         return handler, meta
-
-    def _check_interval(self, meta: ModelMeta, family: str, target: str) -> None:
-        trained = meta.interval_minutes
-        if (
-            self.interval_minutes
-            and trained is not None
-            and abs(trained - self.interval_minutes) > 1e-9
-        ):
-            raise ModelLoadError(
-                family,
-                target,
-                f"trained on {trained:g}-minute bars (model_meta.json interval_minutes) but"
-                f" models.interval_minutes = {self.interval_minutes:g}",
-            )
-
-    def _check_pickle(self, path: Path, family: str, target: str) -> None:
-        if not self.allow_pickle:
-            raise ModelLoadError(
-                family,
-                target,
-                f"{self._rel(path)} is a pickle, which runs code when loaded, and"
-                " models.allow_pickle is false (set it to true to load pickles)",
-            )
-        mode = path.stat().st_mode
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise ModelLoadError(
-                family,
-                target,
-                f"pickle {path} is writable by group or others (mode {stat.S_IMODE(mode):o});"
-                f" pickles run code when loaded: chmod go-w {path}",
-            )
-
-    def _check_checksums(
-        self, family_dir: Path, model_path: Path, meta: ModelMeta, family: str, target: str
-    ) -> None:
-        """Every manifest artifact inside this family directory, then `model_checksum`."""
-        prefix = self._rel(family_dir) + "/"
-        for key, expected in sorted(self._artifacts.items()):
-            if not key.startswith(prefix):
-                continue
-            path = self.run_root / key
-            if not path.exists():
-                raise ModelLoadError(family, target, f"manifest.json lists {key}, which is missing")
-            actual = artifact_sha256(path)
-            if actual != expected:
-                raise ModelLoadError(
-                    family, target, _mismatch(key, "manifest.json artifacts", expected, actual)
-                )
-        if meta.model_checksum is not None:
-            actual = artifact_sha256(model_path)
-            if actual != meta.model_checksum:
-                raise ModelLoadError(
-                    family,
-                    target,
-                    _mismatch(
-                        self._rel(model_path),
-                        "model_meta.json model_checksum",
-                        meta.model_checksum,
-                        actual,
-                    ),
-                )
 
     def _describe_family(
         self, target: str, family: str, view: str, load: bool
@@ -386,13 +334,6 @@ def _child_dirs(directory: Path) -> list[str]:
     if not directory.is_dir():
         return []
     return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _mismatch(rel_path: str, source: str, expected: str, actual: str) -> str:
-    return (
-        f"sha256 mismatch for {rel_path}: {source} says {expected[:_SHOWN_HEX]}..., the file is"
-        f" {actual[:_SHOWN_HEX]}...; the file changed after training: restore it, or fix {source}"
-    )
 
 
 def _one_line(exc: BaseException) -> str:

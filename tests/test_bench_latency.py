@@ -1,4 +1,4 @@
-"""The benchmark's latency split by Redis's clock: read off the entry ids Redis assigned."""
+"""The benchmark's latencies: XADD sent to output seen, and their split by Redis's clock."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
+from daemon.bench_latency import latencies_ms, server_split_ms
 from daemon.bench_limit import split_percentiles
-from daemon.bench_procs import server_split_ms
 
 
 def test_each_bar_is_split_at_its_output_entry() -> None:
@@ -32,10 +32,22 @@ def test_percentiles_leave_out_the_warm_up_and_the_bars_without_output() -> None
     keep = [k for k in range(n) if k != 50]  # one bar lost
     got = split_percentiles(
         {"ids": sent},
-        {"ids": [sent[k] for k in keep], "out_ids": [out_ids[k] for k in keep],
-         "seen_us": [seen_us[k] for k in keep]},
+        {
+            "ids": [sent[k] for k in keep],
+            "out_ids": [out_ids[k] for k in keep],
+            "seen_us": [seen_us[k] for k in keep],
+        },
     )
     expected = np.array([waits[k] for k in range(10, n) if k != 50], dtype=float)
     assert got["inside_p50_ms"] == np.percentile(expected, 50)
     assert got["inside_p99_ms"] == np.percentile(expected, 99)
     assert got["reader_p50_ms"] == 1.0 and got["reader_p99_ms"] == 1.0
+
+
+def test_latency_is_seen_minus_sent_per_fed_bar_in_feed_order() -> None:
+    sent_ids = ["5-0", "5-1", "6-0"]
+    sent_us = [5_000_100, 5_000_300, 6_000_000]
+    # seen out of order; "5-1" never seen
+    lat, missing = latencies_ms(sent_ids, sent_us, ["6-0", "5-0"], [6_002_500, 5_001_350])
+    assert missing == 1
+    assert lat[0] == 1.25 and math.isnan(lat[1]) and lat[2] == 2.5
