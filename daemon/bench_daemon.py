@@ -23,6 +23,7 @@ from daemon.bench_limit import (
     WARMUP_FRACTION,
     delete_prefixed,
     drain_rate,
+    passthrough_drain,
     passthrough_latency,
     percentiles_ms,
     sample,
@@ -176,6 +177,10 @@ class ScaleOptions:
     rebuild_phases: bool = False  # time the rebuild's steps one by one afterwards
     latency_repeats: int = 1
     rtt_seconds: float = 2.0
+    # Before each drain, the passthrough drains the same backlog (the daemon stopped): each
+    # drain gets its own limit, measured seconds before it, which the box's drift over a
+    # run (+-20% here) cannot move apart.
+    paired_limit: bool = False
 
 
 async def livepred_scale(
@@ -197,9 +202,14 @@ async def livepred_scale(
     daemon = DaemonHandle(settings, engine)
     start_s.append(await daemon.start())
     rebuild_rates.extend(b / s for b, s in daemon.metrics.rebuilds if s > 0 and b)
+    paired: list[float] = []
     for r in range(opts.repeats):
         # A standing backlog: the daemon is down while it is published, then drains it.
         await daemon.stop()
+        if opts.paired_limit:
+            paired.append(
+                await passthrough_drain(redis, feeder, f"{p}pair{r}:", opts.backlog, r, False)
+            )
         await redis.xtrim(stream, maxlen=history, approximate=False)
         out_before = await _last_id(redis, output)
         ids = await asyncio.to_thread(feeder.backlog, p, stream, opts.backlog)
@@ -274,6 +284,13 @@ async def livepred_scale(
         "outputs_match": published_ok,
         "latency_sample_ms": sample(lat_kept, 4000),
     }
+    if paired:
+        ratios = [rate_r / limit_r for rate_r, limit_r in zip(rates, paired, strict=True)]
+        result["paired_limit"] = {
+            "limit_bars_per_s_runs": paired,
+            "ratio_runs": ratios,
+            "ratio": float(np.median(ratios)),
+        }
     if opts.bursts:
         result["burst"] = await _bursts(daemon, redis, feeder, reader, p, opts)
     await daemon.stop()

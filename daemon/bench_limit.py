@@ -148,7 +148,7 @@ def drain_rate(marks: list[tuple[int, float]], start: float, total: int) -> floa
     return (last[0] - first[0]) / max(last[1] - first[1], 1e-9)
 
 
-async def _passthrough_drain(
+async def passthrough_drain(
     redis: Any, feeder: Feeder, p: str, backlog: int, seed: int, fenced: bool
 ) -> float:
     feeder.market(p, 1000, seed=seed)
@@ -192,8 +192,8 @@ async def redis_limit(
     plain: list[float] = []
     fenced: list[float] = []
     for r in range(repeats):
-        plain.append(await _passthrough_drain(redis, feeder, f"{prefix}lim{r}:", backlog, r, False))
-        fenced.append(await _passthrough_drain(redis, feeder, f"{prefix}limf{r}:", backlog, r, True))
+        plain.append(await passthrough_drain(redis, feeder, f"{prefix}lim{r}:", backlog, r, False))
+        fenced.append(await passthrough_drain(redis, feeder, f"{prefix}limf{r}:", backlog, r, True))
     rtt = await passthrough_latency(
         redis, feeder, reader, f"{prefix}rtt:", 200.0, rtt_seconds, single=True, fenced=False
     )

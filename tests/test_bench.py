@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -64,6 +65,18 @@ def check_results(results: dict[str, Any]) -> None:
         stages = set(r["breakdown_us_per_bar"])
         assert {"decode", "state", "encode", "redis_commit"} <= stages
         assert {f"model:{f}" for f in FAMILIES} <= stages
+    # The throughput target: each drain of the target scale against the passthrough drained
+    # just before it (the embedded plan has no 1,000 scale: its largest stands in).
+    scale = "1000" if "1000" in results["livepred"] else max(results["livepred"], key=int)
+    drains = results["livepred"][scale]["bars_per_s_runs"]
+    pair = results["livepred"][scale]["paired_limit"]
+    assert len(pair["limit_bars_per_s_runs"]) == len(drains) >= 1
+    assert all(v > 0 for v in pair["limit_bars_per_s_runs"])
+    expected = [d / lim for d, lim in zip(drains, pair["limit_bars_per_s_runs"], strict=True)]
+    assert pair["ratio_runs"] == pytest.approx(expected)
+    assert pair["ratio"] == pytest.approx(float(np.median(expected)))
+    target = next(t for t in results["targets"] if t["name"] == "throughput vs Redis limit")
+    assert target["value"] == pytest.approx(pair["ratio"])
     burst = results["burst"]
     assert burst["symbols"] > 0
     # Measured from the feeder's reply to its pipeline: on a loaded box the last prediction
@@ -90,7 +103,9 @@ def test_quick_bench_against_real_redis(tmp_path: Path, real_redis_url: str) -> 
     assert results["embedded_redis"] is False
     assert "Targets" in done.stdout
     assert (tmp_path / "latency.png").stat().st_size > 10_000
-    assert "| symbols |" in (tmp_path / "tables.md").read_text()
+    tables = (tmp_path / "tables.md").read_text()
+    assert "| symbols |" in tables
+    assert "drained just before each drain" in tables
     # Everything the benchmark wrote under its key prefix is gone.
     import redis
 
