@@ -198,6 +198,7 @@ async def livepred_scale(
     rebuild_rates: list[float] = []
     start_s: list[float] = []
     breakdown: dict[str, float] = {}
+    drain_per_batch: dict[str, float] = {}
     published_ok = True
     daemon = DaemonHandle(settings, engine)
     start_s.append(await daemon.start())
@@ -222,6 +223,7 @@ async def livepred_scale(
         published_ok &= await _outputs_match(redis, output, out_before, ids)
         if r == opts.repeats - 1:
             breakdown = daemon.metrics.breakdown_us()
+            drain_per_batch = daemon.metrics.per_batch_ms()
         log(f"  {opts.symbols} symbols: drain {r + 1}/{opts.repeats}: {rates[-1]:,.0f} bars/s")
     rate = float(np.median(rates))
     rss_after = process_rss_bytes()
@@ -281,6 +283,7 @@ async def livepred_scale(
         "rebuild_bars_per_s": float(np.median(rebuild_rates)) if rebuild_rates else None,
         "rebuild_bars_per_s_runs": rebuild_rates,
         "breakdown_us_per_bar": breakdown,
+        "drain_per_batch": drain_per_batch,
         "outputs_match": published_ok,
         "latency_sample_ms": sample(lat_kept, 4000),
     }

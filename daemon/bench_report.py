@@ -154,6 +154,8 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                     "same backlog, seconds apart: the box's drift over a run cancels)",
                     ["symbols", "pair", "passthrough bars/s", "livepred bars/s", "ratio"], rows))
     for title, path in (
+        ("During the drain (the last of each scale): batch size and time per batch (reads "
+         "made while a batch computes join the next one)", ("drain_per_batch",)),
         ("At 50% load: batch size and time per batch (fixed per-call costs show here)",
          ("latency_per_batch",)),
         ("At 10% load: batch size and time per batch (compute CPU: the computing thread's own "

@@ -60,7 +60,9 @@ def check_results(results: dict[str, Any]) -> None:
         assert r["latency_missing"] == 0, scale
         # The computing thread's CPU time per batch: some, and never more than the wall
         # time of the stages it spans (a process-wide clock would exceed it).
-        for per_batch in (r["latency_per_batch"], r["light_load"]["per_batch"]):
+        assert r["drain_per_batch"]["mean_batch"] >= 1, scale
+        for per_batch in (r["drain_per_batch"], r["latency_per_batch"],
+                          r["light_load"]["per_batch"]):
             assert 0 < per_batch["compute CPU"] <= per_batch["compute wall"] * 1.1 + 0.05, scale
         stages = set(r["breakdown_us_per_bar"])
         assert {"decode", "state", "encode", "redis_commit"} <= stages
