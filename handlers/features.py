@@ -89,7 +89,6 @@ class FeatureState:
         self._max_warmup = int(self._warmup.max(initial=0))
         self._unknown_cols = [i for i, s in enumerate(self.specs) if s is None]
         self._layout = FeatureLayout(self.specs)
-        self._ring_len = self._layout.ring_len
         self._front_start = [0] * len(self._layout.groups)  # each group's region in `_front`
         self._capacity = 0
         self._ring = np.zeros(0)
@@ -98,8 +97,6 @@ class FeatureState:
         self._acc = np.zeros((0, self._layout.acc_rows))
         self._front = np.zeros(0)
         self.ensure_capacity(max(int(capacity), 1))
-
-    # ---- layout -------------------------------------------------------------------------
 
     # ---- capacity -----------------------------------------------------------------------
 
@@ -112,8 +109,8 @@ class FeatureState:
         if n_slots <= self._capacity:
             return
         old, new = self._capacity, max(int(n_slots), 2 * self._capacity)
-        ring = np.ones(new * self._ring_len)
-        ring[: old * self._ring_len] = self._ring
+        ring = np.ones(new * self._layout.ring_len)
+        ring[: old * self._layout.ring_len] = self._ring
         self._ring = ring
         self._nbars = _grown(self._nbars, new)
         self._mark = _grown(self._mark, new)
@@ -137,7 +134,7 @@ class FeatureState:
     def nbytes_per_slot(self) -> int:
         """Bytes of state one slot costs."""
         fronts = sum(self._layout.front_sizes())
-        return 8 * (self._ring_len + 2 + self._layout.acc_rows + fronts)
+        return 8 * (self._layout.ring_len + 2 + self._layout.acc_rows + fronts)
 
     def reset(self, slots: np.ndarray) -> None:
         """Start these slots afresh: their next close is bar 0 of a new history."""
@@ -176,11 +173,11 @@ class FeatureState:
         out = np.empty((len(self.names), len(slots)))
         if len(slots) == 0:
             return out
-        mask = self._ring_len - 1
+        mask = self._layout.ring_len - 1
         ring = self._ring
         t = self._nbars[slots]  # this close's bar index in the slot's history
         self._nbars[slots] = t + 1
-        base = slots * self._ring_len
+        base = slots * self._layout.ring_len
         ring[base + (t & mask)] = x
         prev = ring[base + ((t - 1) & mask)]
         first = t == 0
@@ -311,8 +308,8 @@ class FeatureState:
         if n == 1:
             return  # the window is the current bar: front stays all zero
         slots = slots[rows]
-        index = (t[rows] + group.lags) & (self._ring_len - 1)
-        index += slots * self._ring_len
+        index = (t[rows] + group.lags) & (self._layout.ring_len - 1)
+        index += slots * self._layout.ring_len
         closes = self._ring[index]  # (N, R): bars t-N .. t-1
         width = group.width
         elems = np.empty((n, width, len(rows)))  # (block offset, quantity, slot)
