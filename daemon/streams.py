@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
 from daemon.partitions import PartitionKeys
 from daemon.stream_scripts import ACQUIRE_LUA, COMMIT_LUA, READ_LUA, RELEASE_LUA, RENEW_LUA
@@ -20,6 +20,11 @@ Fields = dict[bytes, bytes]
 COMMITTED = 1
 ALREADY_COMMITTED = 0
 LEASE_LOST = -1
+
+# A watched read starts over when the lease key changed between WATCH and EXEC (the holder's
+# own renewal touches it too); after this many tries in a row, the script reads instead.
+WATCH_TRIES = 3
+_CHANGED = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,17 +167,58 @@ class StreamIO:
     async def read_new(self, token: str, count: int, block_ms: int) -> EntryBatch | None:
         """New entries for this consumer, waiting up to `block_ms` for some; None when the
         lease `token` no longer holds the partition (nothing was delivered then)."""
-        keys = [self.lease_key, *self.inputs]
-        args = [token, self.group, self.consumer, count]
-        reply = await self._read(keys=keys, args=args)
-        if isinstance(reply, list) and int(reply[0]) == 0 and block_ms > 0:
-            tails = {s: _s(i) for s, i in zip(self.inputs, reply[1:], strict=True)}
+        read = await self._read_fenced(token, count)
+        if read is not None and not read[0] and block_ms > 0:
             # No side effect: only waits until an entry newer than what the group has seen.
-            await self.redis.xread(tails, count=1, block=block_ms)
-            reply = await self._read(keys=keys, args=args)
+            await self.redis.xread(read[1], count=1, block=block_ms)
+            read = await self._read_fenced(token, count)
+        return None if read is None else read[0]
+
+    async def _read_fenced(
+        self, token: str, count: int
+    ) -> tuple[EntryBatch, dict[str, str]] | None:
+        """XREADGROUP '>' only while `token` holds the lease, and each input's last entry id
+        as of that read (what an empty read waits on); None when the lease is not ours.
+
+        Where the client allows it (not Redis Cluster), the lease is WATCHed and the read
+        runs in MULTI/EXEC: an XREADGROUP reply passed through a script costs Redis twice
+        the read itself (Lua tables built and turned back; BENCHMARKS.md)."""
+        raw = self._raw_client()
+        if raw is not None:
+            for _ in range(WATCH_TRIES):
+                read = await self._read_watched(raw, token, count)
+                if read is not _CHANGED:
+                    return read  # type: ignore[return-value]
+        reply = await self._read(
+            keys=[self.lease_key, *self.inputs], args=[token, self.group, self.consumer, count]
+        )
         if not isinstance(reply, list):
             return None  # -1: the lease is gone
-        return _script_batch(reply[1]) if int(reply[0]) == 1 else EntryBatch()
+        if int(reply[0]) == 1:
+            return _read_batch(reply[1]), {}
+        return EntryBatch(), {s: _s(i) for s, i in zip(self.inputs, reply[1:], strict=True)}
+
+    async def _read_watched(self, raw: Any, token: str, count: int) -> Any:
+        async with raw.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.lease_key)
+            holder = await pipe.get(self.lease_key)
+            if holder is None or _s(holder) != token:
+                return None
+            pipe.multi()
+            pipe.execute_command(
+                "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count,
+                "STREAMS", *self.inputs, *(">",) * len(self.inputs),
+            )
+            for stream in self.inputs:
+                pipe.execute_command("XREVRANGE", stream, "+", "-", "COUNT", 1)
+            try:
+                reply, *last = await pipe.execute()
+            except WatchError:  # the lease key changed in between: nothing was read
+                return _CHANGED
+        tails = {
+            s: _s(rows[0][0]) if rows else "0-0" for s, rows in zip(self.inputs, last, strict=True)
+        }
+        return _read_batch(reply), tails
 
     async def groups_missing(self) -> bool:
         """Whether the group is missing on any input (Redis restarted empty, or deleted)."""
@@ -276,9 +322,10 @@ class StreamIO:
             upper = "(" + _s(rows[-1][0])
 
     def _raw_client(self) -> Any:
-        """A client on the same connections that leaves XREVRANGE replies as Redis sent them
-        (redis-py otherwise builds an (id, dict) pair per entry, the larger part of a history
-        scan's cost). None where that is not possible (Redis Cluster): parsed replies then."""
+        """A client on the same connections that leaves XREVRANGE and XREADGROUP replies as
+        Redis sent them (redis-py otherwise builds an (id, dict) pair per entry, the larger
+        part of a history scan's cost). None where that is not possible (Redis Cluster):
+        parsed replies then."""
         if self._raw is None:
             self._raw = False
             pool = getattr(self.redis, "connection_pool", None)
@@ -288,7 +335,8 @@ class StreamIO:
 
                 raw = Redis(connection_pool=pool)
                 raw.response_callbacks = {
-                    k: v for k, v in callbacks.items() if str(k).upper() != "XREVRANGE"
+                    k: v for k, v in callbacks.items()
+                    if str(k).upper() not in ("XREVRANGE", "XREADGROUP")
                 }
                 self._raw = raw
         return self._raw or None
@@ -349,10 +397,13 @@ def _row_ids(rows: Sequence[Any]) -> list[str]:
         return [_s(i) for i, _ in rows]
 
 
-def _script_batch(reply: Any) -> EntryBatch:
-    """Entries from an XREADGROUP reply passed through a script: [[stream, [[id, [f, v,
-    ...]], ...]], ...] (some emulations flatten it to [stream, rows, stream, rows, ...])."""
-    if reply and isinstance(reply[0], bytes | str):
+def _read_batch(reply: Any) -> EntryBatch:
+    """Entries from an XREADGROUP reply as Redis sent it, directly or through a script:
+    [[stream, [[id, [f, v, ...]], ...]], ...] (some emulations flatten it to [stream, rows,
+    stream, rows, ...]; RESP3 sends a map)."""
+    if isinstance(reply, dict):
+        pairs = list(reply.items())
+    elif reply and isinstance(reply[0], bytes | str):
         pairs = list(zip(reply[0::2], reply[1::2], strict=True))
     else:
         pairs = [(item[0], item[1]) for item in reply or ()]

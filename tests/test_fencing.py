@@ -1,6 +1,10 @@
 """Lease fencing of the stream primitives (CONTRACT section 9): without the lease, a read
 delivers nothing (the group's cursor stays put) and a commit writes nothing; and a worker
-whose lease is taken stops at once, as a standby. On fakeredis and on the real Redis."""
+whose lease is taken stops at once, as a standby. On fakeredis and on the real Redis.
+
+A read is fenced two ways (`StreamIO._read_fenced`): WATCH on the lease key and MULTI/EXEC
+where the client allows it, else a script (Redis Cluster); both are tested, and the WATCH
+way when the lease key changes between WATCH and EXEC (taken over, or renewed)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from daemon import streams
 from daemon.service import Service
 from daemon.settings import load_settings
 from daemon.streams import LEASE_LOST, Commit, StreamIO
@@ -46,7 +51,15 @@ async def _prepared(redis: object, prefix: str, entries: int = 3) -> StreamIO:
     return io
 
 
-async def test_a_read_without_the_lease_delivers_nothing(client_and_prefix) -> None:
+@pytest.fixture(params=["watch", "script"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each read test once per way of fencing the read."""
+    if request.param == "script":
+        monkeypatch.setattr(streams, "WATCH_TRIES", 0)
+    return str(request.param)
+
+
+async def test_a_read_without_the_lease_delivers_nothing(client_and_prefix, read_path) -> None:
     redis, prefix = client_and_prefix
     io = await _prepared(redis, prefix)
     await redis.set(io.lease_key, OTHER, px=10_000)
@@ -79,10 +92,90 @@ async def test_a_commit_without_the_lease_writes_nothing(client_and_prefix) -> N
     assert (await redis.xpending(io.inputs[0], io.group))["pending"] == 3
 
 
-@pytest.mark.redis
-async def test_an_empty_read_wakes_up_as_soon_as_an_entry_arrives(
-    real_redis: aioredis.Redis, key_prefix: str
+class _Meddling:
+    """A raw client whose transaction lets `meddle` run right after the lease is read (between
+    WATCH and EXEC), the first `times` times: what another connection may do meanwhile."""
+
+    def __init__(self, raw: object, meddle, times: int = 1) -> None:
+        self.raw, self.meddle, self.times, self.reads = raw, meddle, times, 0
+
+    def pipeline(self, transaction: bool = True) -> object:
+        outer = self
+        pipe = self.raw.pipeline(transaction=transaction)  # type: ignore[attr-defined]
+        get = pipe.get
+
+        async def get_then_meddle(key: str) -> object:
+            value = await get(key)
+            outer.reads += 1
+            if outer.reads <= outer.times:
+                await outer.meddle()
+            return value
+
+        pipe.get = get_then_meddle
+        return pipe
+
+
+async def test_a_lease_taken_between_watch_and_exec_delivers_nothing(client_and_prefix) -> None:
+    redis, prefix = client_and_prefix
+    io = await _prepared(redis, prefix)
+    await redis.set(io.lease_key, MINE, px=10_000)
+    raw = io._raw_client()
+    assert raw is not None
+
+    async def take_over() -> None:
+        await redis.set(io.lease_key, OTHER, px=10_000)
+
+    meddling = _Meddling(raw, take_over)
+    io._raw_client = lambda: meddling  # type: ignore[method-assign]
+    assert await io.read_new(MINE, 10, 10) is None
+    assert meddling.reads == 2  # the EXEC was refused, and the next try saw the new holder
+    assert (await redis.xpending(io.inputs[0], io.group))["pending"] == 0
+
+
+async def test_a_renewal_between_watch_and_exec_only_retries_the_read(client_and_prefix) -> None:
+    redis, prefix = client_and_prefix
+    io = await _prepared(redis, prefix)
+    await redis.set(io.lease_key, MINE, px=10_000)
+    raw = io._raw_client()
+    assert raw is not None
+
+    async def renew() -> None:  # the holder's own renewal, from its lease task
+        await redis.pexpire(io.lease_key, 20_000)
+
+    meddling = _Meddling(raw, renew, times=streams.WATCH_TRIES - 1)
+    io._raw_client = lambda: meddling  # type: ignore[method-assign]
+    entries = await io.read_new(MINE, 10, 10)
+    assert entries is not None
+    assert [e.fields for e in entries] == [{b"n": str(i).encode()} for i in range(3)]
+    assert meddling.reads == streams.WATCH_TRIES
+    assert (await redis.xpending(io.inputs[0], io.group))["pending"] == 3
+
+
+async def test_a_read_the_lease_key_keeps_changing_under_falls_back_to_the_script(
+    client_and_prefix,
 ) -> None:
+    redis, prefix = client_and_prefix
+    io = await _prepared(redis, prefix)
+    await redis.set(io.lease_key, MINE, px=10_000)
+    raw = io._raw_client()
+
+    async def renew() -> None:
+        await redis.pexpire(io.lease_key, 20_000)
+
+    meddling = _Meddling(raw, renew, times=streams.WATCH_TRIES)
+    io._raw_client = lambda: meddling  # type: ignore[method-assign]
+    entries = await io.read_new(MINE, 10, 10)
+    assert entries is not None and len(entries) == 3
+    assert meddling.reads == streams.WATCH_TRIES  # every watched try refused, then the script
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("way", ["watch", "script"])
+async def test_an_empty_read_wakes_up_as_soon_as_an_entry_arrives(
+    real_redis: aioredis.Redis, key_prefix: str, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if way == "script":
+        monkeypatch.setattr(streams, "WATCH_TRIES", 0)
     io = await _prepared(real_redis, key_prefix, entries=0)
     await real_redis.set(io.lease_key, MINE, px=10_000)
 
