@@ -79,7 +79,9 @@ return 0
 # Reads of new entries are fenced like the writes: XREADGROUP '>' moves the group's cursor,
 # and entries delivered to an instance that has lost its lease would be stranded on its
 # consumer (the new owner claimed the pending ones when it took over). Scripts cannot block,
-# so an empty read returns each stream's last entry id, to wait on with XREAD BLOCK.
+# so an empty read returns each stream's last entry id, to wait on with XREAD BLOCK. Where the
+# client can hold a transaction (not Redis Cluster), `StreamIO` reads the same way with WATCH
+# and MULTI/EXEC instead, which spares Redis turning the reply into Lua tables and back.
 # KEYS = lease, input_1..input_k. ARGV = token, group, consumer, count.
 # Returns -1 (lease lost), {1, xreadgroup reply}, or {0, last id per input ('0-0' if empty)}.
 READ_LUA = """
