@@ -17,6 +17,9 @@ from handlers.features import FeatureState
 from handlers.sequences import RAW, SequenceBuffers
 
 OUT_OF_ORDER = "out_of_order"
+# From this many bars a batch is first checked as a whole (`_clean_batch`): the numpy
+# calls cost more than the per-bar loop they replace for a handful of bars.
+CLEAN_MIN_ROWS = 64
 
 
 class BarLike(Protocol):
@@ -77,6 +80,7 @@ class SymbolTable:
         self._active = np.zeros(capacity, dtype=bool)
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         self.max_ts_seen = 0
+        self.clean_min_rows = CLEAN_MIN_ROWS
         self.duplicates_total = 0
         self.evictions_total = 0
 
@@ -160,12 +164,90 @@ class SymbolTable:
     ) -> ApplyResult:
         """`apply` for bars given as columns: symbols, ts (n,) int64, ohlcv (n, 5) float64.
         Indices in the result refer to these rows."""
+        n_in = len(symbols)
+        clean = self._clean_batch(symbols, ts) if n_in >= self.clean_min_rows else None
+        slots: Sequence[int] | np.ndarray
+        waves: Sequence[int] | np.ndarray
+        fresh: Sequence[bool] | np.ndarray
+        rejected: list[tuple[int, str]]
+        duplicates: list[int]
+        if clean is not None:
+            slots, waves = clean
+            accepted, rejected, duplicates = list(range(n_in)), [], []
+            fresh = np.zeros(n_in, dtype=bool)
+            self.max_ts_seen = max(self.max_ts_seen, int(ts.max()))
+        else:
+            accepted, rejected, duplicates, slots, waves, fresh = self._classify(symbols, ts)
+        self.duplicates_total += len(duplicates)
+
+        n = len(accepted)
+        inputs = None
+        if gather:
+            inputs = BatchInputs(
+                features=np.empty((n, len(self.spec.feature_names)), dtype=np.float64),
+                bars_seen=np.empty(n, dtype=np.int64),
+                sequences={
+                    s: np.empty((n, s.length, len(s.columns)), dtype=np.float32)
+                    for s in self.spec.sequences
+                },
+            )
+        resets = int(np.count_nonzero(fresh))
+        if n:
+            rows = np.asarray(accepted, dtype=np.int64)
+            if n == n_in:
+                self._run_waves(ts, ohlcv, slots, waves, fresh, inputs)
+            else:
+                self._run_waves(ts[rows], ohlcv[rows], slots, waves, fresh, inputs)
+        evicted = self.evict_stale()
+        return ApplyResult(accepted, inputs, rejected, duplicates, resets, evicted)
+
+    def _clean_batch(
+        self, symbols: Sequence[str], ts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(slots, waves) when every bar of the batch is accepted and nothing restarts: every
+        symbol known, each bar's ts above the symbol's previous one (in the table or earlier in
+        the batch) by at most the TTL, and that previous one within the TTL of the newest ts
+        seen before the bar. The same verdicts `_classify` reaches one bar at a time, for the
+        usual batch, with numpy; None when any bar needs the per-bar rules."""
+        get = self.slot_of.get
+        found = [get(s) for s in symbols]
+        if None in found:
+            return None
+        slots = np.array(found, dtype=np.int64)
+        n = slots.size
+        order = np.argsort(slots, kind="stable")  # each symbol's bars together, in bar order
+        by_slot = slots[order]
+        first = np.ones(n, dtype=bool)
+        np.not_equal(by_slot[1:], by_slot[:-1], out=first[1:])
+        ts_by_slot = ts[order]
+        previous = np.empty(n, dtype=np.int64)
+        previous[1:] = ts_by_slot[:-1]
+        previous[first] = self.last_ts[by_slot[first]]
+        gap = ts_by_slot - previous
+        # The newest ts seen before each bar (every bar before it is accepted too).
+        seen_before = np.maximum.accumulate(np.concatenate(([self.max_ts_seen], ts[:-1])))
+        if not (
+            (gap > 0).all()
+            and (gap <= self.ttl_ms).all()
+            and (previous >= seen_before[order] - self.ttl_ms).all()
+        ):
+            return None
+        starts = np.flatnonzero(first)
+        wave_by_slot = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+        waves = np.empty(n, dtype=np.int64)
+        waves[order] = wave_by_slot
+        return slots, waves
+
+    def _classify(
+        self, symbols: Sequence[str], ts: np.ndarray
+    ) -> tuple[list[int], list[tuple[int, str]], list[int], list[int], list[int], list[bool]]:
+        """Each bar's verdict in order (accepted, rejected, duplicate), allocating slots for
+        new symbols; for accepted bars: slot, wave (k-th occurrence of the slot in this batch)
+        and whether the symbol restarts fresh before it."""
         ttl_ms = self.ttl_ms
         accepted: list[int] = []
         rejected: list[tuple[int, str]] = []
         duplicates: list[int] = []
-        # Per accepted bar: its slot, its wave (k-th occurrence of the slot in this batch),
-        # and whether its symbol restarts fresh before it.
         slots: list[int] = []
         waves: list[int] = []
         fresh: list[bool] = []
@@ -207,36 +289,15 @@ class SymbolTable:
             waves.append(wave)
             fresh.append(restart)
         self.max_ts_seen = max_seen
-        self.duplicates_total += len(duplicates)
-
-        n = len(accepted)
-        inputs = None
-        if gather:
-            inputs = BatchInputs(
-                features=np.empty((n, len(self.spec.feature_names)), dtype=np.float64),
-                bars_seen=np.empty(n, dtype=np.int64),
-                sequences={
-                    s: np.empty((n, s.length, len(s.columns)), dtype=np.float32)
-                    for s in self.spec.sequences
-                },
-            )
-        resets = sum(fresh)
-        if n:
-            rows = np.asarray(accepted, dtype=np.int64)
-            if n == len(symbols):
-                self._run_waves(ts, ohlcv, slots, waves, fresh, inputs)
-            else:
-                self._run_waves(ts[rows], ohlcv[rows], slots, waves, fresh, inputs)
-        evicted = self.evict_stale()
-        return ApplyResult(accepted, inputs, rejected, duplicates, resets, evicted)
+        return accepted, rejected, duplicates, slots, waves, fresh
 
     def _run_waves(
         self,
         ts_all: np.ndarray,
         ohlcv: np.ndarray,
-        slots_list: list[int],
-        waves_list: list[int],
-        fresh_list: list[bool],
+        slots_list: Sequence[int] | np.ndarray,
+        waves_list: Sequence[int] | np.ndarray,
+        fresh_list: Sequence[bool] | np.ndarray,
         inputs: BatchInputs | None,
     ) -> None:
         """Apply the accepted bars (ts, ohlcv rows aligned with `slots_list`), one wave of

@@ -131,3 +131,45 @@ def test_memory_per_symbol_with_default_features_and_one_buffer() -> None:
     spec = InputSpec(tuple(DEFAULT_FEATURES), (SequenceSpec(FEATURES, tuple(DEFAULT_FEATURES), 20),))
     table = SymbolTable(spec, ttl_s=900)
     assert table.nbytes_per_slot() < 4096
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_the_ttl_boundaries_are_the_same_one_bar_at_a_time_and_as_a_whole(whole: bool) -> None:
+    """A gap of exactly the TTL continues the symbol; one more millisecond restarts it; a bar
+    that moves the newest ts seen leaves another symbol behind the horizon, whose next bar in
+    the same batch restarts it. Whole: each batch checked at once first."""
+    ttl_ms = 300_000
+    table = SymbolTable(SPEC, ttl_s=ttl_ms / 1000)
+    if whole:
+        table.clean_min_rows = 1
+    table.apply([bar("A", MIN * i, 100.0 + i) for i in range(1, 6)]
+                + [bar("B", MIN * i, 50.0 + i) for i in range(1, 6)])
+    base = MIN * 5 + ttl_ms
+    at_ttl = table.apply([bar("A", base, 99.0), bar("B", base - MIN, 51.0)])
+    assert at_ttl.resets == 0 and at_ttl.accepted == [0, 1]
+    assert at_ttl.inputs is not None and at_ttl.inputs.bars_seen.tolist() == [6, 6]
+    # A moves the newest ts seen to base + TTL: B (last at base - 1 min) falls behind.
+    behind = table.apply([bar("A", base + ttl_ms, 98.0), bar("B", base, 52.0)])
+    assert behind.resets == 1
+    assert behind.inputs is not None and behind.inputs.bars_seen.tolist() == [7, 1]
+    past = table.apply([bar("A", base + 2 * ttl_ms + 1, 97.0)])
+    assert past.resets == 1 and past.inputs is not None and past.inputs.bars_seen.tolist() == [1]
+
+
+def test_a_clean_batch_is_taken_whole_and_an_odd_one_is_not() -> None:
+    table = SymbolTable(SPEC, ttl_s=900)
+    table.apply([bar(s, MIN, 1.0) for s in ("A", "B", "C")])
+    symbols = ["A", "B", "A", "C", "A"]
+    ts = np.array([2, 2, 3, 2, 4], dtype=np.int64) * MIN
+    clean = table._clean_batch(symbols, ts)
+    assert clean is not None
+    assert clean[0].tolist() == [table.slot_of[s] for s in symbols]
+    assert clean[1].tolist() == [0, 0, 1, 0, 2]  # the k-th bar of its symbol in the batch
+    assert table._clean_batch(["B"], np.array([MIN + 900_000])) is not None  # exactly the TTL
+    for odd_symbols, odd_ts in (
+        (["A", "A"], [2, 2]),  # a duplicate
+        (["A", "A"], [3, 2]),  # out of order
+        (["A", "Z"], [2, 2]),  # a new symbol
+        (["A", "B"], [2, 17]),  # B's gap is past the TTL (900 s)
+    ):
+        assert table._clean_batch(odd_symbols, np.array(odd_ts, dtype=np.int64) * MIN) is None

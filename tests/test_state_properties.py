@@ -1,6 +1,7 @@
 """Property: through the symbol table (duplicates, out-of-order bars, TTL gaps, several symbols
 interleaved, any batching), every accepted bar's features equal the exact definition over that
-symbol's bars since its last reset."""
+symbol's bars since its last reset. And the whole-batch check (`_clean_batch`) reaches the
+per-bar rules' verdict (`_classify`) on every batch it takes, and takes every batch it can."""
 
 from __future__ import annotations
 
@@ -81,13 +82,15 @@ def expected_rows(bars: list[Bar]) -> dict[int, np.ndarray]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(history=histories(), cut=st.integers(1, 40))
+@given(history=histories(), cut=st.integers(1, 40), whole=st.booleans())
 def test_table_features_equal_the_definition_per_segment(
-    history: tuple[float, list[tuple[str, str, float]]], cut: int
+    history: tuple[float, list[tuple[str, str, float]]], cut: int, whole: bool
 ) -> None:
     scale, events = history
     bars = build_bars(scale, events)
     table = SymbolTable(InputSpec(NAMES, ()), ttl_s=TTL_S)
+    if whole:
+        table.clean_min_rows = 1  # every batch checked as a whole first
     got: dict[int, np.ndarray] = {}
     rejected: list[int] = []
     for start in range(0, len(bars), cut):
@@ -102,3 +105,59 @@ def test_table_features_equal_the_definition_per_segment(
         np.testing.assert_allclose(got[i], want, rtol=1e-6, atol=1e-9, err_msg=f"bar {i}")
     for i in rejected:
         assert i not in expected
+
+
+@st.composite
+def batches_after_history(draw: st.DrawFn) -> tuple[list[Bar], list[Bar]]:
+    """Bars for four symbols, then a batch mixing clean next bars with the odd duplicate,
+    older bar, TTL gap, unknown symbol or jump that leaves another symbol behind the horizon."""
+    history: list[Bar] = []
+    ts = {"A": 10 * MIN, "B": 12 * MIN, "C": 15 * MIN, "D": 9 * MIN}
+    for symbol, t in ts.items():
+        history.append(Bar(symbol, t, 1.0, 1.0, 1.0, 1.0, 1.0, "bars", "0-0"))
+    # One kind of oddity per batch (or none), so that each one is seen alone.
+    odd = draw(st.sampled_from(["next", "dup", "old", "gap", "new", "jump", "same"]))
+    kinds = st.sampled_from(["next"] * 4 + [odd])
+    batch: list[Bar] = []
+    for i in range(draw(st.integers(1, 40))):
+        symbol = draw(st.sampled_from(sorted(ts)))
+        kind = draw(kinds)
+        if kind == "new":
+            symbol, t = f"N{i}", 20 * MIN
+        elif kind == "dup":
+            t = ts[symbol]
+        elif kind == "old":
+            t = ts[symbol] - MIN
+        elif kind == "gap":
+            t = ts[symbol] = ts[symbol] + TTL_S * 1000 + MIN
+        elif kind == "jump":  # within this symbol's TTL, leaving the others behind the horizon
+            t = ts[symbol] = ts[symbol] + TTL_S * 1000 - draw(st.integers(0, 3)) * MIN
+        elif kind == "same":  # exactly at the TTL: still the same segment
+            t = ts[symbol] = ts[symbol] + TTL_S * 1000
+        else:
+            t = ts[symbol] = ts[symbol] + draw(st.integers(1, 3)) * MIN
+        batch.append(Bar(symbol, t, 1.0, 1.0, 1.0, 1.0, 1.0, "bars", f"{i}-1"))
+    return history, batch
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=batches_after_history())
+def test_the_whole_batch_check_agrees_with_the_per_bar_rules(
+    data: tuple[list[Bar], list[Bar]],
+) -> None:
+    history, batch = data
+    table = SymbolTable(InputSpec(("ret_1d",), ()), ttl_s=TTL_S)
+    table.apply(history)
+    symbols = [b.symbol for b in batch]
+    ts = np.array([b.ts for b in batch], dtype=np.int64)
+    max_seen = table.max_ts_seen
+    clean = table._clean_batch(symbols, ts)
+    accepted, rejected, duplicates, slots, waves, fresh = table._classify(symbols, ts)
+    everything_plain = len(accepted) == len(batch) and not any(fresh) and all(
+        s in {"A", "B", "C", "D"} for s in symbols
+    )
+    assert (clean is not None) == everything_plain
+    if clean is not None:
+        assert clean[0].tolist() == slots
+        assert clean[1].tolist() == waves
+        assert table.max_ts_seen == max(max_seen, int(ts.max()))
