@@ -48,16 +48,18 @@ def pack_predictions(
     blocks = [target_blocks(batch, n) for batch in targets.values()]
     names = [_pk(name) for name in targets]
     pack = msgpack.Packer(use_bin_type=True).pack
+    # A batch holds each symbol many times: its leading bytes are packed once.
+    heads = {s: _HEAD + pack(s) + _K_TS for s in set(symbols)}
     if len(blocks) == 1:
         tail += names[0]
         only = blocks[0]
         return [
-            b"".join((_HEAD, pack(s), _K_TS, pack(t), _K_SRC, pack(src), tail, only[i]))
+            b"".join((heads[s], pack(t), _K_SRC, pack(src), tail, only[i]))
             for i, (s, t, src) in enumerate(zip(symbols, ts, srcs, strict=True))
         ]
     out: list[bytes] = []
     for i, (s, t, src) in enumerate(zip(symbols, ts, srcs, strict=True)):
-        parts = [_HEAD, pack(s), _K_TS, pack(t), _K_SRC, pack(src), tail]
+        parts = [heads[s], pack(t), _K_SRC, pack(src), tail]
         for name, block in zip(names, blocks, strict=True):
             parts.append(name)
             parts.append(block[i])
@@ -77,7 +79,7 @@ def target_blocks(batch: TargetBatch, n: int) -> list[bytes]:
     for f in families:
         simple &= np.asarray(batch.warming[f]) <= 0
         failed = batch.failed[f]
-        if any(r is not None for r in failed):
+        if failed.count(None) != n:
             simple &= np.fromiter((r is None for r in failed), dtype=bool, count=n)
     selected = batch.selected
     # The fixed shape: pieces of constant bytes, and float columns (index into `values`).
