@@ -77,12 +77,17 @@ def run_batch(
     lat_us = max(0, int(clock()) - read_at_us)  # type: ignore[operator]
     rows = outcome.accepted
     if rows:
-        positions = [cols.positions[j] for j in rows]
-        symbols = [cols.symbols[j] for j in rows]
-        ts = cols.ts[np.asarray(rows, dtype=np.int64)].tolist()
-        srcs = [f"{batch.streams[i]}/{batch.ids[i]}" for i in positions]
+        if len(rows) == len(cols):  # every valid bar accepted (the usual batch): as they are
+            positions, symbols, ts = cols.positions, cols.symbols, cols.ts.tolist()
+        else:
+            positions = [cols.positions[j] for j in rows]
+            symbols = [cols.symbols[j] for j in rows]
+            ts = cols.ts[np.asarray(rows, dtype=np.int64)].tolist()
+        streams, ids = batch.streams, batch.ids
+        srcs = [f"{streams[i]}/{ids[i]}" for i in positions]
         data = pack_predictions(symbols, ts, srcs, run_id, lat_us, outcome.result)
-        commit.outputs = list(zip([s.encode() for s in symbols], data, strict=True))
+        encoded = {s: s.encode() for s in set(symbols)}  # each symbol once per batch
+        commit.outputs = [(encoded[s], d) for s, d in zip(symbols, data, strict=True)]
     t3 = time.perf_counter()
     report.predictions = len(commit.outputs)
     report.resets, report.evicted = outcome.resets, outcome.evicted
