@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import numpy as np
@@ -115,35 +116,39 @@ class _Meddling:
         return pipe
 
 
-async def test_a_lease_taken_between_watch_and_exec_delivers_nothing(client_and_prefix) -> None:
-    redis, prefix = client_and_prefix
+async def _meddled(redis: Any, prefix: str, meddle: Any, times: int) -> tuple[StreamIO, _Meddling]:
+    """A partition with three entries, the lease ours, and reads that let `meddle` run
+    between WATCH and EXEC the first `times` times."""
     io = await _prepared(redis, prefix)
     await redis.set(io.lease_key, MINE, px=10_000)
     raw = io._raw_client()
     assert raw is not None
+    meddling = _Meddling(raw, meddle, times)
+    io._raw_client = lambda: meddling  # type: ignore[method-assign]
+    return io, meddling
+
+
+async def test_a_lease_taken_between_watch_and_exec_delivers_nothing(client_and_prefix) -> None:
+    redis, prefix = client_and_prefix
 
     async def take_over() -> None:
         await redis.set(io.lease_key, OTHER, px=10_000)
 
-    meddling = _Meddling(raw, take_over)
-    io._raw_client = lambda: meddling  # type: ignore[method-assign]
+    io, meddling = await _meddled(redis, prefix, take_over, times=1)
     assert await io.read_new(MINE, 10, 10) is None
     assert meddling.reads == 2  # the EXEC was refused, and the next try saw the new holder
     assert (await redis.xpending(io.inputs[0], io.group))["pending"] == 0
 
 
+async def _renew(redis: Any, io: StreamIO) -> None:  # the holder's own renewal
+    await redis.pexpire(io.lease_key, 20_000)
+
+
 async def test_a_renewal_between_watch_and_exec_only_retries_the_read(client_and_prefix) -> None:
     redis, prefix = client_and_prefix
-    io = await _prepared(redis, prefix)
-    await redis.set(io.lease_key, MINE, px=10_000)
-    raw = io._raw_client()
-    assert raw is not None
-
-    async def renew() -> None:  # the holder's own renewal, from its lease task
-        await redis.pexpire(io.lease_key, 20_000)
-
-    meddling = _Meddling(raw, renew, times=streams.WATCH_TRIES - 1)
-    io._raw_client = lambda: meddling  # type: ignore[method-assign]
+    io, meddling = await _meddled(
+        redis, prefix, lambda: _renew(redis, io), times=streams.WATCH_TRIES - 1
+    )
     entries = await io.read_new(MINE, 10, 10)
     assert entries is not None
     assert [e.fields for e in entries] == [{b"n": str(i).encode()} for i in range(3)]
@@ -155,15 +160,9 @@ async def test_a_read_the_lease_key_keeps_changing_under_falls_back_to_the_scrip
     client_and_prefix,
 ) -> None:
     redis, prefix = client_and_prefix
-    io = await _prepared(redis, prefix)
-    await redis.set(io.lease_key, MINE, px=10_000)
-    raw = io._raw_client()
-
-    async def renew() -> None:
-        await redis.pexpire(io.lease_key, 20_000)
-
-    meddling = _Meddling(raw, renew, times=streams.WATCH_TRIES)
-    io._raw_client = lambda: meddling  # type: ignore[method-assign]
+    io, meddling = await _meddled(
+        redis, prefix, lambda: _renew(redis, io), times=streams.WATCH_TRIES
+    )
     entries = await io.read_new(MINE, 10, 10)
     assert entries is not None and len(entries) == 3
     assert meddling.reads == streams.WATCH_TRIES  # every watched try refused, then the script
