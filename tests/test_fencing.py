@@ -169,12 +169,9 @@ async def test_a_read_the_lease_key_keeps_changing_under_falls_back_to_the_scrip
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("way", ["watch", "script"])
 async def test_an_empty_read_wakes_up_as_soon_as_an_entry_arrives(
-    real_redis: aioredis.Redis, key_prefix: str, way: str, monkeypatch: pytest.MonkeyPatch
+    real_redis: aioredis.Redis, key_prefix: str, read_path: str
 ) -> None:
-    if way == "script":
-        monkeypatch.setattr(streams, "WATCH_TRIES", 0)
     io = await _prepared(real_redis, key_prefix, entries=0)
     await real_redis.set(io.lease_key, MINE, px=10_000)
 
