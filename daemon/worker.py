@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from concurrent.futures import Executor
 from enum import StrEnum
@@ -17,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daemon.batch import BatchReport, run_batch
 from daemon.lease import LeaseLost, PartitionLease
+from daemon.overlap import Steps, serve_overlapped
 from daemon.pipeline import Pipeline
 from daemon.rebuild import rebuild_pipeline
 from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, EntryBatch, StreamIO
@@ -27,7 +27,6 @@ log = structlog.get_logger("livepred.worker")
 
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
-COALESCE_READS = 8  # reads made while a batch computes are computed next as one batch
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
@@ -212,90 +211,19 @@ class PartitionWorker:
             await self._process(batch, self.clock_us())
 
     async def _serve_new(self, stop: asyncio.Event) -> None:
-        # Overlap: reads go on while a batch computes, and a batch computes while the
-        # previous one's atomic write is in flight (Redis works on its own core). What is
-        # read while a batch computes is computed next as one batch (up to COALESCE_READS
-        # reads): under load, batches grow and fixed per-call costs shrink per bar; at light
-        # load a bar is computed as soon as it is read. Writes stay in read order.
-        reading: asyncio.Task[tuple[EntryBatch, int]] | None = None
-        ready: list[tuple[EntryBatch, int]] = []  # read, not computed yet (read time each)
-        committing: asyncio.Task[None] | None = None
-        cap = self.batch * COALESCE_READS
+        steps = Steps(
+            read=self._read,
+            compute=self._compute,
+            publish=self._publish,
+            may_read=lambda: not stop.is_set() and not self.lease.handback.is_set(),
+            check=self.lease.check,
+            progressed=self._progressed,
+            flush_first=self._needs_rebuild,  # a rebuild reads history up to the last ack
+        )
+        await serve_overlapped(steps, per_read=self.batch)
 
-        def may_read() -> bool:
-            return not stop.is_set() and not self.lease.handback.is_set()
-
-        try:
-            while True:
-                self.lease.check()
-                if not ready:
-                    if reading is None:
-                        if not may_read():
-                            break
-                        reading = asyncio.create_task(self._read())
-                    entries, read_at = await reading
-                    reading = None
-                    self.last_progress_s = time.monotonic()
-                    if entries:
-                        ready.append((entries, read_at))
-                    continue
-                batch = EntryBatch.join([entries for entries, _ in ready])
-                read_at = ready[0][1]
-                ready = []
-                if reading is None and may_read():
-                    reading = asyncio.create_task(self._read())
-                if committing is not None and self._needs_rebuild():
-                    await committing  # a rebuild reads history up to the last ack
-                computing = asyncio.ensure_future(self._compute(batch, read_at))
-                try:
-                    while reading is not None and not computing.done():
-                        await asyncio.wait({computing, reading}, return_when=FIRST_COMPLETED)
-                        if not reading.done():
-                            continue
-                        entries, at = reading.result()
-                        reading = None
-                        self.last_progress_s = time.monotonic()
-                        if entries:
-                            ready.append((entries, at))
-                        # A full read: more is waiting, read on. A short one: the stream
-                        # is drained, so the next read waits for this batch (one read per
-                        # batch at light load, not one per arriving bar: each read costs
-                        # this process and Redis CPU that the models need).
-                        if (
-                            len(entries) >= self.batch
-                            and may_read()
-                            and sum(map(len, (e for e, _ in ready))) < cap
-                        ):
-                            reading = asyncio.create_task(self._read())
-                except BaseException:
-                    # A read failed (the lease is gone, ...): the batch in hand is left
-                    # unpublished, but not running behind our back.
-                    await asyncio.wait({computing})
-                    if not computing.cancelled():
-                        computing.exception()  # retrieved: its error is not the story
-                    raise
-                commit, report = await computing
-                if committing is not None:
-                    await committing
-                committing = asyncio.create_task(self._publish(commit, report, read_at))
-            if committing is not None:
-                await committing
-                committing = None
-        finally:
-            if reading is not None:
-                # Never cancel a read mid-flight (an entry could be delivered and forgotten):
-                # what it returns stays pending and is handled on the next start.
-                try:
-                    await reading
-                except Exception:
-                    pass
-            if committing is not None:
-                # Leaving on an error: the write in flight completes (or fails) on its own;
-                # what it did not ack stays pending.
-                try:
-                    await asyncio.shield(committing)
-                except BaseException:
-                    pass
+    def _progressed(self) -> None:
+        self.last_progress_s = time.monotonic()
 
     async def _read(self) -> tuple[EntryBatch, int]:
         backoff = Backoff()

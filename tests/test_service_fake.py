@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from daemon import overlap
 from daemon import worker as worker_module
 from daemon.observe import Metrics
 from daemon.service import Service
@@ -291,7 +292,7 @@ async def test_reads_made_while_a_batch_computes_are_computed_together(
         assert got == pytest.approx(expected[(o.symbol, o.ts)], rel=1e-6, abs=1e-9)
     assert sum(metrics.sizes) == len(bars)
     assert max(metrics.sizes) > 4  # reads joined
-    assert max(metrics.sizes) <= 4 * worker_module.COALESCE_READS
+    assert max(metrics.sizes) <= 4 * overlap.COALESCE_READS
     assert (await redis.xpending("bars", "livepred"))["pending"] == 0
     await redis.aclose()
 
