@@ -126,6 +126,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     for (target, family), reason in sorted(engine.load_errors.items()):
         print(f"refused {target}/{family}: {reason}", file=sys.stderr)
+    if not any(True for _ in engine.families()):
+        return _fail(f"{args.run}: no model could be loaded (view {args.view}): nothing to replay")
     show = sys.stderr.isatty()
 
     def progress(rows: int) -> None:
@@ -133,7 +135,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"\r{rows}/{len(frame)} rows", end="", file=sys.stderr, flush=True)
 
     out_path = Path(args.out)
-    with out_path.open("w") as out:
+    try:
+        out = out_path.open("w")
+    except OSError as exc:
+        return _fail(f"--out {out_path}: cannot write: {exc.strerror or exc}")
+    with out:
         counts = replay(
             engine,
             frame,
@@ -146,11 +152,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         )
     if show:
         print(file=sys.stderr)
+    rejected = sum(counts.rejected.values())
     print(
-        f"{counts['predictions']} predictions from {counts['rows']} rows "
-        f"({counts['rejected']} rejected, {counts['duplicates']} duplicates) -> {out_path}",
+        f"{counts.predictions} predictions from {counts.rows} rows "
+        f"({rejected} rejected, {counts.duplicates} duplicates) -> {out_path}",
         file=sys.stderr,
     )
+    for reason, n in counts.rejected.most_common():
+        first = counts.first_rejected[reason]
+        print(f"  rejected {reason}: {n} row(s), the first {bars_path.name}/{first}",
+              file=sys.stderr)
     return 0
 
 

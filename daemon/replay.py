@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -17,6 +19,7 @@ from handlers.engine import InferenceEngine
 
 BAR_COLUMNS = ("symbol", "ts", "open", "high", "low", "close", "volume")
 CHUNK_ROWS = 512  # the daemon's default batch: replay cuts the file the same way
+TEXT_CELLS = "livepred_text_cells"  # frame.attrs flag: every cell is the file's own text
 
 
 class BarsFileError(ValueError):
@@ -29,7 +32,11 @@ def read_bars(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            frame = pd.read_csv(path, dtype={"symbol": str})
+            # Every cell as text, checked one by one like the flat fields of a stream entry
+            # (`XADD bars * symbol AAPL ts ... close 101.5`): one bad cell rejects its row,
+            # not its whole column.
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            frame.attrs[TEXT_CELLS] = True
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
@@ -46,9 +53,20 @@ def read_bars(path: Path) -> pd.DataFrame:
 
 
 def iter_items(frame: pd.DataFrame, source: str) -> Iterator[Bar | Rejection]:
-    """Each row validated by the same rules as a stream entry (CONTRACT §4)."""
+    """Each row validated by the same rules as a stream entry (CONTRACT §4): a text file's
+    cells as flat fields (decimal strings), a typed file's values as a msgpack map."""
     columns = [frame[c].tolist() for c in BAR_COLUMNS]
+    keys = [c.encode() for c in BAR_COLUMNS]
+    text = bool(frame.attrs.get(TEXT_CELLS))
     for index, row in enumerate(zip(*columns, strict=True)):
+        if text:
+            flat = {
+                key: value.encode("utf-8", "surrogateescape")
+                for key, value in zip(keys, row, strict=True)
+                if value != "" or key == b"symbol"
+            }
+            yield decode_bar(flat, source, str(index))
+            continue
         values = {}
         for name, value in zip(BAR_COLUMNS, row, strict=True):
             if isinstance(value, float) and math.isnan(value) and name == "symbol":
@@ -56,6 +74,15 @@ def iter_items(frame: pd.DataFrame, source: str) -> Iterator[Bar | Rejection]:
             values[name] = value.item() if hasattr(value, "item") else value
         fields = {b"data": msgpack.packb(values, use_bin_type=True)}
         yield decode_bar(fields, source, str(index))
+
+
+@dataclass(slots=True)
+class ReplayCounts:
+    rows: int = 0
+    predictions: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # reason -> rows
+    first_rejected: dict[str, int] = field(default_factory=dict)  # reason -> first row
 
 
 def replay(
@@ -68,17 +95,20 @@ def replay(
     with_features: bool = False,
     run_id: str = "",
     progress: Callable[[int], None] | None = None,
-) -> dict[str, int]:
-    """Write one JSON object per accepted bar; returns counts."""
+) -> ReplayCounts:
+    """Write one JSON object per accepted bar; returns counts (rejections by reason)."""
     pipeline = Pipeline(engine, ttl_s=ttl_s)
     names = engine.input_spec.feature_names
-    counts = {"rows": 0, "predictions": 0, "rejected": 0, "duplicates": 0}
+    counts = ReplayCounts()
     chunk: list[Bar | Rejection] = []
 
     def flush() -> None:
         outcome = pipeline.process(chunk)
-        counts["rejected"] += len(outcome.dead)
-        counts["duplicates"] += len(outcome.duplicates)
+        first_row = counts.rows - len(chunk)
+        for index, reason in outcome.dead:
+            counts.rejected[reason] += 1
+            counts.first_rejected.setdefault(reason, first_row + index)
+        counts.duplicates += len(outcome.duplicates)
         for row, (_, bar, targets) in enumerate(outcome.predictions):
             doc: dict[str, Any] = {
                 "v": WIRE_VERSION,
@@ -96,18 +126,18 @@ def replay(
                     for name, v in zip(names, values.tolist(), strict=True)
                 }
             out.write(json.dumps(doc, allow_nan=False, separators=(",", ":")) + "\n")
-        counts["predictions"] += len(outcome.predictions)
+        counts.predictions += len(outcome.predictions)
         chunk.clear()
 
     for item in iter_items(frame, source):
         chunk.append(item)
-        counts["rows"] += 1
+        counts.rows += 1
         if len(chunk) >= CHUNK_ROWS:
             flush()
             if progress is not None:
-                progress(counts["rows"])
+                progress(counts.rows)
     if chunk:
         flush()
     if progress is not None:
-        progress(counts["rows"])
+        progress(counts.rows)
     return counts

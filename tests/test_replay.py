@@ -96,6 +96,51 @@ def test_replay_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys) -> No
     assert code != 0 and len(err) == 1
 
 
+def test_a_bad_cell_rejects_its_row_alone_and_the_reasons_are_reported(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    # A CSV's cells are checked one by one, like the flat fields of a stream entry: text in a
+    # price column rejects that row (not the whole column), and the summary names each
+    # reason with its count and its first row (as in `src`).
+    bars = make_bars(30)
+    text = bars.astype(object)
+    text.loc[7, "close"] = "abc"
+    text.loc[9, "volume"] = ""
+    text.loc[11, "ts"] = "1.5"
+    path = tmp_path / "bars.csv"
+    text.to_csv(path, index=False)
+    out = tmp_path / "out.jsonl"
+    assert main(["replay", "--run", str(run_dir), "--bars", str(path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    srcs = {json.loads(x)["src"] for x in out.read_text().splitlines()}
+    for row in (7, 9, 11):
+        assert f"bars.csv/{row}" not in srcs
+    # Rows after them still predict; make_bars' three bad rows produce nothing either.
+    assert {f"bars.csv/{row}" for row in (6, 8, 10, 12, 60)} <= srcs
+    assert len(srcs) == len(bars) - 3 - 3
+    assert "rejected bad_value:close: 2 row(s), the first bars.csv/7" in err  # + row 92
+    assert "rejected missing_field:volume: 1 row(s), the first bars.csv/9" in err
+    assert "rejected bad_value:ts: 1 row(s), the first bars.csv/11" in err
+    assert "rejected out_of_order: 1 row(s)" in err
+
+
+def test_replay_refuses_an_unwritable_output_and_a_run_without_models(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    path = tmp_path / "bars.csv"
+    make_bars(5).to_csv(path, index=False)
+    code = main(["replay", "--run", str(run_dir), "--bars", str(path),
+                 "--out", str(tmp_path / "no-such-dir" / "out.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "--out" in err[0] and "no-such-dir" in err[0]
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    code = main(["replay", "--run", str(empty), "--bars", str(path),
+                 "--out", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and "no model could be loaded" in err[-1]
+
+
 def test_inspect_lists_families_and_refusals(run_dir: Path, tmp_path: Path, capsys) -> None:
     import shutil
 
