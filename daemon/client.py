@@ -18,6 +18,16 @@ from daemon.settings import Settings
 from daemon.wire import Bar, encode_bar
 from daemon.wire_events import PredictionEvent, decode_prediction
 
+__all__ = [
+    "Bar",
+    "BarPublisher",
+    "PredictionEvent",
+    "PredictionReader",
+    "decode_prediction",
+    "encode_bar",
+    "stream_keys",
+]
+
 log = structlog.get_logger("livepred.client")
 
 PIPELINE_CHUNK = 1000  # XADDs per pipeline round trip
@@ -199,6 +209,14 @@ class PredictionReader:
             cluster=settings.redis.cluster,
             **kwargs,
         )
+
+    async def position(self) -> dict[str, str]:
+        """Fix where a plain reader starts, now: with `start="$"`, events published after
+        this call are read even if the first `read` comes later (publish, then read, without
+        a race). Returns the ids it reads after, per stream (`last_ids`)."""
+        if self.group is None:
+            await self._resolve_start()
+        return dict(self.last_ids)
 
     # ---- reading ---------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@
     python examples/feed_csv.py bars.parquet --partitions 4 --speed 60   # 1 h of bars per minute
 
 Columns (any case): symbol, ts, open, high, low, close, volume. `ts` is the bar close time in
-epoch milliseconds, or anything pandas reads as a UTC timestamp. Rows are sent in file order
+epoch milliseconds (a number), or text pandas reads as a UTC timestamp. Rows are sent in file order
 (per symbol they must be in increasing ts; `--sort` sorts by ts first). A row the daemon would
 reject is reported and skipped, never sent.
 """
@@ -34,9 +34,13 @@ def read_bars(path: Path, sort: bool) -> pd.DataFrame:
     if missing:
         raise SystemExit(f"{path}: missing columns {missing} (need {list(BAR_FIELDS)})")
     frame = frame[list(BAR_FIELDS)]
-    if not pd.api.types.is_integer_dtype(frame["ts"]):
+    if not pd.api.types.is_numeric_dtype(frame["ts"]):
+        # Text such as "2026-11-20 14:31:00": a UTC timestamp, turned into epoch ms.
         stamps = pd.to_datetime(frame["ts"], utc=True)
         frame["ts"] = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ms")
+    # Numbers are epoch milliseconds as they are, a float column too (a column with an empty
+    # cell reads as float): never through to_datetime, which takes numbers as nanoseconds.
+    # A row whose ts is not a whole number of ms is reported and skipped by `valid_rows`.
     frame["symbol"] = frame["symbol"].astype(str)
     return frame.sort_values("ts", kind="stable") if sort else frame
 
@@ -64,16 +68,21 @@ async def feed(args: argparse.Namespace) -> int:
         maxlen=args.maxlen,
     )
     started = time.monotonic()
-    first_ts = int(frame["ts"].iloc[0]) if len(frame) else 0
+    first_ts: float | None = None
     try:
         for start in range(0, len(frame), CHUNK_ROWS):
             rows = frame.iloc[start : start + CHUNK_ROWS].to_dict("records")
             if args.speed > 0:
                 # Event time replayed `speed` times faster than real time, row by row.
                 for offset, row in enumerate(rows):
-                    due_s = (int(row["ts"]) - first_ts) / 1000 / args.speed
+                    good = valid_rows([row], start + offset)
+                    if not good:
+                        continue
+                    ts = float(good[0]["ts"])
+                    first_ts = ts if first_ts is None else first_ts
+                    due_s = (ts - first_ts) / 1000 / args.speed
                     await asyncio.sleep(max(0.0, due_s - (time.monotonic() - started)))
-                    await publisher.publish_many(valid_rows([row], start + offset))
+                    await publisher.publish_many(good)
             else:
                 await publisher.publish_many(valid_rows(rows, start))
     finally:

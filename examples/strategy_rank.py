@@ -18,8 +18,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from daemon.client import PredictionReader
-from daemon.wire import PredictionEvent
+from daemon.client import PredictionEvent, PredictionReader
 
 
 def rank(ts: int, preds: dict[str, float], top: int) -> str:

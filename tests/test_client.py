@@ -218,6 +218,24 @@ async def test_reader_start_dollar_skips_history(backend: Backend) -> None:
     assert [e.symbol for e in await reader.read(block_ms=20)] == ["NEW1", "NEW2"]
 
 
+async def test_position_fixes_the_start_before_the_first_read(backend: Backend) -> None:
+    # Publish, then read: without `position()` a "$" reader resolves "now" at its first read,
+    # after the publish, and misses the event; positioned first, it reads it (and only it).
+    key = backend.key("predictions")
+    await write_events(backend.redis, key, [make_event("OLD", 1)])
+    late = PredictionReader(backend.redis, stream=key)
+    positioned = PredictionReader(backend.redis, stream=key)
+    where = await positioned.position()
+    assert where == positioned.last_ids and set(where) == {key}
+    await write_events(backend.redis, key, [make_event("NEW", 2)])
+    assert [e.symbol for e in await positioned.read(block_ms=20)] == ["NEW"]
+    assert await late.read(block_ms=20) == []
+    # Plain readers resumed from ids, and group readers, are not moved by it.
+    grouped = PredictionReader(backend.redis, stream=key, group="g", consumer="c", start="0")
+    assert await grouped.position() == {}
+    assert [e.symbol for e in await grouped.read(block_ms=20)] == ["OLD", "NEW"]
+
+
 async def test_reader_on_missing_stream_waits_then_returns_nothing(backend: Backend) -> None:
     reader = PredictionReader(backend.redis, stream=backend.key("nothing-here"), start="0")
     started = time.monotonic()
