@@ -250,8 +250,8 @@ class FeatureState:
         outputs = lay.outputs
         if n_sh:
             s1, s2 = sums[:n_sh], sums[n_sh : 2 * n_sh]
-            mean = s1 / lay.shift_window
-            mean += shift
+            offset = s1 / lay.shift_window  # the window's mean minus K
+            mean = offset + shift
             std = s1 * s1
             std /= lay.shift_window
             np.subtract(s2, std, out=std)
@@ -265,13 +265,18 @@ class FeatureState:
                 ratio -= 1
                 out[outputs["ma"][0]] = ratio
             if "bb" in outputs:
-                m, s = mean[outputs["bb"][1]], std[outputs["bb"][1]]
+                # (c - (m - 2s)) / ((m + 2s) - (m - 2s)) = ((c - K) - (m - K) + 2s) / 4s:
+                # c - m from the shifted sums, without subtracting two prices of 1e6 that
+                # agree to the last cents (the exact window value, not float64's rounding of
+                # m). A constant window is 0 / 0 = NaN, as in pandas.
+                rows = outputs["bb"][1]
+                s = std[rows]
                 s *= 2
-                lower = m - s
-                m += s  # the upper band
-                m -= lower
-                position = x - lower
-                position /= m
+                position = x - shift[rows]
+                position -= offset[rows]
+                position += s
+                s *= 2
+                position /= s
                 out[outputs["bb"][0]] = position
         if n_rsi:
             rs = sums[2 * n_sh : 2 * n_sh + n_rsi] / sums[2 * n_sh + n_rsi :]  # mean gain/loss

@@ -209,7 +209,16 @@ def _exact_values(c: np.ndarray, spec: FeatureSpec) -> np.ndarray:
         if spec.kind is FeatureKind.MA_RATIO:
             return c / _window_mean_std(c, n, need_std=False)[0] - 1
         m, s = _window_mean_std(c, n, need_std=True)
-        return (c - (m - 2 * s)) / ((m + 2 * s) - (m - 2 * s))
+        # (c - (m - 2s)) / ((m + 2s) - (m - 2s)) with c - m taken from the window's shifted
+        # values (exact for nearby prices), not as the difference of two rounded prices.
+        offset = np.full(size, np.nan)
+        if size >= n:
+            windows = sliding_window_view(c, n)
+            for start in range(0, len(windows), _EXACT_CHUNK_ROWS):
+                w = windows[start : start + _EXACT_CHUNK_ROWS]
+                z = w - w[:, :1]
+                offset[start + n - 1 : start + n - 1 + len(w)] = z[:, -1] - z.sum(axis=1) / n
+        return (offset + 2 * s) / (4 * s)
 
 
 def exact_reference_frame(close: pd.Series | np.ndarray, names: Sequence[str]) -> pd.DataFrame:

@@ -219,6 +219,40 @@ def test_exact_reference_agrees_with_rational_arithmetic_at_5e4_with_tick_moves(
         assert abs(got[1] - (c / mean - 1)) <= 1e-13
 
 
+def _fraction_bb(window: np.ndarray) -> float:
+    """bb_position of the window's last price in rational arithmetic (std rounded once)."""
+    values = [Fraction(float(v)) for v in window]
+    mean = sum(values, Fraction(0)) / len(values)
+    var = sum(((v - mean) ** 2 for v in values), Fraction(0)) / (len(values) - 1)
+    if var == 0:
+        return float("nan")
+    std = float(var) ** 0.5
+    return (float(values[-1] - mean) + 2 * std) / (4 * std)
+
+
+def test_bb_position_at_1e6_with_one_cent_moves_is_the_exact_window_value() -> None:
+    # c - m at 1e6 where the window's prices agree to the cent: taken as the difference of
+    # two rounded prices it is off by ~1e-10, which a std of a few cents turns into 3e-6 of
+    # the value. Found by an independent audit at bar ~30,000 of a million; here the window
+    # it found, then a walk, against rational arithmetic, state and exact reference both.
+    found = np.array([999998.85] * 5 + [999998.84, 999998.8300000001])
+    rng = np.random.default_rng(8)
+    walk = 1e6 + 0.01 * np.cumsum(rng.choice([-1, 0, 0, 1], 3_000))
+    for close in (found, walk):
+        names = ["bb_position_7", "bb_position"]
+        state = FeatureState(names, capacity=1)
+        got = np.array([state.update(np.array([0]), np.array([c]))[0] for c in close])
+        exact = exact_reference_frame(close, names).to_numpy()
+        for col, n in enumerate((7, 20)):
+            for end in range(n - 1, len(close)):
+                truth = _fraction_bb(close[end - n + 1 : end + 1])
+                for value in (got[end, col], exact[end, col]):
+                    if np.isnan(truth):
+                        assert np.isnan(value)
+                    else:
+                        assert abs(value - truth) <= 1e-9 + 1e-6 * abs(truth), (n, end)
+
+
 def test_pandas_rolling_std_drifts_where_the_exact_reference_does_not() -> None:
     """Why the exact variant exists: after a big value leaves the window, pandas is off."""
     rng = np.random.default_rng(5)
