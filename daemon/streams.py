@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daemon.partitions import PartitionKeys
 from daemon.stream_scripts import ACQUIRE_LUA, COMMIT_LUA, READ_LUA, RELEASE_LUA, RENEW_LUA
@@ -199,22 +201,27 @@ class StreamIO:
         return EntryBatch(), {s: _s(i) for s, i in zip(self.inputs, reply[1:], strict=True)}
 
     async def _read_watched(self, raw: Any, token: str, count: int) -> Any:
-        async with raw.pipeline(transaction=True) as pipe:
-            await pipe.watch(self.lease_key)
-            holder = await pipe.get(self.lease_key)
-            if holder is None or _s(holder) != token:
-                return None
-            pipe.multi()
-            pipe.execute_command(
-                "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count,
-                "STREAMS", *self.inputs, *(">",) * len(self.inputs),
-            )
-            for stream in self.inputs:
-                pipe.execute_command("XREVRANGE", stream, "+", "-", "COUNT", 1)
-            try:
+        try:
+            async with raw.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.lease_key)
+                holder = await pipe.get(self.lease_key)
+                if holder is None or _s(holder) != token:
+                    return None
+                pipe.multi()
+                pipe.execute_command(
+                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count,
+                    "STREAMS", *self.inputs, *(">",) * len(self.inputs),
+                )
+                for stream in self.inputs:
+                    pipe.execute_command("XREVRANGE", stream, "+", "-", "COUNT", 1)
                 reply, *last = await pipe.execute()
-            except WatchError:  # the lease key changed in between: nothing was read
-                return _CHANGED
+        except WatchError as exc:
+            if _connection_died(exc):
+                # redis-py reports a connection that died while a key was watched as a
+                # WatchError. It is an outage, and around EXEC Redis may have run the read
+                # (entries delivered, the reply lost): never "nothing was read".
+                raise RedisConnectionError(f"connection lost during a read: {exc}") from exc
+            return _CHANGED  # the lease key changed in between: EXEC refused, nothing read
         tails = {
             s: _s(rows[0][0]) if rows else "0-0" for s, rows in zip(self.inputs, last, strict=True)
         }
@@ -388,6 +395,14 @@ class StreamIO:
     async def lease_holder(self) -> str | None:
         value = await self.redis.get(self.lease_key)
         return _s(value) if value is not None else None
+
+
+def _connection_died(exc: WatchError) -> bool:
+    """A WatchError that redis-py raised for a dead connection (the error it replaces is the
+    exception being handled then), not for EXEC refused because a watched key changed."""
+    cause = exc.__cause__ or exc.__context__
+    transient = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
+    return isinstance(cause, transient) or "occurred while watching" in str(exc)
 
 
 def _row_ids(rows: Sequence[Any]) -> list[str]:

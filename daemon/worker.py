@@ -77,6 +77,10 @@ class PartitionWorker:
         self.role = Role.STANDBY
         self.pipeline: Pipeline | None = None
         self.last_progress_s = time.monotonic()
+        # The last entry id taken per input stream while serving new bars, and whether a read
+        # failed in a way that may have delivered entries whose reply never came back.
+        self._taken: dict[str, str] = {}
+        self._unsure = False
         self._stop: asyncio.Event | None = None
         self._log = log.bind(partition=partition if partition is not None else "-")
 
@@ -211,6 +215,7 @@ class PartitionWorker:
             await self._process(batch, self.clock_us())
 
     async def _serve_new(self, stop: asyncio.Event) -> None:
+        self._taken, self._unsure = {}, False  # every pending entry of ours is published
         steps = Steps(
             read=self._read,
             compute=self._compute,
@@ -229,8 +234,17 @@ class PartitionWorker:
         backoff = Backoff()
         while True:
             try:
-                return await self._read_once()
+                if self._unsure:
+                    lost = await self._read_lost()
+                    if lost is not None:
+                        return lost
+                read = await self._read_once()
+                self._took(read[0])
+                return read
             except TRANSIENT as exc:
+                # Redis may have delivered entries to us before the connection died (the
+                # read ran, its reply was lost): they are ours, pending, and come next.
+                self._unsure = True
                 # Keep state through an outage; the lease renewer decides if we lost it.
                 self.lease.check()
                 if self._stop is not None and self._stop.is_set():
@@ -240,6 +254,33 @@ class PartitionWorker:
                 self.metrics.redis_error()
                 self._log.warning("read failed, retrying", error=str(exc), delay_s=delay)
                 await asyncio.sleep(delay)
+
+    async def _read_lost(self) -> tuple[EntryBatch, int] | None:
+        """Our pending entries after the last one taken: what a read whose reply was lost
+        delivered. Taken before anything newer, so each symbol's bars stay in order; None
+        once there are none (the next read asks for new entries again)."""
+        self.lease.check()
+        entries = await self.io.read_own_pending(self.batch, self._taken)
+        if not entries:
+            self._unsure = False
+            return None
+        self._log.warning(
+            "entries delivered by a read whose reply was lost: taken now", entries=len(entries)
+        )
+        batch = EntryBatch.of(entries)
+        batch.deliveries = None  # delivered twice by now; the poison count is for failures
+        self._took(batch)
+        return batch, self.clock_us()
+
+    def _took(self, batch: EntryBatch) -> None:
+        if not batch.ids:
+            return
+        streams = batch.streams
+        if streams[0] == streams[-1] and streams.count(streams[0]) == len(streams):
+            self._taken[streams[0]] = batch.ids[-1]
+            return
+        for stream, entry_id in zip(streams, batch.ids, strict=True):
+            self._taken[stream] = entry_id
 
     async def _read_once(self) -> tuple[EntryBatch, int]:
         try:
@@ -252,6 +293,7 @@ class PartitionWorker:
             # manual delete): recreate it and carry on from now.
             self._log.warning("consumer group missing, recreating", error=str(exc))
             await self.io.ensure_groups()
+            self._taken = {}
             return EntryBatch(), self.clock_us()
         if entries is None:
             # Fenced: another instance holds the lease, and nothing was delivered to us.

@@ -1,0 +1,130 @@
+"""A read whose reply is lost: Redis ran it (the entries are delivered to us, pending) and the
+connection died before the reply came back. The daemon must take those entries next, before
+anything newer, so every bar gets one output computed on the full history of its symbol, and
+keep its state (an outage, not a crash). Both ways of reading are checked: the WATCHed
+MULTI/EXEC (where redis-py reports the dead connection as a WatchError) and the script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import WatchError
+from structlog.testing import capture_logs
+
+from daemon import streams
+from daemon.service import Service
+from daemon.streams import StreamIO
+from daemon.wire import encode_bar
+from daemon.wire_events import decode_prediction
+from tests.test_service_fake import expected_lgb, lgb_run, run_until, settings_for, walk_bars
+
+__all__ = ["lgb_run"]  # the module fixture, shared
+
+
+def _lose_connection(message: str) -> None:
+    """Raise what redis-py raises when a watched connection dies: a WatchError while the
+    connection error is being handled."""
+    try:
+        raise RedisConnectionError("Connection closed by server.")
+    except RedisConnectionError:
+        raise WatchError(message) from None
+
+
+class _LosingPipeline:
+    """A raw client whose transaction runs for real, then loses its reply, the `nth` time a
+    read delivers entries."""
+
+    def __init__(self, raw: Any, lost: dict[str, int]) -> None:
+        self.raw, self.lost = raw, lost
+
+    def __getattr__(self, name: str) -> Any:  # everything else: the raw client's
+        return getattr(self.raw, name)
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        pipe = self.raw.pipeline(transaction=transaction)
+        execute, lost = pipe.execute, self.lost
+
+        async def execute_then_lose() -> Any:
+            reply = await execute()
+            if reply and reply[0]:
+                lost["reads"] += 1
+                if lost["reads"] == lost["nth"]:
+                    lost["dropped"] = len(streams._read_batch(reply[0]))
+                    _lose_connection("A ConnectionError occurred while watching one or more keys")
+            return reply
+
+        pipe.execute = execute_then_lose
+        return pipe
+
+
+@pytest.mark.parametrize("read_path", ["watched", "script"])
+async def test_entries_of_a_lost_read_reply_are_taken_next_and_state_is_kept(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch, read_path: str
+) -> None:
+    lost = {"reads": 0, "nth": 3, "dropped": 0}
+    if read_path == "watched":
+        real_raw = StreamIO._raw_client
+
+        def losing_raw(self: StreamIO) -> Any:
+            return _LosingPipeline(real_raw(self), lost)
+
+        monkeypatch.setattr(StreamIO, "_raw_client", losing_raw)
+    else:
+        monkeypatch.setattr(streams, "WATCH_TRIES", 0)
+        real_fenced = StreamIO._read_fenced
+
+        async def losing_fenced(self: StreamIO, token: str, count: int) -> Any:
+            read = await real_fenced(self, token, count)
+            if read is not None and len(read[0]):
+                lost["reads"] += 1
+                if lost["reads"] == lost["nth"]:
+                    lost["dropped"] = len(read[0])
+                    raise RedisConnectionError("Connection closed by server.")
+            return read
+
+        monkeypatch.setattr(StreamIO, "_read_fenced", losing_fenced)
+
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars([f"S{i}" for i in range(5)], 12, seed=9)
+    ids = [(await redis.xadd("bars", encode_bar(b))).decode() for b in bars]
+    settings = settings_for(lgb_run, LIVEPRED_STREAMS__BATCH="8")
+    service = Service(settings, redis=redis)
+    await service.start()
+
+    async def all_out(r: Any) -> bool:
+        return await r.xlen("predictions") >= len(bars) and (
+            await r.xpending("bars", "livepred")
+        )["pending"] == 0
+
+    with capture_logs() as logs:
+        await run_until(service, redis, all_out)
+    assert lost["dropped"] == 8  # a full read's reply was lost, mid-stream
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    # Every bar once, in input order, each on its symbol's full history (a bar computed
+    # before the lost ones of its symbol would differ from the framework's value).
+    assert [o.src for o in outputs] == [f"bars/{i}" for i in ids]
+    expected = expected_lgb(lgb_run, bars)
+    for o in outputs:
+        want = expected[(o.symbol, o.ts)]
+        assert o.targets["fwd"].preds["LightGBM"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert await redis.xlen("bars:dead") == 0
+    events = [e["event"] for e in logs]
+    assert any("read whose reply was lost" in e for e in events), events
+    assert "partition failed, restarting it" not in events  # an outage, not a crash:
+    assert events.count("state rebuilt") == 1, events  # state kept, no second rebuild
+    await redis.aclose()
+
+
+async def test_a_watch_error_from_a_dead_connection_is_an_outage_not_a_changed_key() -> None:
+    # redis-py's two WatchErrors: EXEC refused because the watched lease key changed
+    # (nothing was read, read again), and a connection that died while watching (maybe read).
+    try:
+        _lose_connection("A ConnectionError occurred while watching one or more keys")
+    except WatchError as exc:
+        assert streams._connection_died(exc)
+    assert not streams._connection_died(WatchError("Watched variable changed."))
