@@ -6,10 +6,13 @@ import asyncio
 import time
 from typing import Any
 
+import structlog
 from redis.exceptions import RedisError
 
 from daemon.streams import StreamIO
 from daemon.waits import sleep_unless
+
+log = structlog.get_logger("livepred.lease")
 
 
 class LeaseLost(Exception):
@@ -42,6 +45,7 @@ class PartitionLease:
         self.lost = asyncio.Event()
         self.handback = asyncio.Event()
         self._free_since: float | None = None
+        self._held_at = float("-inf")  # when the lease was last taken or renewed (monotonic)
 
     def check(self) -> None:
         """Raise LeaseLost if the lease is known gone."""
@@ -68,14 +72,33 @@ class PartitionLease:
                     self._free_since = now
                 if now - self._free_since < self.lease_ms / 1000:
                     return False
+        started = time.monotonic()
         taken = await self.io.acquire_lease(self.token, self.lease_ms)
         if taken:
+            self._held_at = started
             self.metrics.lease_acquired(self.partition)
             self._free_since = None
             self.handback.clear()
         elif self.preferred:
             await self.io.request_handback(self.token, 2 * self.lease_ms)
         return bool(taken)
+
+    async def reclaim(self) -> bool:
+        """The lease was refused: if the key is simply gone while our lease cannot have
+        expired yet, Redis lost it (a restart without its data, a failover to a replica that
+        had not seen it) and no instance can have taken it over by expiry: take it again and
+        keep the partition, its state included (CONTRACT §5). False when another instance
+        holds it, or when our lease may have expired (then someone else may have served)."""
+        started = time.monotonic()
+        if started - self._held_at >= self.lease_ms / 1000:
+            return False
+        if not await self.io.acquire_lease(self.token, self.lease_ms):
+            return False
+        self._held_at = started
+        log.warning("lease key gone while held (Redis lost it): taken again, state kept",
+                    partition=self.partition if self.partition is not None else "-")
+        self.metrics.lease_acquired(self.partition)
+        return True
 
     async def release(self) -> None:
         await self.io.release_lease(self.token)
@@ -84,17 +107,19 @@ class PartitionLease:
         """Renew every third of the lease time until `done`; set `lost` and return when the
         lease is refused, or when no renewal was confirmed for a whole lease time."""
         interval_s = self.lease_ms / 3000
-        last_ok = time.monotonic()
         while True:
             await sleep_unless(done, interval_s)
             if done.is_set():
                 return
+            started = time.monotonic()
             try:
                 ok = await self.io.renew_lease(self.token, self.lease_ms)
+                if not ok:
+                    ok = await self.reclaim()
             except (RedisError, OSError):
                 ok = None  # unknown: keep trying until the lease would have expired
             if ok:
-                last_ok = time.monotonic()
+                self._held_at = max(self._held_at, started)
                 self.metrics.lease_renewed(self.partition)
                 if not self.preferred:
                     try:
@@ -102,6 +127,6 @@ class PartitionLease:
                             self.handback.set()
                     except (RedisError, OSError):
                         pass
-            elif ok is False or time.monotonic() - last_ok > self.lease_ms / 1000:
+            elif ok is False or time.monotonic() - self._held_at > self.lease_ms / 1000:
                 self.lost.set()
                 return

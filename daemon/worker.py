@@ -285,6 +285,8 @@ class PartitionWorker:
     async def _read_once(self) -> tuple[EntryBatch, int]:
         try:
             entries = await self.io.read_new(self.lease.token, self.batch, self.block_ms)
+            if entries is None and await self.lease.reclaim():
+                entries = await self.io.read_new(self.lease.token, self.batch, self.block_ms)
         except ResponseError as exc:
             # (The NOGROUP error text differs between servers when raised inside a script.)
             if "NOGROUP" not in str(exc) and not await self.io.groups_missing():
@@ -352,6 +354,8 @@ class PartitionWorker:
                 await asyncio.sleep(delay)
                 continue
             if result == LEASE_LOST:
+                if await self.lease.reclaim():
+                    continue
                 raise self.lease.refused()
             if result == ALREADY_COMMITTED:
                 self._log.info("batch was already committed before a dropped connection")

@@ -103,6 +103,31 @@ async def test_a_lease_taken_by_another_is_lost(client_and_prefix: tuple[Any, st
     assert await redis.get(a.io.lease_key) == b"b:token"  # the new holder's, untouched
 
 
+async def test_a_lease_key_lost_by_redis_while_held_is_taken_again(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    # Redis restarted without its data: the key is gone while our lease had time left, so
+    # no one can have taken it over by expiry: the renewer takes it again, nothing is lost.
+    redis, prefix = client_and_prefix
+    a = _lease(redis, prefix, "a")
+    assert await a.try_take()
+    done = asyncio.Event()
+    renewer = asyncio.create_task(a.keep_renewed(done))
+    await redis.delete(a.io.lease_key)
+    await asyncio.sleep(2 * LEASE_MS / 1000)
+    assert not a.lost.is_set() and not renewer.done()
+    assert await redis.get(a.io.lease_key) == b"a:token"
+    done.set()
+    await asyncio.wait_for(renewer, timeout=1)
+    # Held by another instance, or gone after our lease could have expired: not ours.
+    await redis.set(a.io.lease_key, "b:token", px=10 * LEASE_MS)
+    assert await a.reclaim() is False
+    await redis.delete(a.io.lease_key)
+    await asyncio.sleep(LEASE_MS / 1000 + 0.05)  # no renewal meanwhile: it may have expired
+    assert await a.reclaim() is False
+    assert await redis.get(a.io.lease_key) is None
+
+
 async def test_a_refused_write_marks_the_lease_lost(fake_redis: Any) -> None:
     a = _lease(fake_redis, "t:", "a")
     assert await a.try_take()

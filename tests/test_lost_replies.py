@@ -6,6 +6,7 @@ MULTI/EXEC (where redis-py reports the dead connection as a WatchError) and the 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,61 @@ async def test_a_watch_error_from_a_dead_connection_is_an_outage_not_a_changed_k
     except WatchError as exc:
         assert streams._connection_died(exc)
     assert not streams._connection_died(WatchError("Watched variable changed."))
+
+
+async def test_redis_losing_its_data_keeps_the_state(lgb_run: Path) -> None:
+    # A Redis restart without persistence (or a failover to a replica that had not seen the
+    # keys) while the daemon holds the lease: the lease key, the streams and the group are
+    # gone. The daemon takes the lease again (no one can have taken it over: it had not
+    # expired), recreates the group, and predicts the next bars on the state it kept, as an
+    # uninterrupted run would (CONTRACT §5: "keeps its state").
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars([f"S{i}" for i in range(4)], 40, seed=12)
+    before, after = bars[:100], bars[100:]
+    for bar in before:
+        await redis.xadd("bars", encode_bar(bar))
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+
+    async def has_group(r: Any) -> bool:
+        return bool(await r.exists("bars")) and any(
+            g["name"] == b"livepred" for g in await r.xinfo_groups("bars")
+        )
+
+    with capture_logs() as logs:
+        task = asyncio.create_task(service.run())
+        try:
+            await _until(lambda: _outputs_at_least(redis, len(before)), task)
+            await redis.flushall()
+            await _until(lambda: has_group(redis), task)
+            for bar in after:
+                await redis.xadd("bars", encode_bar(bar))
+            await _until(lambda: _outputs_at_least(redis, len(after)), task)
+        finally:
+            service.request_stop()
+            assert await asyncio.wait_for(task, 15) == 0
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert [(o.symbol, o.ts) for o in outputs] == [(b["symbol"], b["ts"]) for b in after]
+    expected = expected_lgb(lgb_run, bars)  # on the whole history, before the loss included
+    for o in outputs:
+        want = expected[(o.symbol, o.ts)]
+        assert o.targets["fwd"].preds["LightGBM"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    events = [e["event"] for e in logs]
+    assert any(e.startswith("lease key gone while held") for e in events), events
+    assert "lease lost: stopped processing this partition" not in events
+    assert events.count("state rebuilt") == 1, events
+    await redis.aclose()
+
+
+async def _outputs_at_least(redis: Any, n: int) -> bool:
+    return await redis.xlen("predictions") >= n
+
+
+async def _until(condition: Any, task: asyncio.Task[int]) -> None:
+    deadline = asyncio.get_running_loop().time() + 20
+    while not await condition():
+        if task.done():
+            task.result()
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
