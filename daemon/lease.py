@@ -84,13 +84,14 @@ class PartitionLease:
         return bool(taken)
 
     async def reclaim(self) -> bool:
-        """The lease was refused: if the key is simply gone while our lease cannot have
-        expired yet, Redis lost it (a restart without its data, a failover to a replica that
-        had not seen it) and no instance can have taken it over by expiry: take it again and
-        keep the partition, its state included (CONTRACT §5). False when another instance
-        holds it, or when our lease may have expired (then someone else may have served)."""
+        """The lease was refused: if the key is simply gone, Redis lost it (a restart without
+        its data, a failover to a replica that had not seen it): take it again and keep the
+        partition, its state included (CONTRACT §5), when no other instance can have served
+        it meanwhile: our lease had not expired yet, or the consumer group is gone too (an
+        instance that takes a partition recreates its group first). False when another
+        instance holds the lease, or may have held it (then our state may be behind)."""
         started = time.monotonic()
-        if started - self._held_at >= self.lease_ms / 1000:
+        if started - self._held_at >= self.lease_ms / 1000 and not await self.io.groups_missing():
             return False
         if not await self.io.acquire_lease(self.token, self.lease_ms):
             return False
@@ -105,7 +106,10 @@ class PartitionLease:
 
     async def keep_renewed(self, done: asyncio.Event) -> None:
         """Renew every third of the lease time until `done`; set `lost` and return when the
-        lease is refused, or when no renewal was confirmed for a whole lease time."""
+        lease is refused (and not reclaimed). While Redis does not answer, nothing of the
+        partition can be read or written (both are fenced by the lease, atomically), so the
+        verdict waits for Redis: after an outage longer than the lease the renewal (or the
+        first fenced read or write) says whether another instance took the partition."""
         interval_s = self.lease_ms / 3000
         while True:
             await sleep_unless(done, interval_s)
@@ -117,7 +121,7 @@ class PartitionLease:
                 if not ok:
                     ok = await self.reclaim()
             except (RedisError, OSError):
-                ok = None  # unknown: keep trying until the lease would have expired
+                continue  # unknown until Redis answers
             if ok:
                 self._held_at = max(self._held_at, started)
                 self.metrics.lease_renewed(self.partition)
@@ -127,6 +131,6 @@ class PartitionLease:
                             self.handback.set()
                     except (RedisError, OSError):
                         pass
-            elif ok is False or time.monotonic() - self._held_at > self.lease_ms / 1000:
+            else:
                 self.lost.set()
                 return

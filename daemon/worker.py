@@ -260,7 +260,12 @@ class PartitionWorker:
         delivered. Taken before anything newer, so each symbol's bars stay in order; None
         once there are none (the next read asks for new entries again)."""
         self.lease.check()
-        entries = await self.io.read_own_pending(self.batch, self._taken)
+        try:
+            entries = await self.io.read_own_pending(self.batch, self._taken)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            entries = []  # Redis lost the group too: nothing of ours is pending any more
         if not entries:
             self._unsure = False
             return None

@@ -110,6 +110,7 @@ async def test_a_lease_key_lost_by_redis_while_held_is_taken_again(
     # no one can have taken it over by expiry: the renewer takes it again, nothing is lost.
     redis, prefix = client_and_prefix
     a = _lease(redis, prefix, "a")
+    await a.io.ensure_groups()
     assert await a.try_take()
     done = asyncio.Event()
     renewer = asyncio.create_task(a.keep_renewed(done))
@@ -124,8 +125,12 @@ async def test_a_lease_key_lost_by_redis_while_held_is_taken_again(
     assert await a.reclaim() is False
     await redis.delete(a.io.lease_key)
     await asyncio.sleep(LEASE_MS / 1000 + 0.05)  # no renewal meanwhile: it may have expired
-    assert await a.reclaim() is False
+    assert await a.reclaim() is False  # and the group is there: another may have served
     assert await redis.get(a.io.lease_key) is None
+    # The group gone too (Redis lost everything): no instance has served since, take it.
+    await redis.delete(*a.io.inputs)
+    assert await a.reclaim() is True
+    assert await redis.get(a.io.lease_key) == b"a:token"
 
 
 async def test_a_refused_write_marks_the_lease_lost(fake_redis: Any) -> None:
