@@ -36,6 +36,7 @@ class LightGBMBoosterHandler:
     @classmethod
     def load(cls, path: Path, meta: ModelMeta, *, device: str = "cpu") -> LightGBMBoosterHandler:
         # Tree inference runs on the CPU whatever `device` says: batches are small.
+        check_complete(path)
         handler = cls(lgb.Booster(model_file=str(path)), meta)
         if handler._booster.num_model_per_iteration() == 1:  # not multiclass
             handler._compiled = compiled_predictor(
@@ -59,3 +60,31 @@ class LightGBMBoosterHandler:
     def close(self) -> None:
         self._compiled = None
         self._booster = None  # type: ignore[assignment]
+
+
+def check_complete(path: Path) -> None:
+    """Refuse a LightGBM text model that is cut short (a half-copied deploy, a full disk):
+    LightGBM 4.x reads such a file past its end and kills the process (a segfault, or an
+    abort) instead of raising, so the file's own structure is checked first. Every tree the
+    header's `tree_sizes` announces must be there, followed by `end of trees`, and the
+    parameters block, where present, must end with `end of parameters`."""
+    text = path.read_bytes()
+    sizes: list[int] | None = None
+    for line in text.split(b"\n", 64)[:64]:
+        if line.startswith(b"tree_sizes="):
+            try:
+                sizes = [int(x) for x in line[len(b"tree_sizes=") :].split()]
+            except ValueError:
+                sizes = None
+            break
+    problem = None
+    if not text.startswith(b"tree\n"):
+        problem = "not a LightGBM text model (no 'tree' header)"
+    elif b"\nend of trees" not in text:
+        problem = "no 'end of trees': the file is cut short"
+    elif sizes is not None and text.count(b"\nTree=") != len(sizes):
+        problem = f"{text.count(b'Tree=')} trees where tree_sizes lists {len(sizes)}"
+    elif b"\nparameters:" in text and b"\nend of parameters" not in text:
+        problem = "no 'end of parameters': the file is cut short"
+    if problem:
+        raise ValueError(f"{path.name}: {problem}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +246,41 @@ def test_corrupt_model_file(run_root: Path) -> None:
     reason = refusal(loader, "LightGBM")
     assert "could not load" in reason and "model.txt as lightgbm" in reason
     assert_others_load(loader, except_family="LightGBM")
+
+
+@pytest.mark.parametrize("where", ["in a tree", "before end of trees", "in the parameters"])
+def test_a_lightgbm_model_cut_short_is_refused_not_a_crash(run_root: Path, where: str) -> None:
+    # LightGBM reads a truncated model.txt past its end and kills the process (seen: SIGSEGV
+    # for cuts in the trees and in the parameters); a half-copied deploy must be refused
+    # like any corrupt file. Loaded in a child process, so a regression fails this test
+    # instead of killing the test run.
+    path = fam(run_root, "LightGBM") / "model.txt"
+    text = path.read_text()
+    cut = {
+        "in a tree": text.index("Tree=1") + 40,
+        "before end of trees": text.index("end of trees") - 2,
+        "in the parameters": text.index("parameters:") + 60,
+    }[where]
+    path.write_text(text[:cut])
+    (run_root / "manifest.json").unlink()
+    script = (
+        "import sys\n"
+        "from handlers.run import ModelLoader\n"
+        "from handlers.errors import ModelLoadError\n"
+        "loader = ModelLoader(sys.argv[1])\n"
+        "try:\n"
+        "    loader.load_model('ret_1d', 'LightGBM')\n"
+        "    print('LOADED')\n"
+        "except ModelLoadError as exc:\n"
+        "    print('REFUSED', exc.reason)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(run_root)], capture_output=True, text=True,
+        timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-1500:])
+    assert "REFUSED" in done.stdout and "cut short" in done.stdout, done.stdout
+    assert_others_load(ModelLoader(run_root), except_family="LightGBM")
 
 
 def test_corrupt_pickle(run_root: Path) -> None:
