@@ -217,6 +217,13 @@ class InferenceEngine:
             ready = np.isfinite(flat).all(axis=1)
             if not ready.all():
                 needed = np.maximum(fam.bars_to_ready - inputs.bars_seen, 1)
+                if fam.sequence is not None and fam.sequence.kind == FEATURES:
+                    # A feature sequence is ready once its newest non-finite row has left the
+                    # window: row j (0 = oldest of T) needs j + 1 more bars, if they are
+                    # finite. (A raw sequence is finite from its T-th bar: the count above.)
+                    bad_rows = ~np.isfinite(x).all(axis=2)
+                    newest_bad = x.shape[1] - 1 - np.argmax(bad_rows[:, ::-1], axis=1)
+                    needed = np.maximum(needed, newest_bad + 1)
                 warming = np.where(ready, 0, needed).astype(np.int64)
                 rows = np.flatnonzero(ready)
                 x = x[rows]

@@ -131,6 +131,37 @@ def test_batch_predictions_equal_each_framework_on_reference_features(run3: Path
     assert all(n > 10 for n in checked.values()), checked
 
 
+def test_a_sequence_warming_after_a_non_finite_row_counts_the_bars_it_still_needs(
+    run3: Path,
+) -> None:
+    # A flat stretch makes rsi_14 and bb_position NaN (0 / 0, as pandas gives); once prices
+    # move again, the LSTM needs its T rows finite: the bars still needed count down from
+    # T - 1 as the NaN row leaves the window (not 1 on every bar).
+    engine = InferenceEngine(ModelLoader(run3), targets=["fwd"]).load_all()
+    table = SymbolTable(engine.input_spec, ttl_s=10**6)
+    rng = np.random.default_rng(4)
+    closes = list(50 * np.exp(np.cumsum(rng.normal(0, 0.01, 30))))
+    closes += [closes[-1]] * 25 + list(closes[-1] * np.exp(np.cumsum(rng.normal(0, 0.01, 12))))
+    bars = [Bar("A", (t + 1) * MIN, c, c, c, c, 1.0, "bars", f"{t}-0") for t, c in enumerate(closes)]
+    got = []
+    for bar in bars:
+        applied = table.apply([bar])
+        got.append(engine.predict_batch(applied.inputs).row(0)["fwd"])
+    feats = FeatureBuilder(FEATS).build_frame(pd.DataFrame({"close": closes})).to_numpy()
+    need_fresh = bars_to_ready(engine.models["fwd"]["LSTM"].meta, engine.models["fwd"]["LSTM"].sequence)
+    counted_down = 0
+    for i, out in enumerate(got):
+        finite = np.isfinite(feats[max(0, i - T + 1) : i + 1]).all(axis=1)
+        trailing = len(finite) - (np.flatnonzero(~finite)[-1] + 1) if (~finite).any() else len(finite)
+        if i + 1 >= T and finite.all():
+            assert "LSTM" in out["preds"] and "LSTM" not in out["warming"]
+            continue
+        want = max(need_fresh - (i + 1), T - trailing, 1)
+        assert out["warming"]["LSTM"] == want, (i, out["warming"], want)
+        counted_down += i >= 30 and want > 1
+    assert counted_down >= T - 2  # the case this test is about did happen, after the flat
+
+
 class _Raises:
     format_name = "boom"
     accepts_nan = True
