@@ -33,7 +33,7 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.observe import configure_logging
-    from daemon.service import NoModelsError, Service, build_engine
+    from daemon.service import MetricsPortError, NoModelsError, Service, build_engine
     from daemon.settings import ConfigError, load_settings
     from handlers.errors import LivepredError
 
@@ -45,7 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.check:
         try:
             engine = build_engine(settings)
-        except (NoModelsError, LivepredError, OSError) as exc:
+        except NoModelsError as exc:
+            return _fail(str(exc), EXIT_CONFIG)
+        except (LivepredError, OSError) as exc:
             return _fail(str(exc))
         _print_models(engine)
         print("config ok", file=sys.stderr)
@@ -61,7 +63,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         service.install_signal_handlers()
         try:
             await service.start()
-        except (NoModelsError, LivepredError) as exc:
+        except (NoModelsError, MetricsPortError) as exc:
+            await service.close()
+            return _fail(str(exc), EXIT_CONFIG)  # a restart cannot fix it
+        except LivepredError as exc:
             await service.close()
             return _fail(str(exc))
         return await service.run()

@@ -34,6 +34,10 @@ class NoModelsError(RuntimeError):
     """Not one family of the run could be loaded: nothing to serve."""
 
 
+class MetricsPortError(RuntimeError):
+    """The metrics/health port cannot be listened on (taken, or not allowed)."""
+
+
 def build_engine(settings: Settings) -> InferenceEngine:
     """Load every selected family (blocking: call it off the event loop)."""
     m = settings.models
@@ -132,6 +136,18 @@ class Service:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # The port first: taken or not allowed, the start fails at once, before the models load.
+        if self.settings.metrics.port:
+            port = self.settings.metrics.port
+            self.health_server = HealthServer(self.metrics, self.health, port=port)
+            try:
+                await self.health_server.start()
+            except OSError as exc:
+                self.health_server = None
+                raise MetricsPortError(
+                    f"metrics.port = {port}: cannot listen: {exc.strerror or exc}"
+                    " (another process has it? pick another port, or 0 for none)"
+                ) from None
         if self.engine is None:
             self.engine = await loop.run_in_executor(self.executor, build_engine, self.settings)
         settle_heap()
@@ -162,9 +178,6 @@ class Service:
                     clock_us=self.clock_us,
                 )
             )
-        if self.settings.metrics.port:
-            self.health_server = HealthServer(self.metrics, self.health, port=self.settings.metrics.port)
-            await self.health_server.start()
         self._started = True
 
     async def run(self) -> int:
@@ -251,6 +264,8 @@ class Service:
 
     async def health(self) -> str | None:
         """None when healthy, else the reason (for /healthz and the watchdog)."""
+        if not self._started:
+            return "starting: loading models"
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=1.0)
         except (RedisError, OSError, TimeoutError) as exc:

@@ -152,8 +152,26 @@ def test_an_unreadable_run_root_exits_with_one_line(tmp_path: Path, check: bool,
         run_root.write_text("not a directory")
     args = ["run", "--config", str(_config(tmp_path, run_root))] + (["--check"] if check else [])
     done = h.run_cli(*args, timeout_s=60)
-    assert done.returncode != 0
+    assert done.returncode == 2  # a configuration error: systemd does not restart it
     assert "run_root" in _one_error_line(done.stderr)
+
+
+@pytest.mark.e2e
+def test_a_metrics_port_in_use_exits_with_one_line(lgb_run: Path, tmp_path: Path) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        config = _config(tmp_path, lgb_run, metrics={"port": port})
+        done = h.run_cli("run", "--config", str(config), timeout_s=120)
+    finally:
+        taken.close()
+    assert done.returncode == 2
+    line = _one_error_line(done.stderr)
+    assert f"metrics.port = {port}" in line and "cannot listen" in line
 
 
 @pytest.mark.e2e
