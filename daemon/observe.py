@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from handlers.native_stderr import quiet_native_stderr
+
+__all__ = ["quiet_native_stderr"]  # re-exported: the demo and the benchmark use it
 
 log = structlog.get_logger("livepred.observe")
 
@@ -235,7 +237,30 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     )
     numeric = getattr(logging, level.upper(), logging.INFO)
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(name)s: %(message)s")
+    # Libraries' stdlib log records (the model side's refusals, LightGBM, Keras, ...) are
+    # rendered by the same processors: one JSON object per line there too, with `logger`.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.ExtraAdder(),  # fields passed as `extra=`
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if getattr(h, "livepred", False)]:
+        root.removeHandler(previous)  # configured again (tests, the demo): one handler only
+    handler.livepred = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(numeric)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -248,20 +273,6 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-
-
-@contextlib.contextmanager
-def quiet_native_stderr() -> Iterator[None]:
-    """Silence what C++ libraries print on fd 2 while they load (TensorFlow's banner)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def process_rss_bytes() -> int:

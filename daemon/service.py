@@ -312,9 +312,8 @@ class Service:
     def _report_models(self, engine: InferenceEngine) -> None:
         loaded = list(engine.families())
         self.metrics.models_loaded.set(len(loaded))
-        for (target, family), reason in sorted(engine.load_errors.items()):
+        for _ in engine.load_errors:  # each logged by the engine as it was refused
             self.metrics.model_load_failures.inc()
-            log.warning("model refused", target=target, family=family, reason=reason)
         for fam in loaded:
             log.info(
                 "model loaded",

@@ -101,7 +101,10 @@ class InferenceEngine:
             except Exception as exc:
                 reason = exc.reason if isinstance(exc, ModelLoadError) else _short(exc)
                 self.load_errors[(target, family)] = reason
-                log.warning("model refused: %s/%s: %s", target, family, reason)
+                log.warning(
+                    "model refused: %s/%s: %s", target, family, reason,
+                    extra={"target": target, "family": family, "reason": reason},
+                )
         self.selected[target] = self._routing(target, view)
         self._spec = None
         return sorted(loaded)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,6 +61,9 @@ class KerasModelHandler:
                 f"Keras runs on the {keras.backend.backend()!r} backend; livepred needs"
                 " 'tensorflow' (unset KERAS_BACKEND)"
             )
+        if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+            # Keras says "File not found" for a file that is there but not a zip archive.
+            raise ValueError(f"{path.name} is not a .keras zip archive (corrupt or cut short?)")
         device_name = tf_device_name(device)
         with tf.device(device_name):
             model = keras.saving.load_model(str(path), compile=False)

@@ -6,6 +6,7 @@ Also the small pieces every handler shares: the thread count and the output shap
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 
 from handlers.errors import MissingDependencyError
 from handlers.meta import ModelMeta
+from handlers.native_stderr import quiet_native_stderr
 
 # Threads each framework may use for one predict call. One: several frameworks share the
 # process, and their OpenMP pools spin-wait against each other (measured on 2 cores with
@@ -53,6 +55,7 @@ MODEL_FORMATS: tuple[ModelFormat, ...] = (
     ModelFormat("onnx", ("model.onnx",), "handlers.onnx_model", "OnnxModelHandler"),
     ModelFormat("pickle", ("model.pkl", "model.joblib"), "handlers.pickled", "PickledHandler"),
 )
+TENSORFLOW_MODULES = ("handlers.keras_model", "handlers.tf_savedmodel")
 FORMATS_BY_NAME = {fmt.name: fmt for fmt in MODEL_FORMATS}
 MODEL_FILE_NAMES: tuple[str, ...] = tuple(
     f"{name}/" if fmt.is_directory else name for fmt in MODEL_FORMATS for name in fmt.file_names
@@ -100,7 +103,11 @@ def handler_class(format_name: str) -> type:
             f"unknown model format {format_name!r}; known: {', '.join(FORMATS_BY_NAME)}"
         ) from None
     try:
-        module = importlib.import_module(fmt.module)
+        if fmt.module in TENSORFLOW_MODULES and "tensorflow" not in sys.modules:
+            with quiet_native_stderr():  # TensorFlow's banner, printed at its first import
+                module = importlib.import_module(fmt.module)
+        else:
+            module = importlib.import_module(fmt.module)
     except ModuleNotFoundError as exc:
         raise missing_dependency(exc) from exc
     cls: type = getattr(module, fmt.class_name)

@@ -170,7 +170,8 @@ class ModelLoader:
                 loaded = self._load(target, family, view)
             except ModelLoadError as exc:
                 self._refusals[key] = exc.reason
-                log.warning("refused %s/%s (%s): %s", target, family, view, exc.reason)
+                # Raised to the caller (the engine logs it once, with the reason).
+                log.debug("refused %s/%s (%s): %s", target, family, view, exc.reason)
                 raise
             self._models[key] = loaded
             return loaded

@@ -363,3 +363,23 @@ def test_model_input_must_match_meta(
     (copy / "model_meta.json").write_text(json.dumps({**meta, **meta_change}))
     with pytest.raises(ModelLoadError, match=re.escape(needle)):
         ModelLoader(tmp_path).load_model(TARGET, family)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut short"])
+def test_a_damaged_keras_file_is_refused_with_what_is_wrong(
+    run_root: Path, tmp_path: Path, damage: str
+) -> None:
+    # Keras itself reports "File not found" for a .keras file that is there but not a zip.
+    import shutil
+
+    copy = tmp_path / "run"
+    family = copy / "targets" / TARGET / "models" / "view=CROSS_SECTIONAL" / "family=KerasMLP"
+    family.mkdir(parents=True)
+    for name in ("model.keras", "model_meta.json"):
+        shutil.copy(run_root / family.relative_to(copy) / name, family / name)
+    model = family / "model.keras"
+    data = model.read_bytes()
+    model.write_bytes(b"not a model" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ModelLoadError) as info:
+        ModelLoader(copy).load_model(TARGET, "KerasMLP")
+    assert "not a .keras zip archive" in info.value.reason
