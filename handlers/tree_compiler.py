@@ -10,7 +10,9 @@ the framework's predictor in place; it is logged, never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -96,10 +98,16 @@ def _build(model_file: Path, loader: str, target: Path, treelite: object, tl2cge
         # `quantize`: each feature value is first mapped to its index among the model's
         # thresholds for that feature, and the trees compare integers; the same leaves, ~10%
         # faster on the demo model's real inputs (0.97 -> 0.88 us per row at B=4096).
-        tl2cgen.export_lib(  # type: ignore[attr-defined]
-            model, toolchain="gcc", libpath=partial, params={"parallel_comp": 1, "quantize": 1},
-            verbose=False,
-        )
+        # tl2cgen prints its native log lines with print(): kept off stdout, where they
+        # would break `inspect --json` and the like.
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter):
+            tl2cgen.export_lib(  # type: ignore[attr-defined]
+                model, toolchain="gcc", libpath=partial,
+                params={"parallel_comp": 1, "quantize": 1}, verbose=False,
+            )
+        if chatter.getvalue().strip():
+            log.debug("tl2cgen: %s", chatter.getvalue().strip())
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):

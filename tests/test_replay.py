@@ -141,9 +141,14 @@ def test_replay_refuses_an_unwritable_output_and_a_run_without_models(
     assert code != 0 and "no model could be loaded" in err[-1]
 
 
-def test_inspect_lists_families_and_refusals(run_dir: Path, tmp_path: Path, capsys) -> None:
+def test_inspect_lists_families_and_refusals(
+    run_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
+    # A fresh cache: the trees are compiled during this inspect, and nothing the compiler
+    # prints may reach stdout, which holds the JSON.
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path / "cache"))
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     broken = mf.family_dir(run, "fwd", "Pickled")
