@@ -286,6 +286,23 @@ class StreamIO:
                 low = "(" + _s(rows[-1]["message_id"])
         return claimed
 
+    async def forget_idle_consumers(self, idle_ms: int) -> list[str]:
+        """Delete the group's other consumers that hold no pending entry and have been idle
+        for `idle_ms` (called by the lease holder after taking their pending entries over:
+        every restart names a new consumer, and the dead ones would pile up in XINFO). A
+        consumer with pending entries is never deleted: that would drop them."""
+        forgotten = []
+        for stream in self.inputs:
+            for consumer in await self.redis.xinfo_consumers(stream, self.group):
+                name = _s(consumer["name"])
+                if name == self.consumer or int(consumer["pending"]) != 0:
+                    continue
+                if int(consumer.get("idle", 0)) < idle_ms:
+                    continue
+                await self.redis.xgroup_delconsumer(stream, self.group, name)
+                forgotten.append(name)
+        return forgotten
+
     async def delivery_counts(self, stream: str, ids: Sequence[str]) -> dict[str, int]:
         if not ids:
             return {}

@@ -159,6 +159,9 @@ class PartitionWorker:
             claimed = await self.io.claim_all_pending()
             if claimed:
                 self._log.info("claimed pending entries of gone consumers", entries=claimed)
+            forgotten = await self.io.forget_idle_consumers(idle_ms=self.lease_ms)
+            if forgotten:
+                self._log.info("deleted idle consumers holding nothing", consumers=forgotten)
             self._set_role(Role.ACTIVE)
             await self._drain_pending(stop)
             await self._serve_new(stop)

@@ -255,3 +255,38 @@ async def test_a_cancel_lost_inside_a_lease_renewal_does_not_hold_the_exit(
     assert swallowed["n"] == 1  # the cancel did land inside the call, and was lost there
     assert asyncio.get_running_loop().time() - started < 3.0
     await redis.aclose()
+
+
+async def _check_forget(redis: object, stream: str) -> None:
+    await redis.xgroup_create(stream, "g", id="$", mkstream=True)  # type: ignore[attr-defined]
+    for i in range(10):
+        await redis.xadd(stream, {"n": str(i)})  # type: ignore[attr-defined]
+    await redis.xreadgroup("g", "gone-1", {stream: ">"}, count=4)  # type: ignore[attr-defined]
+    await redis.xreadgroup("g", "holds", {stream: ">"}, count=3)  # type: ignore[attr-defined]
+    await redis.xreadgroup("g", "me", {stream: ">"}, count=1)  # type: ignore[attr-defined]
+    io = StreamIO(redis, inputs=[stream], output=stream + ":out", dead_letter=stream + ":dead",
+                  group="g", consumer="me", lease_key=stream + ":lease", output_maxlen=1000)
+    # Only consumers without pending entries go, and not before they have been idle long.
+    assert await io.forget_idle_consumers(idle_ms=60_000) == []
+    rows = await redis.xpending_range(  # type: ignore[attr-defined]
+        stream, "g", min="-", max="+", count=10, consumername="gone-1"
+    )
+    ids = [r["message_id"] for r in rows]
+    await redis.xclaim(stream, "g", "me", min_idle_time=0, message_ids=ids)  # type: ignore[attr-defined]
+    assert await io.forget_idle_consumers(idle_ms=0) == ["gone-1"]
+    names = {c["name"] for c in await redis.xinfo_consumers(stream, "g")}  # type: ignore[attr-defined]
+    assert names == {b"holds", b"me"}
+    assert (await redis.xpending(stream, "g"))["pending"] == 8  # type: ignore[attr-defined]
+
+
+async def test_idle_consumers_holding_nothing_are_deleted() -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    await _check_forget(redis, "bars")
+    await redis.aclose()
+
+
+@pytest.mark.redis
+async def test_idle_consumers_holding_nothing_are_deleted_on_real_redis(
+    real_redis: object, key_prefix: str
+) -> None:
+    await _check_forget(real_redis, key_prefix + "bars")
