@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -52,6 +53,7 @@ def build_engine(settings: Settings) -> InferenceEngine:
     except (OSError, ValueError) as exc:
         # A missing or unreadable run directory: one line naming the key, not a traceback.
         raise NoModelsError(f"models.run_root = {m.run_root!r}: {exc}") from None
+    _warn_unknown_names(loader, m.view, m.targets, m.families)
     engine = InferenceEngine(
         loader, device=m.device, view=m.view, targets=m.targets, families=m.families
     )
@@ -63,6 +65,25 @@ def build_engine(settings: Settings) -> InferenceEngine:
             + (f" ({reasons})" if reasons else " (no targets/families found)")
         )
     return engine
+
+
+def _warn_unknown_names(
+    loader: ModelLoader, view: str, targets: Sequence[str], families: Sequence[str]
+) -> None:
+    """A name in models.targets / models.families that the run does not have is most likely
+    a typo: said once at start, with what the run has (the rest is served)."""
+    have = loader.list_available_targets()
+    missing = [t for t in targets if t not in have]
+    if missing:
+        log.warning("models.targets names targets the run does not have",
+                    names=missing, run_root=str(loader.run_root), targets=have)
+    if families:
+        seen = {f for t in (targets or have) if t in have
+                for f in loader.list_available_families(t, view=view)}
+        missing = [f for f in families if f not in seen]
+        if missing:
+            log.warning(f"models.families names families no target has in view={view}",
+                        names=missing, run_root=str(loader.run_root), families=sorted(seen))
 
 
 def make_redis(settings: Settings) -> Any:

@@ -502,3 +502,25 @@ async def test_at_light_load_the_stream_is_read_once_per_batch_not_once_per_bar(
     # One read per batch while bars arrive (plus the few made while idle), not one per bar.
     assert reads["n"] <= 2 * batches + 5, (reads["n"], batches, len(bars))
     await redis.aclose()
+
+
+def test_unknown_target_and_family_names_are_warned_about_once(lgb_run: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from daemon.service import build_engine
+
+    settings = settings_for(
+        lgb_run, LIVEPRED_MODELS__TARGETS="fwd,fwd_typo", LIVEPRED_MODELS__FAMILIES="LightGBM,Nope"
+    )
+    with capture_logs() as logs:
+        engine = build_engine(settings)
+    assert [f.family for f in engine.families()] == ["LightGBM"]  # the rest is served
+    warned = {e["event"]: e["names"] for e in logs if e.get("log_level") == "warning"}
+    assert warned == {
+        "models.targets names targets the run does not have": ["fwd_typo"],
+        "models.families names families no target has in view=CROSS_SECTIONAL": ["Nope"],
+    }
+    with capture_logs() as logs:
+        build_engine(settings_for(lgb_run, LIVEPRED_MODELS__FAMILIES="LightGBM"))
+    assert not [e for e in logs if e.get("log_level") == "warning"]
+    engine.close()
