@@ -10,14 +10,13 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from daemon.batch import BatchReport, run_batch
 from daemon.lease import LeaseLost, PartitionLease
 from daemon.overlap import Steps, serve_overlapped
 from daemon.pipeline import Pipeline
+from daemon.reads import TRANSIENT, PartitionReader
 from daemon.rebuild import rebuild_pipeline
 from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, EntryBatch, StreamIO
 from daemon.waits import Backoff, sleep_unless
@@ -27,7 +26,6 @@ log = structlog.get_logger("livepred.worker")
 
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
 class Role(StrEnum):
@@ -77,12 +75,14 @@ class PartitionWorker:
         self.role = Role.STANDBY
         self.pipeline: Pipeline | None = None
         self.last_progress_s = time.monotonic()
-        # The last entry id taken per input stream while serving new bars, and whether a read
-        # failed in a way that may have delivered entries whose reply never came back.
-        self._taken: dict[str, str] = {}
-        self._unsure = False
+        self._warned_ts = 0  # the newest bar time a far-ahead warning was given for
         self._stop: asyncio.Event | None = None
         self._log = log.bind(partition=partition if partition is not None else "-")
+        self.reader = PartitionReader(
+            io, self.lease, batch=batch, block_ms=block_ms, metrics=metrics, log=self._log,
+            clock_us=clock_us, progressed=self._progressed,
+            stopping=lambda: self._stop is not None and self._stop.is_set(),
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -218,9 +218,9 @@ class PartitionWorker:
             await self._process(batch, self.clock_us())
 
     async def _serve_new(self, stop: asyncio.Event) -> None:
-        self._taken, self._unsure = {}, False  # every pending entry of ours is published
+        self.reader.start()  # every pending entry of ours is published
         steps = Steps(
-            read=self._read,
+            read=self.reader.read,
             compute=self._compute,
             publish=self._publish,
             may_read=lambda: not stop.is_set() and not self.lease.handback.is_set(),
@@ -232,83 +232,6 @@ class PartitionWorker:
 
     def _progressed(self) -> None:
         self.last_progress_s = time.monotonic()
-
-    async def _read(self) -> tuple[EntryBatch, int]:
-        backoff = Backoff()
-        while True:
-            try:
-                if self._unsure:
-                    lost = await self._read_lost()
-                    if lost is not None:
-                        return lost
-                read = await self._read_once()
-                self._took(read[0])
-                return read
-            except TRANSIENT as exc:
-                # Redis may have delivered entries to us before the connection died (the
-                # read ran, its reply was lost): they are ours, pending, and come next.
-                self._unsure = True
-                # Keep state through an outage; the lease renewer decides if we lost it.
-                self.lease.check()
-                if self._stop is not None and self._stop.is_set():
-                    return EntryBatch(), self.clock_us()  # shutting down: nothing was read
-                self.last_progress_s = time.monotonic()  # waiting on Redis, not hung
-                delay = backoff.next_s()
-                self.metrics.redis_error()
-                self._log.warning("read failed, retrying", error=str(exc), delay_s=delay)
-                await asyncio.sleep(delay)
-
-    async def _read_lost(self) -> tuple[EntryBatch, int] | None:
-        """Our pending entries after the last one taken: what a read whose reply was lost
-        delivered. Taken before anything newer, so each symbol's bars stay in order; None
-        once there are none (the next read asks for new entries again)."""
-        self.lease.check()
-        try:
-            entries = await self.io.read_own_pending(self.batch, self._taken)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            entries = []  # Redis lost the group too: nothing of ours is pending any more
-        if not entries:
-            self._unsure = False
-            return None
-        self._log.warning(
-            "entries delivered by a read whose reply was lost: taken now", entries=len(entries)
-        )
-        batch = EntryBatch.of(entries)
-        batch.deliveries = None  # delivered twice by now; the poison count is for failures
-        self._took(batch)
-        return batch, self.clock_us()
-
-    def _took(self, batch: EntryBatch) -> None:
-        if not batch.ids:
-            return
-        streams = batch.streams
-        if streams[0] == streams[-1] and streams.count(streams[0]) == len(streams):
-            self._taken[streams[0]] = batch.ids[-1]
-            return
-        for stream, entry_id in zip(streams, batch.ids, strict=True):
-            self._taken[stream] = entry_id
-
-    async def _read_once(self) -> tuple[EntryBatch, int]:
-        try:
-            entries = await self.io.read_new(self.lease.token, self.batch, self.block_ms)
-            if entries is None and await self.lease.reclaim():
-                entries = await self.io.read_new(self.lease.token, self.batch, self.block_ms)
-        except ResponseError as exc:
-            # (The NOGROUP error text differs between servers when raised inside a script.)
-            if "NOGROUP" not in str(exc) and not await self.io.groups_missing():
-                raise
-            # The stream or group vanished (Redis restarted without persistence, or a
-            # manual delete): recreate it and carry on from now.
-            self._log.warning("consumer group missing, recreating", error=str(exc))
-            await self.io.ensure_groups()
-            self._taken = {}
-            return EntryBatch(), self.clock_us()
-        if entries is None:
-            # Fenced: another instance holds the lease, and nothing was delivered to us.
-            raise self.lease.refused()
-        return entries, self.clock_us()
 
     async def _process(self, entries: EntryBatch, read_at_us: int) -> None:
         commit, report = await self._compute(entries, read_at_us)
@@ -346,6 +269,25 @@ class PartitionWorker:
         report.stage_seconds["redis_commit"] = time.perf_counter() - started
         self.last_progress_s = time.monotonic()
         self.metrics.batch(self.partition, report, read_at_us, self.clock_us())
+        if report.evicted:
+            self._warn_if_time_jumped(report.evicted)
+
+    def _warn_if_time_jumped(self, evicted: int) -> None:
+        """Symbols are evicted by event time (CONTRACT §5): one accepted bar stamped far ahead
+        of the clock (a feeder sending ns or a wrong date) makes every other symbol stale. The
+        rule stands; this says where the evictions come from, once per such jump."""
+        table = self.pipeline.table if self.pipeline is not None else None
+        if table is None or table.max_ts_seen <= self._warned_ts:
+            return
+        ahead_s = table.max_ts_seen / 1000 - self.clock_us() / 1e6
+        if ahead_s <= self.ttl_s:
+            return  # a new session's first bars evicting yesterday's symbols: as it should be
+        self._warned_ts = table.max_ts_seen
+        self._log.warning(
+            "symbols evicted by a bar stamped far ahead of the clock (ts in ns or s? a wrong"
+            " date?): every symbol more than state.symbol_ttl_s behind it restarts",
+            newest_ts=table.max_ts_seen, ahead_s=round(ahead_s), evicted=evicted,
+        )
 
     async def _commit(self, commit: Commit) -> None:
         backoff = Backoff()

@@ -524,3 +524,26 @@ def test_unknown_target_and_family_names_are_warned_about_once(lgb_run: Path) ->
         build_engine(settings_for(lgb_run, LIVEPRED_MODELS__FAMILIES="LightGBM"))
     assert not [e for e in logs if e.get("log_level") == "warning"]
     engine.close()
+
+
+async def test_a_bar_stamped_far_ahead_is_named_when_it_evicts_the_others(lgb_run: Path) -> None:
+    # The eviction rule stands (CONTRACT §5): a bar in nanoseconds makes every other symbol
+    # stale. The log says so once, with the offending time, instead of a silent mass restart.
+    from structlog.testing import capture_logs
+
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    now_ms = int(time.time() * 1000)
+    bars = [dict(b, ts=now_ms - 3_600_000 + b["ts"]) for b in walk_bars(["AAA", "BBB"], 5)]
+    nanos = dict(bars[-1], symbol="NS", ts=now_ms * 1_000_000)
+    later = [dict(b, ts=b["ts"] + 5 * MIN) for b in bars[-2:]]
+    for bar in [*bars, nanos, *later]:
+        await redis.xadd("bars", encode_bar(bar))
+    with capture_logs() as logs:
+        await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars) + 3))
+    warnings = [e for e in logs if e["event"].startswith("symbols evicted by a bar stamped far")]
+    assert len(warnings) == 1, [e["event"] for e in logs]
+    assert warnings[0]["newest_ts"] == now_ms * 1_000_000 and warnings[0]["evicted"] >= 2
+    await redis.aclose()
