@@ -33,7 +33,13 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.observe import configure_logging
-    from daemon.service import MetricsPortError, NoModelsError, Service, build_engine
+    from daemon.service import (
+        MetricsPortError,
+        NoModelsError,
+        RedisRefusedError,
+        Service,
+        build_engine,
+    )
     from daemon.settings import ConfigError, load_settings
     from handlers.errors import LivepredError
 
@@ -63,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         service.install_signal_handlers()
         try:
             await service.start()
-        except (NoModelsError, MetricsPortError) as exc:
+        except (NoModelsError, MetricsPortError, RedisRefusedError) as exc:
             await service.close()
             return _fail(str(exc), EXIT_CONFIG)  # a restart cannot fix it
         except LivepredError as exc:

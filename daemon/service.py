@@ -12,12 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 
 from daemon.observe import HealthServer, Metrics, SystemdNotifier
 from daemon.partitions import partition_keys
 from daemon.runtime import settle_heap
-from daemon.settings import Settings
+from daemon.settings import Settings, redact_url
 from daemon.streams import StreamIO
 from daemon.waits import sleep_unless
 from daemon.worker import PartitionWorker, Role
@@ -37,6 +43,11 @@ class NoModelsError(RuntimeError):
 
 class MetricsPortError(RuntimeError):
     """The metrics/health port cannot be listened on (taken, or not allowed)."""
+
+
+class RedisRefusedError(RuntimeError):
+    """Redis answers but refuses the configured connection (password, ACL, database index):
+    waiting will not change that."""
 
 
 def build_engine(settings: Settings) -> InferenceEngine:
@@ -169,12 +180,13 @@ class Service:
                     f"metrics.port = {port}: cannot listen: {exc.strerror or exc}"
                     " (another process has it? pick another port, or 0 for none)"
                 ) from None
+        if self.redis is None:
+            self.redis = make_redis(self.settings)
+            await self._check_redis()
         if self.engine is None:
             self.engine = await loop.run_in_executor(self.executor, build_engine, self.settings)
         settle_heap()
         self._report_models(self.engine)
-        if self.redis is None:
-            self.redis = make_redis(self.settings)
         s = self.settings.streams
         for keys in partition_keys(self.settings):
             io = StreamIO.for_partition(
@@ -200,6 +212,19 @@ class Service:
                 )
             )
         self._started = True
+
+    async def _check_redis(self) -> None:
+        """One PING at start: unreachable is an outage (retried while serving); refused (a
+        wrong password, an ACL, a database index the server does not have) is the config."""
+        try:
+            await asyncio.wait_for(self.redis.ping(), timeout=5.0)
+        except (AuthenticationError, AuthorizationError, NoPermissionError, ResponseError) as exc:
+            raise RedisRefusedError(
+                f"redis.url = {redact_url(self.settings.redis.url)!r}: Redis refused it: {exc}"
+            ) from None
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("redis unavailable at start, retrying while serving",
+                        url=redact_url(self.settings.redis.url), error=str(exc))
 
     async def run(self) -> int:
         if not self._started:

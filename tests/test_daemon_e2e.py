@@ -157,6 +157,22 @@ def test_an_unreadable_run_root_exits_with_one_line(tmp_path: Path, check: bool,
 
 
 @pytest.mark.e2e
+def test_a_redis_url_that_redis_refuses_exits_with_one_line(
+    lgb_run: Path, tmp_path: Path, real_redis_url: str
+) -> None:
+    # Reachable but refused (here a database index the server does not have): waiting will
+    # not fix it, so the start fails at once, before the models load (exit 2, no restart).
+    config = h.write_config(
+        tmp_path / "livepred.toml", keys=h.Keys("lpcheck:unused:"),
+        redis_url=real_redis_url.rsplit("/", 1)[0] + "/999", run_root=lgb_run,
+    )
+    done = h.run_cli("run", "--config", str(config), timeout_s=60)
+    assert done.returncode == 2
+    line = _one_error_line(done.stderr)
+    assert "redis.url" in line and "/999" in line and "refused" in line
+
+
+@pytest.mark.e2e
 def test_a_metrics_port_in_use_exits_with_one_line(lgb_run: Path, tmp_path: Path) -> None:
     import socket
 
