@@ -84,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_models(engine: Any) -> None:
+    from daemon.service import unserved_selections
+
     for fam in engine.families():
         print(
             f"loaded  {fam.target}/{fam.family}: {fam.format_name}, "
@@ -92,6 +94,9 @@ def _print_models(engine: Any) -> None:
         )
     for (target, family), reason in sorted(engine.load_errors.items()):
         print(f"refused {target}/{family}: {reason}", file=sys.stderr)
+    for target, family in sorted(unserved_selections(engine).items()):
+        print(f"warning: {target}: its selected family {family} (routing_decision.json) is not"
+              " loaded: every output's `pred` will be null", file=sys.stderr)
 
 
 # ---- inspect ------------------------------------------------------------------------------

@@ -16,8 +16,15 @@ def inspect_run(
     allow_pickle: bool = True,
     interval_minutes: float = 0.0,
 ) -> dict[str, Any]:
+    if not run_root.exists():
+        raise FileNotFoundError(f"{run_root}: no such directory")
     if not run_root.is_dir():
-        raise NotADirectoryError(f"{run_root}: not a training run directory")
+        raise NotADirectoryError(f"{run_root}: not a directory (a training run is one)")
+    if not (run_root / "targets").is_dir():
+        raise NotADirectoryError(
+            f"{run_root}: not a training run (no targets/ directory: expected"
+            " targets/<target>/models/view=<VIEW>/family=<Family>/)"
+        )
     loader = ModelLoader(run_root, allow_pickle=allow_pickle, interval_minutes=interval_minutes)
     engine = InferenceEngine(loader, view=view).load_all()
     targets: dict[str, Any] = {}
@@ -37,7 +44,13 @@ def inspect_run(
                 "input_mode": meta.input_mode,
                 "features": list(meta.feature_list),
                 "unknown_features": list(fam.unknown_features),
-                "bars_to_ready": 1 if not fam.needs_finite else fam.bars_to_ready,
+                # None: never (an unknown feature is NaN for ever, and the family needs
+                # finite inputs; it is listed under `failed` on every bar).
+                "bars_to_ready": (
+                    1 if not fam.needs_finite
+                    else None if fam.unknown_features
+                    else fam.bars_to_ready
+                ),
                 "predicts_on_nan": not fam.needs_finite,
                 "interval_minutes": meta.interval_minutes,
                 "metrics": meta.metrics,
@@ -81,7 +94,20 @@ def render(report: dict[str, Any]) -> None:
             ) or f["input_mode"]
             if f["unknown_features"]:
                 feats += f"  [yellow](unknown: {', '.join(f['unknown_features'])})[/]"
-            ready = "every bar (NaN ok)" if f["predicts_on_nan"] else f"{f['bars_to_ready']} bars"
+            if f["predicts_on_nan"]:
+                ready = "every bar (NaN ok)"
+            elif f["bars_to_ready"] is None:
+                ready = "[red]never (unknown feature)[/]"
+            else:
+                ready = f"{f['bars_to_ready']} bars"
             table.add_row(family, "[green]loaded[/]", f["handler"], f["input"], ready, feats)
+            if f["metrics"]:
+                shown = ", ".join(f"{k} {v}" for k, v in list(f["metrics"].items())[:6])
+                table.add_row("", "", "", "", "", f"[dim]metrics: {shown}[/]")
         console.print(table)
-    console.print(f"features computed: {', '.join(report['feature_union'])}")
+    unknown = {u for info in report["targets"].values() for f in info["families"].values()
+               for u in f.get("unknown_features", ())}
+    known = [name for name in report["feature_union"] if name not in unknown]
+    console.print(f"features computed: {', '.join(known) or 'none'}"
+                  + (f"  [yellow](unknown, always NaN: {', '.join(sorted(unknown))})[/]"
+                     if unknown else ""))

@@ -97,6 +97,15 @@ def _warn_unknown_names(
                         names=missing, run_root=str(loader.run_root), families=sorted(seen))
 
 
+def unserved_selections(engine: InferenceEngine) -> dict[str, str]:
+    """Targets whose routed (selected) family is not loaded: their `pred` is always null."""
+    return {
+        target: family
+        for target, family in engine.selected.items()
+        if family is not None and family not in engine.models.get(target, {})
+    }
+
+
 def make_redis(settings: Settings) -> Any:
     socket_timeout_s = max(5.0, settings.streams.block_ms / 1000 + 5.0)
     common: dict[str, Any] = {
@@ -360,6 +369,9 @@ class Service:
         self.metrics.models_loaded.set(len(loaded))
         for _ in engine.load_errors:  # each logged by the engine as it was refused
             self.metrics.model_load_failures.inc()
+        for target, family in unserved_selections(engine).items():
+            log.warning("selected family not loaded: pred will be null", target=target,
+                        family=family)
         for fam in loaded:
             log.info(
                 "model loaded",

@@ -161,3 +161,48 @@ def test_inspect_lists_families_and_refusals(
     assert fams["Pickled"]["status"] == "refused" and "allow_pickle" in fams["Pickled"]["reason"]
     assert report["targets"]["fwd"]["selected"] == "LightGBM"
     assert main(["inspect", str(run)]) == 0  # the rich table renders
+
+
+def test_inspect_says_what_is_wrong_with_the_path_and_when_a_family_is_never_ready(
+    run_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    monkeypatch.setenv("COLUMNS", "300")  # the table's cells on one line each
+
+    assert main(["inspect", str(tmp_path / "nope")]) != 0
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) != 0
+    assert "no targets/ directory" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(100, 2)).astype(np.float32)
+    mf.write_keras(run, "fwd", "MLP", X, X[:, 0], ["ret_1d", "momentum_7"], epochs=1)
+    assert main(["inspect", str(run), "--json"]) == 0
+    mlp = json.loads(capsys.readouterr().out)["targets"]["fwd"]["families"]["MLP"]
+    assert mlp["unknown_features"] == ["momentum_7"] and mlp["bars_to_ready"] is None
+    assert main(["inspect", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "never (unknown feature)" in text and "always NaN: momentum_7" in text
+
+
+def test_check_warns_when_the_selected_family_cannot_load(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(200, len(FEATS)))
+    mf.write_lightgbm(run, "fwd", "Other", X, X[:, 0], FEATS)
+    selected = mf.family_dir(run, "fwd", "LightGBM") / "model.txt"
+    selected.write_text(selected.read_text()[:2000])  # the routed family: cut short
+    config = tmp_path / "livepred.toml"
+    config.write_text(f'[models]\nrun_root = "{run}"\n[metrics]\nport = 0\n')
+    assert main(["run", "--config", str(config), "--check"]) == 0  # Other still serves
+    err = capsys.readouterr().err
+    assert "refused fwd/LightGBM" in err
+    assert "warning: fwd: its selected family LightGBM" in err and "`pred` will be null" in err
