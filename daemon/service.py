@@ -244,10 +244,16 @@ class Service:
             asyncio.create_task(self._reload_loop()),
         ]
         self.notifier.notify("READY=1\nSTATUS=serving")
+        s = self.settings
         log.info(
             "livepred running",
+            redis=redact_url(s.redis.url),
+            inputs=[k for w in self.workers for k in w.io.inputs],
+            output=s.streams.output,
+            group=s.streams.group,
             consumer=self.consumer,
-            partitions=[w.partition for w in self.workers],
+            partitions=[w.partition for w in self.workers if w.partition is not None] or "all",
+            run_root=str(s.models.run_root),
             families=sum(1 for _ in self.engine.families()) if self.engine else 0,
         )
         try:
