@@ -123,19 +123,11 @@ async def _check_takeover(redis: object, stream: str) -> None:
     assert set(counts.values()) == {2}  # the first read, then ours
 
 
-async def test_taking_over_pending_entries_is_no_delivery() -> None:
+async def test_taking_over_pending_entries_is_no_delivery(client_and_prefix) -> None:
     """A restart reads its predecessor's pending entries once: one delivery, not two (the
     claim must not count), so MAX_DELIVERIES means deliveries, not half of them."""
-    redis = fakeredis.FakeAsyncRedis()
-    await _check_takeover(redis, "bars")
-    await redis.aclose()
-
-
-@pytest.mark.redis
-async def test_taking_over_pending_entries_is_no_delivery_on_real_redis(
-    real_redis: object, key_prefix: str
-) -> None:
-    await _check_takeover(real_redis, key_prefix + "bars")
+    redis, prefix = client_and_prefix
+    await _check_takeover(redis, prefix + "bars")
 
 
 async def test_the_watchdog_keeps_beating_through_a_redis_outage(lgb_run: Path) -> None:
@@ -279,14 +271,6 @@ async def _check_forget(redis: object, stream: str) -> None:
     assert (await redis.xpending(stream, "g"))["pending"] == 8  # type: ignore[attr-defined]
 
 
-async def test_idle_consumers_holding_nothing_are_deleted() -> None:
-    redis = fakeredis.FakeAsyncRedis()
-    await _check_forget(redis, "bars")
-    await redis.aclose()
-
-
-@pytest.mark.redis
-async def test_idle_consumers_holding_nothing_are_deleted_on_real_redis(
-    real_redis: object, key_prefix: str
-) -> None:
-    await _check_forget(real_redis, key_prefix + "bars")
+async def test_idle_consumers_holding_nothing_are_deleted(client_and_prefix) -> None:
+    redis, prefix = client_and_prefix
+    await _check_forget(redis, prefix + "bars")
