@@ -360,6 +360,21 @@ class Service:
             self.notifier.notify("READY=1")
             return False
         old = self.engine
+        lost = {
+            target: family
+            for target, family in unserved_selections(engine).items()
+            if old is not None and family in old.models.get(target, {})
+        }
+        if lost:
+            # A half-copied or broken deploy: the routed family serves now and would not after
+            # the swap (`pred` null on every output). Keep the models that serve it.
+            self.metrics.reloads.labels("failed").inc()
+            reasons = {f"{t}/{f}": engine.load_errors.get((t, f), "not found") for t, f in lost.items()}
+            log.error("reload refused: the new run's selected families do not load;"
+                      " keeping the current models", families=reasons)
+            await asyncio.to_thread(_retire, engine)
+            self.notifier.notify("READY=1")
+            return False
         self._report_models(engine)
         self.engine = engine
         self.metrics.reloads.labels("ok").inc()

@@ -547,3 +547,31 @@ async def test_a_bar_stamped_far_ahead_is_named_when_it_evicts_the_others(lgb_ru
     assert len(warnings) == 1, [e["event"] for e in logs]
     assert warnings[0]["newest_ts"] == now_ms * 1_000_000 and warnings[0]["evicted"] >= 2
     await redis.aclose()
+
+
+async def test_a_reload_that_would_lose_the_selected_family_keeps_the_current_models(
+    lgb_run: Path, tmp_path: Path
+) -> None:
+    # A half-copied deploy, then SIGHUP: the routed family no longer loads. Swapping would
+    # make `pred` null on every output; the models that serve it stay until a good run.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lgb_run, run)
+    model = mf.family_dir(run, "fwd", "LightGBM") / "model.txt"
+    good = model.read_text()
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(run), redis=redis)
+    await service.start()
+    before = service.engine
+    model.write_text(good[: len(good) // 2])
+    assert await service.reload() is False
+    assert service.engine is before
+    assert "LightGBM" in service.engine.models["fwd"]
+    failed = service.metrics.reloads.labels("failed")._value.get()
+    assert failed == 1
+    model.write_text(good)
+    assert await service.reload() is True
+    assert service.engine is not before and "LightGBM" in service.engine.models["fwd"]
+    await service.close()
+    await redis.aclose()
