@@ -46,6 +46,7 @@ class PartitionLease:
         self.handback = asyncio.Event()
         self._free_since: float | None = None
         self._held_at = float("-inf")  # when the lease was last taken or renewed (monotonic)
+        self._other_seen_at = float("-inf")  # when another instance was last seen holding it
 
     def check(self) -> None:
         """Raise LeaseLost if the lease is known gone."""
@@ -60,14 +61,24 @@ class PartitionLease:
     async def try_take(self) -> bool:
         """Preferred: take the lease when free, else ask its holder to hand it back.
         Not preferred (a stand-in): take it only once it has stayed free for a whole lease
-        time, so a preferred instance that is starting or restarting gets it first."""
-        if not self.preferred:
-            holder = await self.io.lease_holder()
-            if holder is not None and holder != self.token:
-                self._free_since = None
+        time, so a preferred instance that is starting or restarting gets it first.
+        Either: a lease seen held by another instance that is suddenly free along with the
+        partition's consumer group means Redis lost its data under a live holder; that
+        holder may take its lease again within its lease time and keep its state
+        (`reclaim`), so it is given that time first."""
+        holder = await self.io.lease_holder()
+        now = time.monotonic()
+        if holder is not None and holder != self.token:
+            self._free_since = None
+            self._other_seen_at = now
+            if not self.preferred:
                 return False
-            now = time.monotonic()
-            if holder is None:
+        elif holder is None:
+            vanished = (
+                now - self._other_seen_at < self.lease_ms / 1000
+                and await self.io.groups_missing()
+            )
+            if not self.preferred or vanished:
                 if self._free_since is None:
                     self._free_since = now
                 if now - self._free_since < self.lease_ms / 1000:
@@ -84,14 +95,14 @@ class PartitionLease:
         return bool(taken)
 
     async def reclaim(self) -> bool:
-        """The lease was refused: if the key is simply gone, Redis lost it (a restart without
-        its data, a failover to a replica that had not seen it): take it again and keep the
-        partition, its state included (CONTRACT §5), when no other instance can have served
-        it meanwhile: our lease had not expired yet, or the consumer group is gone too (an
-        instance that takes a partition recreates its group first). False when another
-        instance holds the lease, or may have held it (then our state may be behind)."""
+        """The lease was refused: if the key is simply gone while our lease had not expired
+        yet, Redis lost it (a restart without its data, a failover to a replica that had not
+        seen it) and no instance can have served the partition since: take it again and
+        keep the partition, its state included (CONTRACT §5). False when another instance
+        holds the lease, or when ours may have expired (someone may have served since, and
+        a Redis that lost its data cannot tell: the partition's state is rebuilt)."""
         started = time.monotonic()
-        if started - self._held_at >= self.lease_ms / 1000 and not await self.io.groups_missing():
+        if started - self._held_at >= self.lease_ms / 1000:
             return False
         if not await self.io.acquire_lease(self.token, self.lease_ms):
             return False

@@ -61,7 +61,9 @@ class PartitionReader:
                     lost = await self._read_lost()
                     if lost is not None:
                         return lost
+                epoch = self.io.group_epoch
                 read = await self._read_new()
+                read[0].epoch = epoch
                 self._took(read[0])
                 return read
             except TRANSIENT as exc:
@@ -96,6 +98,7 @@ class PartitionReader:
         )
         batch = EntryBatch.of(entries)
         batch.deliveries = None  # delivered twice by now; the poison count is for failures
+        batch.epoch = self.io.group_epoch
         self._took(batch)
         return batch, self.clock_us()
 
@@ -121,7 +124,7 @@ class PartitionReader:
             # The stream or group vanished (Redis restarted without persistence, or a
             # manual delete): recreate it and carry on from now.
             self._log.warning("consumer group missing, recreating", error=str(exc))
-            await self.io.ensure_groups()
+            await self.io.recreate_groups()
             self._taken = {}
             return EntryBatch(), self.clock_us()
         if entries is None:

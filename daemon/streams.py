@@ -46,6 +46,7 @@ class EntryBatch:
     ids: list[str] = field(default_factory=list)
     fields: list[Any] = field(default_factory=list)
     deliveries: list[int] | None = None  # None: each delivered once
+    epoch: int = 0  # StreamIO.group_epoch when read (see there)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -79,6 +80,7 @@ class EntryBatch:
             [i for b in batches for i in b.ids],
             [f for b in batches for f in b.fields],
             deliveries,
+            min(b.epoch for b in batches),
         )
 
     def acks(self) -> dict[str, list[str]]:
@@ -101,6 +103,7 @@ class Commit:
     outputs: list[tuple[bytes, bytes]]  # (symbol, msgpack data)
     dead: list[dict[bytes, bytes]]
     acks: dict[str, list[str]]  # input stream -> entry ids
+    epoch: int = 0  # the group epoch its entries were read in
 
 
 def _s(value: bytes | str) -> str:
@@ -138,6 +141,9 @@ class StreamIO:
         self._release = redis.register_script(RELEASE_LUA)
         self._read = redis.register_script(READ_LUA)
         self._raw: Any = None  # see _raw_client
+        # Bumped each time the consumer group had vanished (Redis lost its data) and was
+        # created again: a batch read before then can no longer be probed or acked.
+        self.group_epoch = 0
 
     @classmethod
     def for_partition(
@@ -165,6 +171,11 @@ class StreamIO:
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    async def recreate_groups(self) -> None:
+        """The group vanished (Redis restarted without its data, or a manual delete)."""
+        await self.ensure_groups()
+        self.group_epoch += 1
 
     async def read_new(self, token: str, count: int, block_ms: int) -> EntryBatch | None:
         """New entries for this consumer, waiting up to `block_ms` for some; None when the
@@ -367,12 +378,15 @@ class StreamIO:
 
     # ---- the atomic write ----------------------------------------------------------------
 
-    async def commit(self, token: str, commit: Commit) -> int:
+    async def commit(self, token: str, commit: Commit, *, probe_first: bool = True) -> int:
+        """The batch's outputs, dead letters and acks in one fenced script. With
+        `probe_first` a batch whose first entry is no longer pending was committed already
+        (a retry after a lost reply): nothing is written again (ALREADY_COMMITTED)."""
         args: list[Any] = [token, self.group, self.output_maxlen]
         probe = next(
             ((i + 1, ids[0]) for i, s in enumerate(self.inputs) if (ids := commit.acks.get(s))),
             (0, ""),
-        )
+        ) if probe_first else (0, "")
         args.extend(probe)
         symbols = [symbol for symbol, _ in commit.outputs]
         data = [d for _, d in commit.outputs]

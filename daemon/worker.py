@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from daemon.batch import BatchReport, run_batch
 from daemon.lease import LeaseLost, PartitionLease
@@ -253,7 +253,7 @@ class PartitionWorker:
             await self.rebuild()
         assert self.pipeline is not None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
+        commit, report = await loop.run_in_executor(
             self.executor,
             _run_batch_job,
             self.pipeline,
@@ -262,6 +262,8 @@ class PartitionWorker:
             read_at_us,
             self.clock_us,
         )
+        commit.epoch = entries.epoch
+        return commit, report
 
     async def _publish(self, commit: Commit, report: BatchReport, read_at_us: int) -> None:
         started = time.perf_counter()
@@ -292,8 +294,19 @@ class PartitionWorker:
     async def _commit(self, commit: Commit) -> None:
         backoff = Backoff()
         while True:
+            # A batch read before the group vanished (Redis lost its data, its entries with
+            # it): its bars are in the state, so its predictions are published all the same;
+            # no pending entry is left to probe (an earlier write of it went with the data).
+            probe_first = commit.epoch == self.io.group_epoch
             try:
-                result = await self.io.commit(self.lease.token, commit)
+                result = await self.io.commit(self.lease.token, commit, probe_first=probe_first)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._log.warning("consumer group gone under a batch in hand: recreated,"
+                                  " publishing the batch", outputs=len(commit.outputs))
+                await self.io.recreate_groups()
+                continue
             except TRANSIENT as exc:
                 if self.lease.lost.is_set():
                     raise LeaseLost() from exc

@@ -40,6 +40,7 @@ async def test_one_holder_at_a_time(client_and_prefix: tuple[Any, str]) -> None:
     redis, prefix = client_and_prefix
     a, b = _lease(redis, prefix, "a"), _lease(redis, prefix, "b")
     assert await a.try_take() is True
+    await a.io.ensure_groups()  # as a holder does first
     assert a.io.lease_key == f"{prefix}livepred:lease:{{1}}"
     assert await redis.get(a.io.lease_key) == b"a:token"
     assert await a.io.handback_requested() is False
@@ -127,10 +128,34 @@ async def test_a_lease_key_lost_by_redis_while_held_is_taken_again(
     await asyncio.sleep(LEASE_MS / 1000 + 0.05)  # no renewal meanwhile: it may have expired
     assert await a.reclaim() is False  # and the group is there: another may have served
     assert await redis.get(a.io.lease_key) is None
-    # The group gone too (Redis lost everything): no instance has served since, take it.
+    # The group gone too does not prove that no one served meanwhile (a failover before
+    # Redis lost its data wipes the new holder's group as well): not ours either.
     await redis.delete(*a.io.inputs)
-    assert await a.reclaim() is True
-    assert await redis.get(a.io.lease_key) == b"a:token"
+    assert await a.reclaim() is False
+    assert await redis.get(a.io.lease_key) is None
+
+
+async def test_after_redis_lost_its_data_the_holder_gets_its_lease_back_first(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    # Redis restarted empty under a live holder: the lease key and the group are gone. A
+    # preferred standby that saw the lease held waits a lease time before taking it, so the
+    # holder, whose lease had time left, takes it back and keeps its state.
+    redis, prefix = client_and_prefix
+    holder, standby = _lease(redis, prefix, "h"), _lease(redis, prefix, "s")
+    assert await holder.try_take() is True
+    await holder.io.ensure_groups()
+    assert await standby.try_take() is False  # held: seen, asks for it back
+    await redis.delete(holder.io.lease_key, *holder.io.inputs, holder.io.handback_key)
+    assert await standby.try_take() is False  # free, but vanished with its group: waits
+    assert await holder.reclaim() is True
+    assert await standby.try_take() is False
+    assert await redis.get(holder.io.lease_key) == b"h:token"
+    # Had the holder not come back, the standby takes it after a whole lease time free.
+    await redis.delete(holder.io.lease_key)
+    assert await standby.try_take() is False
+    await asyncio.sleep(LEASE_MS / 1000 + 0.05)
+    assert await standby.try_take() is True
 
 
 async def test_a_refused_write_marks_the_lease_lost(fake_redis: Any) -> None:
@@ -151,6 +176,7 @@ async def test_a_stand_in_learns_of_a_handback_request_while_renewing(
     assert await stand_in.try_take() is False
     await asyncio.sleep(LEASE_MS / 1000 + 0.05)
     assert await stand_in.try_take() is True
+    await stand_in.io.ensure_groups()  # as a holder does first
     done = asyncio.Event()
     renewer = asyncio.create_task(stand_in.keep_renewed(done))
     assert await preferred.try_take() is False  # asks for it back

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import fakeredis
+import msgpack
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
@@ -187,3 +188,73 @@ async def _until(condition: Any, task: asyncio.Task[int]) -> None:
             task.result()
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+async def test_redis_losing_its_data_under_a_batch_in_hand_publishes_it_and_keeps_state(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis restarts empty between a batch's compute and its write: the lease, the group and
+    # the batch's entries are gone (the backlog behind it too). The batch's bars are in the
+    # state; their predictions are still published (nothing is left to ack), and the state
+    # is kept for the bars after them: every prediction equals the framework's on the bars
+    # the daemon was given, in order.
+    real_commit = StreamIO.commit
+    commits: list[list[tuple[str, int]]] = []
+
+    async def commit_after_data_loss(self: StreamIO, token: str, commit: Any, **kw: Any) -> int:
+        if len(commits) == 1 and kw.get("probe_first", True):
+            await self.redis.flushall()
+        result = await real_commit(self, token, commit, **kw)
+        if result == 1:
+            commits.append([_key(data) for _, data in commit.outputs])
+        return result
+
+    monkeypatch.setattr(StreamIO, "commit", commit_after_data_loss)
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars([f"S{i}" for i in range(4)], 30, seed=14)
+    before, after = bars[:80], bars[80:]
+    for bar in before:
+        await redis.xadd("bars", encode_bar(bar))
+    service = Service(settings_for(lgb_run, LIVEPRED_STREAMS__BATCH="8"), redis=redis)
+    await service.start()
+
+    async def idle_after_the_loss() -> bool:
+        return len(commits) >= 2 and bool(await redis.exists("bars"))
+
+    with capture_logs() as logs:
+        task = asyncio.create_task(service.run())
+        try:
+            await _until(idle_after_the_loss, task)
+            in_hand = commits[1]
+            for bar in after:
+                await redis.xadd("bars", encode_bar(bar))
+            await _until(lambda: _outputs_at_least(redis, len(in_hand) + len(after)), task)
+        finally:
+            service.request_stop()
+            assert await asyncio.wait_for(task, 15) == 0
+    published = [(o.symbol, o.ts) for o in
+                 (decode_prediction(f) for _, f in await redis.xrange("predictions"))]
+    # The batch in hand, any batch read before the loss, then every bar sent after it.
+    assert published == [k for batch in commits[1:] for k in batch]
+    assert published[: len(in_hand)] == in_hand
+    assert published[-len(after) :] == [(b["symbol"], b["ts"]) for b in after]
+    by_key = {(b["symbol"], b["ts"]): b for b in bars}
+    given = [by_key[k] for batch in commits for k in batch]  # what the daemon was given
+    expected = expected_lgb(lgb_run, given)
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    for o in outputs:
+        want = expected[(o.symbol, o.ts)]
+        assert o.targets["fwd"].preds["LightGBM"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    events = [e["event"] for e in logs]
+    assert any(e.startswith("consumer group gone under a batch in hand") for e in events)
+    assert "partition failed, restarting it" not in events
+    assert events.count("state rebuilt") == 1, events
+    await redis.aclose()
+
+
+def _key(data: bytes) -> tuple[str, int]:
+    doc = msgpack.unpackb(data)
+    return doc["symbol"], doc["ts"]
+
+

@@ -81,11 +81,11 @@ async def test_an_unexpected_error_is_retried_not_fatal(
     if where == "commit":
         real_commit = StreamIO.commit
 
-        async def flaky_commit(self: StreamIO, token: str, commit: object) -> int:
+        async def flaky_commit(self: StreamIO, token: str, commit: object, **kw: bool) -> int:
             if failures["left"]:
                 failures["left"] -= 1
                 raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
-            return await real_commit(self, token, commit)  # type: ignore[arg-type]
+            return await real_commit(self, token, commit, **kw)  # type: ignore[arg-type]
 
         monkeypatch.setattr(StreamIO, "commit", flaky_commit)
     else:
