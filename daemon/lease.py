@@ -55,8 +55,15 @@ class PartitionLease:
 
     def refused(self) -> LeaseLost:
         """A fenced read or write was refused: the lease is gone; the error to raise."""
-        self.lost.set()
+        self._mark_lost()
         return LeaseLost()
+
+    def _mark_lost(self) -> None:
+        # Another instance may hold the lease now, or have held it: if the key is then found
+        # gone along with the group (Redis lost its data), that instance may be taking it
+        # back within its own lease time, and goes first (`try_take`).
+        self._other_seen_at = time.monotonic()
+        self.lost.set()
 
     async def try_take(self) -> bool:
         """Preferred: take the lease when free, else ask its holder to hand it back.
@@ -65,7 +72,8 @@ class PartitionLease:
         Either: a lease seen held by another instance that is suddenly free along with the
         partition's consumer group means Redis lost its data under a live holder; that
         holder may take its lease again within its lease time and keep its state
-        (`reclaim`), so it is given that time first."""
+        (`reclaim`), so it is given that time first. The same after losing the lease: the
+        instance that took it over may be the live holder."""
         holder = await self.io.lease_holder()
         now = time.monotonic()
         if holder is not None and holder != self.token:
@@ -143,5 +151,5 @@ class PartitionLease:
                     except (RedisError, OSError):
                         pass
             else:
-                self.lost.set()
+                self._mark_lost()
                 return

@@ -158,6 +158,22 @@ async def test_after_redis_lost_its_data_the_holder_gets_its_lease_back_first(
     assert await standby.try_take() is True
 
 
+async def test_after_losing_its_lease_an_instance_lets_the_new_holder_reclaim_first(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    # A stalled past its lease, B took over; then Redis lost its data. A must not grab the
+    # free key at once (with state older than B's): B may take it back within its lease.
+    redis, prefix = client_and_prefix
+    a = _lease(redis, prefix, "a")
+    assert await a.try_take() is True
+    await a.io.ensure_groups()
+    a.refused()  # a fenced read told A the lease is someone else's
+    await redis.delete(a.io.lease_key, *a.io.inputs)
+    assert await a.try_take() is False
+    await asyncio.sleep(LEASE_MS / 1000 + 0.05)
+    assert await a.try_take() is True  # no one came back for it in a lease time
+
+
 async def test_a_refused_write_marks_the_lease_lost(fake_redis: Any) -> None:
     a = _lease(fake_redis, "t:", "a")
     assert await a.try_take()
