@@ -46,7 +46,7 @@ class EntryBatch:
     ids: list[str] = field(default_factory=list)
     fields: list[Any] = field(default_factory=list)
     deliveries: list[int] | None = None  # None: each delivered once
-    epoch: int = 0  # StreamIO.group_epoch when read (see there)
+    epoch: int = 0  # StreamIO.group_epoch when read (see there); set by every reader
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -214,6 +214,7 @@ class PartitionWorker:
             counts = await self.io.delivery_counts(stream, [e.entry_id for e in entries])
             batch = EntryBatch.of(entries)
             batch.deliveries = [counts.get(i, 1) for i in batch.ids]
+            batch.epoch = self.io.group_epoch  # read now: its write is probed as usual
             cursor[stream] = batch.ids[-1]
             await self._process(batch, self.clock_us())
 

@@ -258,3 +258,43 @@ def _key(data: bytes) -> tuple[str, int]:
     return doc["symbol"], doc["ts"]
 
 
+
+
+async def test_a_pending_batch_retried_after_a_lost_write_reply_is_written_once(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Our own pending entries (a restart) are taken first; if that batch's write reply is
+    # lost, the retry finds it committed (the probe) and writes nothing twice, also in a
+    # process where the group was once recreated (the probe is skipped only for batches
+    # read before a recreation).
+    real_commit = StreamIO.commit
+    lost = {"left": 1}
+
+    async def commit_losing_a_reply(self: StreamIO, token: str, commit: Any, **kw: Any) -> int:
+        result = await real_commit(self, token, commit, **kw)
+        if lost["left"] and commit.outputs:
+            lost["left"] -= 1
+            raise RedisConnectionError("Connection closed by server.")
+        return result
+
+    monkeypatch.setattr(StreamIO, "commit", commit_losing_a_reply)
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB"], 10, seed=5)
+    for bar in bars:
+        await redis.xadd("bars", encode_bar(bar))
+    await redis.xreadgroup("livepred", "test-consumer", {"bars": ">"}, count=len(bars))
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+    service.workers[0].io.group_epoch = 1  # as after an earlier recreation
+
+    async def done(r: Any) -> bool:
+        return (await r.xpending("bars", "livepred"))["pending"] == 0 and await r.xlen(
+            "predictions"
+        ) >= len(bars)
+
+    await run_until(service, redis, done)
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert len(outputs) == len(bars) and lost["left"] == 0
+    assert len({o.src for o in outputs}) == len(bars)
+    await redis.aclose()
