@@ -230,6 +230,17 @@ class SystemdNotifier:
             self._sock.close()
 
 
+class _Stderr:
+    """sys.stderr as it is at each write: whoever swaps it later (a test's capture, an
+    embedding tool) gets the lines, and a closed one is never written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """structlog: JSON lines when not on a TTY (journald, files), console lines on a TTY."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -239,7 +250,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     numeric = getattr(logging, level.upper(), logging.INFO)
     # Libraries' stdlib log records (the model side's refusals, LightGBM, Keras, ...) are
     # rendered by the same processors: one JSON object per line there too, with `logger`.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
@@ -270,7 +281,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 
