@@ -138,14 +138,8 @@ async def test_redis_losing_its_data_keeps_the_state(lgb_run: Path) -> None:
     # gone. The daemon takes the lease again (no one can have taken it over: it had not
     # expired), recreates the group, and predicts the next bars on the state it kept, as an
     # uninterrupted run would (CONTRACT §5: "keeps its state").
-    redis = fakeredis.FakeAsyncRedis()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
-    bars = walk_bars([f"S{i}" for i in range(4)], 40, seed=12)
-    before, after = bars[:100], bars[100:]
-    for bar in before:
-        await redis.xadd("bars", encode_bar(bar))
-    service = Service(settings_for(lgb_run), redis=redis)
-    await service.start()
+    redis, service, before, after = await _service_with_backlog(lgb_run, 40, 100, seed=12)
+    bars = before + after
 
     async def has_group(r: Any) -> bool:
         return bool(await r.exists("bars")) and any(
@@ -175,6 +169,21 @@ async def test_redis_losing_its_data_keeps_the_state(lgb_run: Path) -> None:
     assert "lease lost: stopped processing this partition" not in events
     assert events.count("state rebuilt") == 1, events
     await redis.aclose()
+
+
+async def _service_with_backlog(
+    lgb_run: Path, per_symbol: int, backlog: int, seed: int, **env: str
+) -> tuple[Any, Service, list[dict], list[dict]]:
+    """fakeredis with the group and the first `backlog` bars of 4 symbols in the stream (the
+    rest to send later), and a started service on it."""
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars([f"S{i}" for i in range(4)], per_symbol, seed=seed)
+    for bar in bars[:backlog]:
+        await redis.xadd("bars", encode_bar(bar))
+    service = Service(settings_for(lgb_run, **env), redis=redis)
+    await service.start()
+    return redis, service, bars[:backlog], bars[backlog:]
 
 
 async def _outputs_at_least(redis: Any, n: int) -> bool:
@@ -212,14 +221,10 @@ async def test_redis_losing_its_data_under_a_batch_in_hand_publishes_it_and_keep
         return result
 
     monkeypatch.setattr(StreamIO, "commit", commit_after_data_loss)
-    redis = fakeredis.FakeAsyncRedis()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
-    bars = walk_bars([f"S{i}" for i in range(4)], 30, seed=14)
-    before, after = bars[:80], bars[80:]
-    for bar in before:
-        await redis.xadd("bars", encode_bar(bar))
-    service = Service(settings_for(lgb_run, LIVEPRED_STREAMS__BATCH="8"), redis=redis)
-    await service.start()
+    redis, service, before, after = await _service_with_backlog(
+        lgb_run, 30, 80, seed=14, LIVEPRED_STREAMS__BATCH="8"
+    )
+    bars = before + after
 
     async def idle_after_the_loss() -> bool:
         return len(commits) >= 2 and bool(await redis.exists("bars"))
