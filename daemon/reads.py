@@ -103,14 +103,8 @@ class PartitionReader:
         return batch, self.clock_us()
 
     def _took(self, batch: EntryBatch) -> None:
-        if not batch.ids:
-            return
-        streams = batch.streams
-        if streams[0] == streams[-1] and streams.count(streams[0]) == len(streams):
-            self._taken[streams[0]] = batch.ids[-1]
-            return
-        for stream, entry_id in zip(streams, batch.ids, strict=True):
-            self._taken[stream] = entry_id
+        for stream, ids in batch.acks().items():
+            self._taken[stream] = ids[-1]
 
     async def _read_new(self) -> tuple[EntryBatch, int]:
         try:

@@ -12,13 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
-from redis.exceptions import (
-    AuthenticationError,
-    AuthorizationError,
-    NoPermissionError,
-    RedisError,
-    ResponseError,
-)
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from daemon.observe import HealthServer, Metrics, SystemdNotifier
 from daemon.partitions import partition_keys
@@ -227,7 +221,7 @@ class Service:
         wrong password, an ACL, a database index the server does not have) is the config."""
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=5.0)
-        except (AuthenticationError, AuthorizationError, NoPermissionError, ResponseError) as exc:
+        except (AuthenticationError, AuthorizationError, ResponseError) as exc:
             raise RedisRefusedError(
                 f"redis.url = {redact_url(self.settings.redis.url)!r}: Redis refused it: {exc}"
             ) from None
