@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from daemon.entries import Commit, Entry, EntryBatch
 from daemon.pipeline import Pipeline
-from daemon.streams import Commit, Entry, EntryBatch
 from daemon.wire import Rejection, dead_letter_fields
 from daemon.wire_columns import BarColumns, decode_columns, field_map
 from daemon.wire_pack import pack_predictions

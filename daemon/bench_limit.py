@@ -16,7 +16,8 @@ import numpy as np
 
 from daemon.bench_latency import latencies_ms, server_split_ms
 from daemon.bench_procs import Feeder, Reader
-from daemon.streams import Commit, EntryBatch, StreamIO
+from daemon.entries import Commit, EntryBatch
+from daemon.streams import StreamIO
 
 WARMUP_FRACTION = 0.1  # the first 10% of every measured feed is excluded (warm-up)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.batch import BatchReport
-from daemon.streams import Commit, EntryBatch
+from daemon.entries import Commit, EntryBatch
 
 COALESCE_READS = 8  # reads made while a batch computes are computed next as one batch
 

@@ -16,8 +16,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from daemon.entries import EntryBatch
 from daemon.lease import PartitionLease
-from daemon.streams import EntryBatch, StreamIO
+from daemon.streams import StreamIO
 from daemon.waits import Backoff
 
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)

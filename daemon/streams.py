@@ -5,19 +5,16 @@ No math here: entries go in and out as raw field maps.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from daemon.entries import Commit, Entry, EntryBatch, as_str, entries_of, read_batch, row_ids
 from daemon.partitions import PartitionKeys
 from daemon.stream_scripts import ACQUIRE_LUA, COMMIT_LUA, READ_LUA, RELEASE_LUA, RENEW_LUA
-from daemon.wire_columns import field_map
-
-Fields = dict[bytes, bytes]
 
 COMMITTED = 1
 ALREADY_COMMITTED = 0
@@ -27,87 +24,6 @@ LEASE_LOST = -1
 # own renewal touches it too); after this many tries in a row, the script reads instead.
 WATCH_TRIES = 3
 _CHANGED = object()
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    stream: str
-    entry_id: str
-    fields: Fields
-    deliveries: int = 1
-
-
-@dataclass(slots=True)
-class EntryBatch:
-    """The entries of one read as parallel lists (no object per entry on the hot path).
-    `fields[i]` is Redis's flat [field, value, ...] list, or a mapping."""
-
-    streams: list[str] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-    fields: list[Any] = field(default_factory=list)
-    deliveries: list[int] | None = None  # None: each delivered once
-    epoch: int = 0  # StreamIO.group_epoch when read (see there); set by every reader
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __iter__(self) -> Iterator[Entry]:
-        counts = self.deliveries or [1] * len(self.ids)
-        for stream, entry_id, fields, n in zip(
-            self.streams, self.ids, self.fields, counts, strict=True
-        ):
-            yield Entry(stream, entry_id, field_map(fields), n)
-
-    @classmethod
-    def of(cls, entries: Sequence[Entry]) -> EntryBatch:
-        return cls(
-            [e.stream for e in entries],
-            [e.entry_id for e in entries],
-            [e.fields for e in entries],
-            [e.deliveries for e in entries],
-        )
-
-    @classmethod
-    def join(cls, batches: Sequence[EntryBatch]) -> EntryBatch:
-        """Several reads as one batch, in read order."""
-        if len(batches) == 1:
-            return batches[0]
-        deliveries = None
-        if any(b.deliveries is not None for b in batches):
-            deliveries = [n for b in batches for n in (b.deliveries or [1] * len(b))]
-        return cls(
-            [s for b in batches for s in b.streams],
-            [i for b in batches for i in b.ids],
-            [f for b in batches for f in b.fields],
-            deliveries,
-            min(b.epoch for b in batches),
-        )
-
-    def acks(self) -> dict[str, list[str]]:
-        """Entry ids by input stream, in order."""
-        if not self.ids:
-            return {}
-        first = self.streams[0]
-        if self.streams.count(first) == len(self.streams):
-            return {first: list(self.ids)}
-        out: dict[str, list[str]] = {}
-        for stream, entry_id in zip(self.streams, self.ids, strict=True):
-            out.setdefault(stream, []).append(entry_id)
-        return out
-
-
-@dataclass(slots=True)
-class Commit:
-    """What one batch writes: outputs, dead letters, and the entries to ack."""
-
-    outputs: list[tuple[bytes, bytes]]  # (symbol, msgpack data)
-    dead: list[dict[bytes, bytes]]
-    acks: dict[str, list[str]]  # input stream -> entry ids
-    epoch: int = 0  # the group epoch its entries were read in
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class StreamIO:
@@ -208,15 +124,15 @@ class StreamIO:
         if not isinstance(reply, list):
             return None  # -1: the lease is gone
         if int(reply[0]) == 1:
-            return _read_batch(reply[1]), {}
-        return EntryBatch(), {s: _s(i) for s, i in zip(self.inputs, reply[1:], strict=True)}
+            return read_batch(reply[1]), {}
+        return EntryBatch(), {s: as_str(i) for s, i in zip(self.inputs, reply[1:], strict=True)}
 
     async def _read_watched(self, raw: Any, token: str, count: int) -> Any:
         try:
             async with raw.pipeline(transaction=True) as pipe:
                 await pipe.watch(self.lease_key)
                 holder = await pipe.get(self.lease_key)
-                if holder is None or _s(holder) != token:
+                if holder is None or as_str(holder) != token:
                     return None
                 pipe.multi()
                 pipe.execute_command(
@@ -234,9 +150,9 @@ class StreamIO:
                 raise RedisConnectionError(f"connection lost during a read: {exc}") from exc
             return _CHANGED  # the lease key changed in between: EXEC refused, nothing read
         tails = {
-            s: _s(rows[0][0]) if rows else "0-0" for s, rows in zip(self.inputs, last, strict=True)
+            s: as_str(rows[0][0]) if rows else "0-0" for s, rows in zip(self.inputs, last, strict=True)
         }
-        return _read_batch(reply), tails
+        return read_batch(reply), tails
 
     async def groups_missing(self) -> bool:
         """Whether the group is missing on any input (Redis restarted empty, or deleted)."""
@@ -245,7 +161,7 @@ class StreamIO:
                 groups = await self.redis.xinfo_groups(stream)
             except ResponseError:
                 return True  # no such key
-            if not any(_s(g["name"]) == self.group for g in groups):
+            if not any(as_str(g["name"]) == self.group for g in groups):
                 return True
         return False
 
@@ -255,7 +171,7 @@ class StreamIO:
             reply = await self.redis.xreadgroup(
                 self.group, self.consumer, {stream: after.get(stream, "0")}, count=count
             )
-            entries = _entries(reply)
+            entries = entries_of(reply)
             if entries:
                 return entries
         return []
@@ -282,7 +198,7 @@ class StreamIO:
                 rows = await self.redis.xpending_range(
                     stream, self.group, min=low, max="+", count=1000
                 )
-                ids = [_s(r["message_id"]) for r in rows if _s(r["consumer"]) != self.consumer]
+                ids = [as_str(r["message_id"]) for r in rows if as_str(r["consumer"]) != self.consumer]
                 if ids:
                     # JUSTID: taking ownership is no delivery (the read of our pending entries
                     # that follows is one), so a restart counts once towards MAX_DELIVERIES.
@@ -294,7 +210,7 @@ class StreamIO:
                     claimed += len(taken)
                 if len(rows) < 1000:
                     break
-                low = "(" + _s(rows[-1]["message_id"])
+                low = "(" + as_str(rows[-1]["message_id"])
         return claimed
 
     async def forget_idle_consumers(self, idle_ms: int) -> list[str]:
@@ -305,7 +221,7 @@ class StreamIO:
         forgotten = []
         for stream in self.inputs:
             for consumer in await self.redis.xinfo_consumers(stream, self.group):
-                name = _s(consumer["name"])
+                name = as_str(consumer["name"])
                 if name == self.consumer or int(consumer["pending"]) != 0:
                     continue
                 if int(consumer.get("idle", 0)) < idle_ms:
@@ -320,22 +236,22 @@ class StreamIO:
         rows = await self.redis.xpending_range(
             stream, self.group, min=ids[0], max=ids[-1], count=len(ids) + 16
         )
-        return {_s(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        return {as_str(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     async def history_boundary(self, stream: str) -> str | None:
         """The last entry whose bar is part of the acknowledged history (inclusive)."""
         groups = await self.redis.xinfo_groups(stream)
-        info = next((g for g in groups if _s(g["name"]) == self.group), None)
+        info = next((g for g in groups if as_str(g["name"]) == self.group), None)
         if info is None:
             return None
         summary = await self.redis.xpending(stream, self.group)
         if summary and int(summary["pending"]) > 0:
-            lowest = _s(summary["min"])
+            lowest = as_str(summary["min"])
             ms, seq = (int(x) for x in lowest.split("-"))
             if seq > 0:
                 return f"{ms}-{seq - 1}"
             return f"{ms - 1}-18446744073709551615" if ms > 0 else None
-        return _s(info["last-delivered-id"])
+        return as_str(info["last-delivered-id"])
 
     async def scan_history_backwards(
         self, stream: str, boundary: str, chunk: int = 10_000
@@ -351,10 +267,10 @@ class StreamIO:
                 rows = await self.redis.xrevrange(stream, max=upper, min="-", count=chunk)
             if not rows:
                 return
-            yield _row_ids(rows), [f if f is not None else [] for _, f in rows]
+            yield row_ids(rows), [f if f is not None else [] for _, f in rows]
             if len(rows) < chunk:
                 return
-            upper = "(" + _s(rows[-1][0])
+            upper = "(" + as_str(rows[-1][0])
 
     def _raw_client(self) -> Any:
         """A client on the same connections that leaves XREVRANGE and XREADGROUP replies as
@@ -425,7 +341,7 @@ class StreamIO:
 
     async def lease_holder(self) -> str | None:
         value = await self.redis.get(self.lease_key)
-        return _s(value) if value is not None else None
+        return as_str(value) if value is not None else None
 
 
 def _connection_died(exc: WatchError) -> bool:
@@ -434,43 +350,3 @@ def _connection_died(exc: WatchError) -> bool:
     cause = exc.__cause__ or exc.__context__
     transient = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
     return isinstance(cause, transient) or "occurred while watching" in str(exc)
-
-
-def _row_ids(rows: Sequence[Any]) -> list[str]:
-    try:
-        return [i.decode() for i, _ in rows]
-    except AttributeError:  # a client that decodes responses
-        return [_s(i) for i, _ in rows]
-
-
-def _read_batch(reply: Any) -> EntryBatch:
-    """Entries from an XREADGROUP reply as Redis sent it, directly or through a script:
-    [[stream, [[id, [f, v, ...]], ...]], ...] (some emulations flatten it to [stream, rows,
-    stream, rows, ...]; RESP3 sends a map)."""
-    if isinstance(reply, dict):
-        pairs = list(reply.items())
-    elif reply and isinstance(reply[0], bytes | str):
-        pairs = list(zip(reply[0::2], reply[1::2], strict=True))
-    else:
-        pairs = [(item[0], item[1]) for item in reply or ()]
-    out = EntryBatch()
-    for stream, rows in pairs:
-        if not rows:
-            continue
-        out.streams += [_s(stream)] * len(rows)
-        out.ids += _row_ids(rows)
-        out.fields += [f or [] for _, f in rows]
-    return out
-
-
-def _entries(reply: Any) -> list[Entry]:
-    out: list[Entry] = []
-    if not reply:
-        return out
-    items = reply.items() if isinstance(reply, dict) else reply
-    for stream, rows in items:
-        name = _s(stream)
-        for entry_id, fields in rows:
-            # A pending entry deleted from the stream (XDEL/trim) comes back with no fields.
-            out.append(Entry(name, _s(entry_id), fields if fields is not None else {}))
-    return out

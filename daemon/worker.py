@@ -13,12 +13,13 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from daemon.batch import BatchReport, run_batch
+from daemon.entries import Commit, EntryBatch
 from daemon.lease import LeaseLost, PartitionLease
 from daemon.overlap import Steps, serve_overlapped
 from daemon.pipeline import Pipeline
 from daemon.reads import TRANSIENT, PartitionReader
 from daemon.rebuild import rebuild_pipeline
-from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, Commit, EntryBatch, StreamIO
+from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, StreamIO
 from daemon.waits import Backoff, sleep_unless
 from handlers.engine import InferenceEngine
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from daemon.streams import ALREADY_COMMITTED, COMMITTED, Commit, StreamIO
+from daemon.entries import Commit
+from daemon.streams import ALREADY_COMMITTED, COMMITTED, StreamIO
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,9 +19,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from daemon import streams
+from daemon.entries import Commit
 from daemon.service import Service
 from daemon.settings import load_settings
-from daemon.streams import LEASE_LOST, Commit, StreamIO
+from daemon.streams import LEASE_LOST, StreamIO
 from daemon.wire import encode_bar
 from daemon.worker import Role
 from tests import model_factory as mf

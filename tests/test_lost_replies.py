@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
 from structlog.testing import capture_logs
 
-from daemon import streams
+from daemon import entries, streams
 from daemon.service import Service
 from daemon.streams import StreamIO
 from daemon.wire import encode_bar
@@ -55,7 +55,7 @@ class _LosingPipeline:
             if reply and reply[0]:
                 lost["reads"] += 1
                 if lost["reads"] == lost["nth"]:
-                    lost["dropped"] = len(streams._read_batch(reply[0]))
+                    lost["dropped"] = len(entries.read_batch(reply[0]))
                     _lose_connection("A ConnectionError occurred while watching one or more keys")
             return reply
 

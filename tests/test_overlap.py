@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from daemon.batch import BatchReport
+from daemon.entries import Commit, EntryBatch
 from daemon.overlap import Steps, serve_overlapped
-from daemon.streams import Commit, EntryBatch
 
 PER_READ = 2
 
