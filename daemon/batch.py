@@ -99,19 +99,38 @@ def run_batch(
 
 
 def select_recent(
-    ids: Sequence[str], fields: Sequence[Any], stream: str, per_symbol: dict[str, int],
+    ids: Sequence[str], fields: Sequence[Any], stream: str, per_symbol: dict[str, list[int]],
     limit: int,
 ) -> BarColumns:
-    """Decode history entries given newest first, keeping each symbol's newest `limit` valid
-    bars (newest first). `per_symbol` carries the counts from one chunk to the next."""
+    """Decode history entries given newest first, keeping each symbol's newest `limit` bars
+    that the live run accepted, and the bars that decide which those are (newest first).
+    `per_symbol` carries each symbol's kept accepted ts from one chunk to the next.
+
+    Read newest first, a bar is accepted if no older bar of its symbol has a ts as high: a
+    symbol's kept accepted bars form a stack whose top is the oldest, with the lowest ts. An
+    older bar with a ts at least that high turns them into what the live run rejected
+    (out of order, duplicates; the replay rejects them again after it) and is kept in their
+    place, so a run of rejected bars after one far-future bar does not push that bar, and the
+    bars accepted before it, out of the window. An older bar below the top is kept while its
+    symbol has fewer than `limit`; past that it cannot change any kept bar's verdict. (An
+    eviction can make the live run accept an older bar again; this counts it as rejected and
+    keeps more history, which the replay then judges by the live rules.)"""
     cols = decode_columns(fields, stream, ids)
     keep: list[int] = []
     get = per_symbol.get
-    for j, symbol in enumerate(cols.symbols):
-        seen = get(symbol, 0)
-        if seen < limit:
-            per_symbol[symbol] = seen + 1
-            keep.append(j)
+    for j, (symbol, t) in enumerate(zip(cols.symbols, cols.ts.tolist(), strict=True)):
+        stack = get(symbol)
+        if stack is None:
+            per_symbol[symbol] = [t]
+        elif t < stack[-1]:
+            if len(stack) >= limit:
+                continue
+            stack.append(t)
+        else:
+            while stack and stack[-1] <= t:
+                stack.pop()
+            stack.append(t)
+        keep.append(j)
     return cols if len(keep) == len(cols) else cols.take(keep)
 
 

@@ -342,7 +342,7 @@ async def rebuild_phases(redis: Any, stream: str, engine: Any) -> dict[str, floa
     started = time.perf_counter()
     chunks = [chunk async for chunk in io.scan_history_backwards(stream, "+")]
     fetched = time.perf_counter()
-    per_symbol: dict[str, int] = {}
+    per_symbol: dict[str, list[int]] = {}
     kept = oldest_first(
         [select_recent(ids, fields, stream, per_symbol, 10**9) for ids, fields in chunks]
     )

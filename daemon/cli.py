@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -32,6 +33,11 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # A SIGHUP while the process starts (its default action kills it) is kept for later: the
+    # service reloads once its own handlers are in place. First, before the heavy imports.
+    early_hups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_hups.append(signum))
+
     from daemon.observe import configure_logging
     from daemon.service import (
         MetricsPortError,
@@ -67,6 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             pid=os.getpid(),
         )
         service.install_signal_handlers()
+        if early_hups:
+            service.request_reload()
         try:
             await service.start()
         except (NoModelsError, MetricsPortError, RedisRefusedError) as exc:

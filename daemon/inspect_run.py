@@ -69,6 +69,8 @@ def inspect_run(
         "view": view,
         "feature_union": list(engine.input_spec.feature_names),
         "targets": targets,
+        # Listed in manifest.json, absent from the run: the daemon refuses a reload to it.
+        "missing_artifacts": loader.missing_artifacts(),
     }
 
 
@@ -111,3 +113,8 @@ def render(report: dict[str, Any]) -> None:
     console.print(f"features computed: {', '.join(known) or 'none'}"
                   + (f"  [yellow](unknown, always NaN: {', '.join(sorted(unknown))})[/]"
                      if unknown else ""))
+    missing = report.get("missing_artifacts") or []
+    if missing:
+        console.print(f"[red]incomplete run[/]: manifest.json lists {len(missing)} file(s) the"
+                      f" run does not have (a reload to it is refused): {', '.join(missing[:5])}"
+                      + (", …" if len(missing) > 5 else ""))

@@ -1,8 +1,8 @@
 """State rebuilt from a stream's retained history (CONTRACT section 5): the scan, not the math.
 
 The history is read newest first in chunks; each chunk is decoded in the executor while the
-next is fetched, keeping each symbol's newest `warmup_bars`; then it is applied to a fresh
-`Pipeline` oldest first, without predicting.
+next is fetched, keeping each symbol's newest `warmup_bars` accepted bars (`select_recent`);
+then it is applied to a fresh `Pipeline` oldest first, without predicting.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ async def rebuild_pipeline(
         if boundary is None:
             continue
         kept: list[BarColumns] = []
-        per_symbol: dict[str, int] = {}
+        per_symbol: dict[str, list[int]] = {}
         decoding: asyncio.Future[BarColumns] | None = None
         async for ids, fields in io.scan_history_backwards(stream, boundary):
             if decoding is not None:

@@ -63,6 +63,12 @@ def build_engine(settings: Settings) -> InferenceEngine:
         loader, device=m.device, view=m.view, targets=m.targets, families=m.families
     )
     engine.load_all()
+    _warn_short_warmup(engine, settings.state.warmup_bars)
+    missing = missing_artifacts(engine)
+    if missing:
+        log.error("manifest.json lists files the run does not have (a partial copy?): their"
+                  " models are not served", run_root=str(m.run_root), missing=missing[:20],
+                  count=len(missing))
     if not any(True for _ in engine.families()):
         reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
         raise NoModelsError(
@@ -89,6 +95,40 @@ def _warn_unknown_names(
         if missing:
             log.warning(f"models.families names families no target has in view={view}",
                         names=missing, run_root=str(loader.run_root), families=sorted(seen))
+
+
+def _warn_short_warmup(engine: InferenceEngine, warmup_bars: int) -> None:
+    """A restart replays at most `warmup_bars` bars per symbol: fewer than a family's inputs
+    need, and its outputs after a restart differ from an uninterrupted run's for a while."""
+    short = {
+        f"{fam.target}/{fam.family}": fam.bars_to_ready
+        for fam in engine.families() if fam.bars_to_ready > warmup_bars
+    }
+    if short:
+        log.warning("state.warmup_bars is below what these families' inputs need: after a"
+                    " restart their outputs differ from an uninterrupted run's until each"
+                    " symbol has that many new bars", warmup_bars=warmup_bars, needs=short)
+
+
+def missing_artifacts(engine: InferenceEngine) -> list[str]:
+    """What the run's manifest lists and the run lacks (any loader: none without a manifest)."""
+    missing = getattr(engine.loader, "missing_artifacts", None)
+    return list(missing()) if missing is not None else []
+
+
+def lost_in_swap(old: InferenceEngine, new: InferenceEngine) -> list[str]:
+    """What serves now and would not after swapping in `new`: families, and a target's `pred`
+    when the new run selects none. Logged, not refused: a deploy may mean it."""
+    lost = []
+    for target, families in old.models.items():
+        now = new.models.get(target, {})
+        for family in sorted(set(families) - set(now)):
+            why = new.load_errors.get((target, family), "not in the new run")
+            lost.append(f"{target}/{family} ({why})")
+        if now and old.selected.get(target) and not new.selected.get(target):
+            lost.append(f"{target}: pred (the new run selects no family: no"
+                        " routing_decision.json)")
+    return lost
 
 
 def unserved_selections(engine: InferenceEngine) -> dict[str, str]:
@@ -354,6 +394,16 @@ class Service:
             self.notifier.notify("READY=1")
             return False
         old = self.engine
+        missing = missing_artifacts(engine)
+        if missing:
+            # A run still being copied (or broken): its manifest names files it lacks.
+            self.metrics.reloads.labels("failed").inc()
+            log.error("reload refused: manifest.json lists files the new run does not have"
+                      " (a partial copy?); keeping the current models",
+                      missing=missing[:20], count=len(missing))
+            await asyncio.to_thread(_retire, engine)
+            self.notifier.notify("READY=1")
+            return False
         lost = {
             target: family
             for target, family in unserved_selections(engine).items()
@@ -369,6 +419,9 @@ class Service:
             await asyncio.to_thread(_retire, engine)
             self.notifier.notify("READY=1")
             return False
+        if old is not None:
+            for what in lost_in_swap(old, engine):
+                log.warning("no longer served after this reload: " + what)
         self._report_models(engine)
         self.engine = engine
         self.metrics.reloads.labels("ok").inc()

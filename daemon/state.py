@@ -50,7 +50,7 @@ class ApplyResult:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     duplicates: list[int] = field(default_factory=list)
     resets: int = 0  # symbols whose state restarted (TTL gap or evicted earlier)
-    evicted: int = 0  # slots freed at the end of this batch
+    evicted: int = 0  # symbols evicted: stale when a later bar of theirs came, or at the end
 
 
 class SymbolTable:
@@ -165,6 +165,7 @@ class SymbolTable:
         """`apply` for bars given as columns: symbols, ts (n,) int64, ohlcv (n, 5) float64.
         Indices in the result refer to these rows."""
         n_in = len(symbols)
+        evictions_before = self.evictions_total
         clean = self._clean_batch(symbols, ts) if n_in >= self.clean_min_rows else None
         slots: Sequence[int] | np.ndarray
         waves: Sequence[int] | np.ndarray
@@ -198,7 +199,8 @@ class SymbolTable:
                 self._run_waves(ts, ohlcv, slots, waves, fresh, inputs)
             else:
                 self._run_waves(ts[rows], ohlcv[rows], slots, waves, fresh, inputs)
-        evicted = self.evict_stale()
+        self.evict_stale()
+        evicted = self.evictions_total - evictions_before  # those within the batch included
         return ApplyResult(accepted, inputs, rejected, duplicates, resets, evicted)
 
     def _clean_batch(
@@ -269,7 +271,10 @@ class SymbolTable:
                 if last is None:
                     last = int(last_ts[slot])
                 if last < horizon:
-                    restart = True  # evicted by event time: the next bar starts afresh
+                    # Stale by event time: evicted, as one bar at a time would have done before
+                    # this bar (counted the same), and this bar starts afresh.
+                    restart = True
+                    self.evictions_total += 1
                 elif t == last:
                     duplicates.append(i)
                     continue

@@ -238,6 +238,33 @@ class StreamIO:
         )
         return {as_str(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
+    async def trimmed_past_last_read(self) -> dict[str, tuple[str, str]]:
+        """Input streams that no longer hold the entry the group read last, trimmed (or
+        deleted) while no one consumed: stream -> (that entry's id, the oldest id kept, or
+        the highest deleted one). There is no history before the oldest kept entry, and
+        any bars between the two were dropped unread; Redis does not say how many."""
+        found: dict[str, tuple[str, str]] = {}
+        for stream in self.inputs:
+            try:
+                info = await self.redis.xinfo_stream(stream)
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                continue
+            group = next((g for g in groups if as_str(g["name"]) == self.group), None)
+            if group is None or not isinstance(info, dict):
+                continue
+            last = as_str(group["last-delivered-id"])
+            if last == "0-0":
+                continue
+            first = info.get("first-entry")
+            oldest = as_str(first[0]) if first else None
+            deleted = info.get("max-deleted-entry-id")
+            if oldest is not None and _id_key(oldest) > _id_key(last):
+                found[stream] = (last, oldest)
+            elif deleted is not None and _id_key(as_str(deleted)) > _id_key(last):
+                found[stream] = (last, as_str(deleted))
+        return found
+
     async def history_boundary(self, stream: str) -> str | None:
         """The last entry whose bar is part of the acknowledged history (inclusive)."""
         groups = await self.redis.xinfo_groups(stream)
@@ -342,6 +369,11 @@ class StreamIO:
     async def lease_holder(self) -> str | None:
         value = await self.redis.get(self.lease_key)
         return as_str(value) if value is not None else None
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _connection_died(exc: WatchError) -> bool:

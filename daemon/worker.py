@@ -155,6 +155,13 @@ class PartitionWorker:
         renewer = asyncio.create_task(self.lease.keep_renewed(done))
         try:
             await self.io.ensure_groups()
+            for stream, (last, kept) in (await self.io.trimmed_past_last_read()).items():
+                self._log.warning(
+                    "the input stream was trimmed past the last entry livepred read: no"
+                    " history before the oldest kept entry, and any bars in between got no"
+                    " prediction (size the feeder's MAXLEN for the longest outage)",
+                    stream=stream, last_read=last, oldest_kept=kept,
+                )
             self._set_role(Role.REBUILDING)
             await self.rebuild()
             claimed = await self.io.claim_all_pending()
@@ -247,13 +254,14 @@ class PartitionWorker:
         self, entries: EntryBatch, read_at_us: int
     ) -> tuple[Commit, BatchReport]:
         assert self.pipeline is not None
-        engine = self.engine()
-        if engine is not self.pipeline.engine and self.pipeline.rebind(engine):
-            # Between batches: the new models read other inputs, so state is rebuilt from
-            # the stream (a pure function of the bars), then this batch runs on it.
-            self._log.info("model inputs changed: rebuilding state from the stream")
-            await self.rebuild()
-        assert self.pipeline is not None
+        while (engine := self.engine()) is not self.pipeline.engine:
+            if self.pipeline.rebind(engine):
+                # Between batches: the new models read other inputs, so state is rebuilt
+                # from the stream (a pure function of the bars), then this batch runs on it.
+                # A reload during the rebuild retires the engine it started with: look again.
+                self._log.info("model inputs changed: rebuilding state from the stream")
+                await self.rebuild()
+            assert self.pipeline is not None
         loop = asyncio.get_running_loop()
         commit, report = await loop.run_in_executor(
             self.executor,

@@ -20,6 +20,11 @@ from handlers.sequences import FEATURES, SequenceSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_VIEW = "CROSS_SECTIONAL"
+# Every model call gets a multiple of this many rows (the last row repeated, its extra outputs
+# dropped). oneDNN and Eigen compute a batch's leftover rows (and a single row) with other
+# kernels, whose sums round differently: a bar's prediction would then depend on how many
+# bars shared its batch, and a restart, which batches differently, would not reproduce it.
+BATCH_QUANTUM = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,9 +238,7 @@ class InferenceEngine:
         if rows.size == 0:
             return preds, warming, failed
         try:
-            out = np.asarray(fam.model.predict(x), dtype=np.float64).reshape(-1)
-            if out.shape[0] != rows.size:
-                raise ValueError(f"model returned {out.shape[0]} values for {rows.size} rows")
+            out = _predict_padded(fam.model, x)
         except Exception as exc:
             reason = f"error:{type(exc).__name__}"
             log.warning("family %s/%s failed on %d rows: %s", fam.target, fam.family, rows.size, exc)
@@ -283,7 +286,7 @@ class InferenceEngine:
                 x = row[None, ...]
             if fam.needs_finite and not np.isfinite(x).all():
                 raise InferenceError(family, symbol, "inputs not finite yet (warming)")
-            value = float(np.asarray(fam.model.predict(x), dtype=np.float64).reshape(-1)[0])
+            value = float(_predict_padded(fam.model, x)[0])
         except InferenceError:
             raise
         except Exception as exc:
@@ -344,6 +347,18 @@ class InferenceEngine:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+
+
+def _predict_padded(model: Any, x: np.ndarray) -> np.ndarray:
+    """`model.predict(x)` as float64 (B,), called on a multiple of BATCH_QUANTUM rows."""
+    n = x.shape[0]
+    extra = -n % BATCH_QUANTUM
+    if extra:
+        x = np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
+    out = np.asarray(model.predict(x), dtype=np.float64).reshape(-1)
+    if out.shape[0] != n + extra:
+        raise ValueError(f"model returned {out.shape[0]} values for {n + extra} rows")
+    return out[:n] if extra else out
 
 
 def predict(loader: Any, target: str, family: str, features: Any) -> float:

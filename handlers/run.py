@@ -109,6 +109,11 @@ class ModelLoader:
         run_id = self._manifest.get("run_id")
         return run_id if isinstance(run_id, str) and run_id else self.run_root.name
 
+    def missing_artifacts(self) -> list[str]:
+        """The files manifest.json lists (`artifacts`) that are not in the run: a run still
+        being copied, or a broken one."""
+        return sorted(key for key in self._artifacts if not (self.run_root / key).exists())
+
     def view_dir(self, target: str, view: str = DEFAULT_VIEW) -> Path:
         return self.run_root / "targets" / _name(target) / "models" / f"view={_name(view)}"
 

@@ -85,3 +85,24 @@ async def test_the_output_is_trimmed_to_about_its_maxlen(
     assert MAXLEN <= length <= MAXLEN + 100
     newest = await redis.xrevrange(io.output, count=1)
     assert newest[0][1][b"data"] == str(MAXLEN * 3 - 1).encode()
+
+
+async def test_a_stream_trimmed_past_the_last_read_entry_is_told(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    # A feeder's MAXLEN trims while the daemon is down: the entries it had not read are gone.
+    redis, prefix = client_and_prefix
+    io = StreamIO(
+        redis, inputs=[f"{prefix}bars"], output=f"{prefix}predictions",
+        dead_letter=f"{prefix}bars:dead", group=f"{prefix}livepred", consumer="inst-a",
+        lease_key=f"{prefix}livepred:lease", output_maxlen=MAXLEN,
+    )
+    await io.ensure_groups()
+    stream = io.inputs[0]
+    ids = [(await redis.xadd(stream, {"n": str(i)})).decode() for i in range(6)]
+    assert await io.trimmed_past_last_read() == {}  # nothing read yet: nothing to say
+    await redis.xreadgroup(io.group, "inst-a", {stream: ">"}, count=2)
+    await redis.xtrim(stream, maxlen=5, approximate=False)  # the last read one is kept
+    assert await io.trimmed_past_last_read() == {}
+    await redis.xtrim(stream, maxlen=2, approximate=False)  # ids[2], ids[3]: never read
+    assert await io.trimmed_past_last_read() == {stream: (ids[1], ids[4])}

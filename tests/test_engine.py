@@ -131,6 +131,48 @@ def test_batch_predictions_equal_each_framework_on_reference_features(run3: Path
     assert all(n > 10 for n in checked.values()), checked
 
 
+def test_a_rows_prediction_does_not_depend_on_the_batch_it_is_in(run3: Path) -> None:
+    """Live batches have any size, a restart or a replay batches differently: each family's
+    value for a row must be the same bits in every batch (the kernels for a batch's leftover
+    rows and for one row round differently; without the padding 1-in-1000 rows differ)."""
+    engine = InferenceEngine(ModelLoader(run3), targets=["fwd"]).load_all()
+    rng = np.random.default_rng(11)
+    families = engine.models["fwd"]
+    n = 1200
+    inputs = engine_mod.BatchInputs(
+        features=rng.normal(0, 1, (n, len(engine.input_spec.feature_names))),
+        bars_seen=np.full(n, 10**6, dtype=np.int64),
+        sequences={
+            s: rng.normal(0, 1, (n, s.length, len(s.columns))).astype(np.float32)
+            for s in engine.input_spec.sequences
+        },
+    )
+
+    def rows(lo: int, hi: int) -> Any:
+        return engine_mod.BatchInputs(
+            features=inputs.features[lo:hi], bars_seen=inputs.bars_seen[lo:hi],
+            sequences={s: v[lo:hi] for s, v in inputs.sequences.items()},
+        )
+
+    whole = engine.predict_batch(inputs)
+    cuts = [0]
+    while cuts[-1] < n:  # batch sizes 1..67, odd ones included
+        cuts.append(min(n, cuts[-1] + int(rng.integers(1, 68))))
+    pieces = [engine.predict_batch(rows(lo, hi)) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+    for family in families:
+        want = np.array([whole.row(i)["fwd"]["preds"][family] for i in range(n)])
+        got = np.array([
+            p.row(i)["fwd"]["preds"][family]
+            for p, size in zip(pieces, np.diff(cuts), strict=True) for i in range(size)
+        ])
+        assert np.isfinite(want).all()
+        np.testing.assert_array_equal(got, want, err_msg=family)
+    # The seed's single-row API gives the same bits as a row of a batch.
+    cols = [engine.input_spec.feature_names.index(f) for f in FEATS]
+    single = engine.predict("fwd", "MLP", inputs.features[5, cols].astype(np.float32))
+    assert single == whole.row(5)["fwd"]["preds"]["MLP"]
+
+
 def test_a_sequence_warming_after_a_non_finite_row_counts_the_bars_it_still_needs(
     run3: Path,
 ) -> None:

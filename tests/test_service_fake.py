@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 
@@ -397,6 +398,76 @@ async def test_a_batch_computing_at_a_reload_ends_on_its_models_and_the_next_on_
     await redis.aclose()
 
 
+async def test_a_reload_during_the_rebuild_another_reload_started_serves_on_the_newest_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run b reads other inputs: its swap rebuilds state. A second reload (run c, b's inputs)
+    # lands during that rebuild and retires b's models: the batch waiting for the rebuild
+    # must run on c's, not fail on b's closed ones (each family "failed", bars acknowledged).
+    run_a = _lgb_run_with(tmp_path / "a", FEATURES, "run-a", seed=1)
+    run_b = _lgb_run_with(tmp_path / "b", FEATURES_WIDER, "run-b", seed=2)
+    run_c = _lgb_run_with(tmp_path / "c", FEATURES_WIDER, "run-c", seed=3)
+    link = tmp_path / "current"
+    link.symlink_to(run_a)
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = worker_module.rebuild_pipeline
+    rebuilds = {"n": 0}
+
+    async def gated(*args, **kwargs):
+        rebuilds["n"] += 1
+        if rebuilds["n"] == 2:  # the first is the start's
+            entered.set()
+            await release.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "rebuild_pipeline", gated)
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(link), redis=redis)
+    await service.start()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB", "CCC"], 40, seed=5)
+    first, after = bars[:60], bars[60:]
+
+    async def outputs_at_least(n: int) -> None:
+        deadline = asyncio.get_running_loop().time() + 20
+        while await redis.xlen("predictions") < n:
+            assert not task.done()
+            assert asyncio.get_running_loop().time() < deadline, "timed out waiting for output"
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(service.run())
+    try:
+        for b in first:
+            await redis.xadd("bars", encode_bar(b))
+        await outputs_at_least(len(first))
+        link.unlink()
+        link.symlink_to(run_b)
+        assert await service.reload()
+        for b in after:
+            await redis.xadd("bars", encode_bar(b))
+        await asyncio.wait_for(entered.wait(), 10)  # the next batch waits for the rebuild
+        link.unlink()
+        link.symlink_to(run_c)
+        assert await service.reload()
+        # The retired engine is closed on the executor before the rebuild goes on.
+        await asyncio.get_running_loop().run_in_executor(service.executor, lambda: None)
+        release.set()
+        await outputs_at_least(len(bars))
+    finally:
+        release.set()
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    assert len(outputs) == len(bars)
+    assert {o.run for o in outputs[len(first):]} == {"run-c"}
+    want = _expected(run_c, FEATURES_WIDER, bars)
+    for o in outputs[len(first):]:
+        assert o.targets["fwd"].failed == {}
+        got = o.targets["fwd"].preds.get("LightGBM")
+        assert got == pytest.approx(want[(o.symbol, o.ts)], rel=1e-6, abs=1e-9), (o.symbol, o.ts)
+    await redis.aclose()
+
+
 _OPENMP_PROBE = """
 import asyncio, ctypes, sys, threading
 from pathlib import Path
@@ -526,6 +597,23 @@ def test_unknown_target_and_family_names_are_warned_about_once(lgb_run: Path) ->
     engine.close()
 
 
+def test_a_warmup_shorter_than_a_familys_inputs_need_is_warned_about(lgb_run: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from daemon.service import build_engine
+
+    with capture_logs() as logs:
+        engine = build_engine(settings_for(lgb_run, LIVEPRED_STATE__WARMUP_BARS="10"))
+    needs = engine.models["fwd"]["LightGBM"].bars_to_ready
+    assert needs == 20  # ma_ratio_20, bb_position: 20 closes (vol_10d: 11); the longest wins
+    short = [e for e in logs if e["event"].startswith("state.warmup_bars is below")]
+    assert [e["needs"] for e in short] == [{"fwd/LightGBM": 20}]
+    engine.close()
+    with capture_logs() as logs:
+        build_engine(settings_for(lgb_run, LIVEPRED_STATE__WARMUP_BARS="20")).close()
+    assert not [e for e in logs if e["event"].startswith("state.warmup_bars is below")]
+
+
 async def test_a_bar_stamped_far_ahead_is_named_when_it_evicts_the_others(lgb_run: Path) -> None:
     # The eviction rule stands (CONTRACT §5): a bar in nanoseconds makes every other symbol
     # stale. The log says so once, with the offending time, instead of a silent mass restart.
@@ -573,5 +661,60 @@ async def test_a_reload_that_would_lose_the_selected_family_keeps_the_current_mo
     model.write_text(good)
     assert await service.reload() is True
     assert service.engine is not before and "LightGBM" in service.engine.models["fwd"]
+    await service.close()
+    await redis.aclose()
+
+
+async def test_a_reload_to_a_run_its_manifest_says_is_incomplete_is_refused(
+    tmp_path: Path,
+) -> None:
+    # A deploy still copying: the manifest lists a target whose folder is not there yet (and
+    # no routing file either). Swapping would silently drop that target; the reload is refused
+    # until the run is whole. A whole run that drops a family or a selection is served, and
+    # says so in one line each.
+    from structlog.testing import capture_logs
+
+    full = tmp_path / "full"
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(300, len(FEATURES)))
+    for target in ("fwd", "fwd_10"):
+        mf.write_lightgbm(full, target, "LightGBM", X, X[:, 0] + rng.normal(0, 0.1, 300), FEATURES)
+        mf.write_lightgbm(full, target, "Other", X, X[:, 1] + rng.normal(0, 0.1, 300), FEATURES)
+        mf.write_routing(full, target, "LightGBM")
+    mf.write_manifest(full, run_id="full")
+    link = tmp_path / "current"
+    link.symlink_to(full)
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(link), redis=redis)
+    await service.start()
+    before = service.engine
+
+    partial = tmp_path / "partial"
+    shutil.copytree(full, partial)
+    shutil.rmtree(partial / "targets" / "fwd_10")
+    link.unlink()
+    link.symlink_to(partial)
+    with capture_logs() as logs:
+        assert await service.reload() is False
+    assert service.engine is before and set(service.engine.models) == {"fwd", "fwd_10"}
+    refused = [e for e in logs if e["event"].startswith("reload refused")]
+    assert len(refused) == 1 and refused[0]["count"] == 2, logs
+    assert all("fwd_10" in m for m in refused[0]["missing"])
+
+    # Whole again, but without one family and one routing file, and a fresh manifest.
+    shutil.rmtree(partial)
+    shutil.copytree(full, partial)
+    shutil.rmtree(mf.family_dir(partial, "fwd", "Other"))
+    (partial / "targets" / "fwd_10" / "models" / "view=CROSS_SECTIONAL"
+     / "routing_decision.json").unlink()
+    mf.write_manifest(partial, run_id="partial")
+    with capture_logs() as logs:
+        assert await service.reload() is True
+    said = sorted(e["event"] for e in logs if e.get("log_level") == "warning")
+    assert said == [
+        "no longer served after this reload: fwd/Other (not in the new run)",
+        "no longer served after this reload: fwd_10: pred (the new run selects no family:"
+        " no routing_decision.json)",
+    ], said
     await service.close()
     await redis.aclose()

@@ -268,3 +268,62 @@ def test_systemd_notifications_ready_watchdog_reloading_stopping(
     finally:
         sock.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+
+_HUP_WHILE_STARTING = """
+import os, signal, sys
+import daemon.settings as settings
+real = settings.load_settings
+def hup_then_load(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGHUP)  # the config is read after the heavy imports
+    return real(*args, **kwargs)
+settings.load_settings = hup_then_load
+from daemon import cli
+sys.exit(cli.main(["run", "--config", sys.argv[1], "--check"]))
+"""
+
+
+def test_a_sighup_while_the_command_starts_does_not_kill_it(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    # SIGHUP's default action ends a process; `livepred run` catches it before anything slow.
+    config = h.write_config(tmp_path / "livepred.toml", keys=h.Keys("unused:"),
+                            redis_url="redis://127.0.0.1:1/0", run_root=runs["a"])
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _HUP_WHILE_STARTING, str(config)],
+                          env=h.daemon_env(), capture_output=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, (done.returncode, done.stderr.decode()[-2000:])
+    assert "config ok" in done.stderr.decode()
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for `sig` (/proc's SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_sighup_while_the_daemon_starts_is_a_reload_once_it_serves(
+    runs: dict[str, Path], key_prefix: str, real_redis_url: str, tmp_path: Path,
+) -> None:
+    # SIGHUP's default action ends the process: one sent as soon as the command runs (its
+    # handler is the first thing it sets), while the models still load, must not kill it.
+    keys = h.Keys(key_prefix)
+    config = h.write_config(tmp_path / "livepred.toml", keys=keys, redis_url=real_redis_url,
+                            run_root=runs["a"])
+    with h.Daemon(config, tmp_path / "daemon.log") as daemon:
+        daemon.start()
+        h.wait_for(lambda: _catches(daemon.pid, signal.SIGHUP), 30, "a SIGHUP handler",
+                   check=daemon.check_alive)
+        assert "models loaded" not in daemon.log_text() and "model loaded" not in daemon.log_text()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_serving()
+        h.wait_for(lambda: "models reloaded" in daemon.log_text(), 60, "the reload",
+                   check=daemon.check_alive)
+        assert daemon.stop() == 0, daemon.log_tail()

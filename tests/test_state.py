@@ -86,18 +86,27 @@ def test_state_is_a_function_of_the_bars_not_of_the_batching(cut: int) -> None:
         ts[s] += step * MIN
         bars.append(bar(s, max(ts[s], MIN), float(rng.uniform(1, 2))))
     reference = SymbolTable(SPEC, ttl_s=600).apply(bars)
+    one_by_one = SymbolTable(SPEC, ttl_s=600)
+    counts_one_by_one = [(r.evicted, r.resets) for r in map(one_by_one.apply, ([b] for b in bars))]
+    evictions, resets = (sum(c) for c in zip(*counts_one_by_one, strict=True))
+    assert evictions > 5  # the history makes symbols go stale and come back
     table = SymbolTable(SPEC, ttl_s=600)
-    feats, seen, dups = [], [], []
+    feats, seen, dups, counts = [], [], [], []
     for start in range(0, len(bars), cut):
         r = table.apply(bars[start : start + cut])
         assert r.inputs is not None
         feats.append(r.inputs.features)
         seen.append(r.inputs.bars_seen)
         dups.extend(start + d for d in r.duplicates)
+        counts.append((r.evicted, r.resets))
     assert reference.inputs is not None
     np.testing.assert_array_equal(np.concatenate(feats), reference.inputs.features)
     np.testing.assert_array_equal(np.concatenate(seen), reference.inputs.bars_seen)
     assert dups == reference.duplicates
+    # The counts behind the evictions and resets metrics do not depend on the batching either
+    # (a symbol gone stale and back within one batch is an eviction, as one bar at a time).
+    assert [sum(c) for c in zip(*counts, strict=True)] == [evictions, resets]
+    assert table.evictions_total == one_by_one.evictions_total == evictions
 
 
 def test_gap_longer_than_ttl_resets_the_symbol() -> None:
