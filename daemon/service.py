@@ -64,11 +64,6 @@ def build_engine(settings: Settings) -> InferenceEngine:
     )
     engine.load_all()
     _warn_short_warmup(engine, settings.state.warmup_bars)
-    missing = missing_artifacts(engine)
-    if missing:
-        log.error("manifest.json lists files the run does not have (a partial copy?): their"
-                  " models are not served", run_root=str(m.run_root), missing=missing[:20],
-                  count=len(missing))
     if not any(True for _ in engine.families()):
         reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
         raise NoModelsError(
@@ -440,6 +435,10 @@ class Service:
         for target, family in unserved_selections(engine).items():
             log.warning("selected family not loaded: pred will be null", target=target,
                         family=family)
+        missing = missing_artifacts(engine)
+        if missing:
+            log.error("manifest.json lists files the run does not have (a partial copy?): their"
+                      " models are not served", missing=missing[:20], count=len(missing))
         for fam in loaded:
             log.info(
                 "model loaded",

@@ -597,6 +597,32 @@ def test_unknown_target_and_family_names_are_warned_about_once(lgb_run: Path) ->
     engine.close()
 
 
+async def test_a_start_on_a_run_missing_files_its_manifest_lists_serves_the_rest_and_says_so(
+    lgb_run: Path, tmp_path: Path
+) -> None:
+    from structlog.testing import capture_logs
+
+    run = tmp_path / "run"
+    shutil.copytree(lgb_run, run)
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(200, len(FEATURES)))
+    mf.write_lightgbm(run, "fwd", "Second", X, X[:, 0], FEATURES)
+    mf.write_manifest(run, run_id="partial")
+    shutil.rmtree(mf.family_dir(run, "fwd", "Second"))
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(run), redis=redis)
+    with capture_logs() as logs:
+        await service.start()
+    assert list(service.engine.models["fwd"]) == ["LightGBM"]
+    said = [e for e in logs if e["event"].startswith("manifest.json lists files")]
+    assert len(said) == 1 and said[0]["log_level"] == "error"
+    assert said[0]["missing"] == [
+        "targets/fwd/models/view=CROSS_SECTIONAL/family=Second/model.txt"
+    ]
+    await service.close()
+    await redis.aclose()
+
+
 def test_a_warmup_shorter_than_a_familys_inputs_need_is_warned_about(lgb_run: Path) -> None:
     from structlog.testing import capture_logs
 
