@@ -114,7 +114,9 @@ def select_recent(
     bars accepted before it, out of the window. An older bar below the top is kept while its
     symbol has fewer than `limit`; past that it cannot change any kept bar's verdict. (An
     eviction can make the live run accept an older bar again; this counts it as rejected and
-    keeps more history, which the replay then judges by the live rules.)"""
+    keeps more history, which the replay then judges by the live rules.) Each symbol's stack
+    holds at most `limit` ts; the rows kept are more than `limit` only by the rejected bars
+    among them, at most the retained stream."""
     cols = decode_columns(fields, stream, ids)
     keep: list[int] = []
     get = per_symbol.get
