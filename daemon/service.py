@@ -106,9 +106,25 @@ def _warn_short_warmup(engine: InferenceEngine, warmup_bars: int) -> None:
 
 
 def missing_artifacts(engine: InferenceEngine) -> list[str]:
-    """What the run's manifest lists and the run lacks (any loader: none without a manifest)."""
+    """The files of the models this engine is configured to serve (its targets, families and
+    view) that the run's manifest lists and the run lacks; none without a manifest. A host
+    deployed with only its own subtree of a larger training run is complete."""
     missing = getattr(engine.loader, "missing_artifacts", None)
-    return list(missing()) if missing is not None else []
+    if missing is None:
+        return []
+
+    def served(key: str) -> bool:
+        parts = key.split("/")
+        if len(parts) < 5 or parts[0] != "targets" or parts[2] != "models":
+            return False  # not a model's file (a report, the training data): not served
+        target, view, family = parts[1], parts[3], parts[4]
+        return (
+            (not engine.target_filter or target in engine.target_filter)
+            and view == f"view={engine.view}"
+            and (not engine.family_filter or family.removeprefix("family=") in engine.family_filter)
+        )
+
+    return [key for key in missing() if served(key)]
 
 
 def lost_in_swap(old: InferenceEngine, new: InferenceEngine) -> list[str]:
@@ -399,10 +415,12 @@ class Service:
             await asyncio.to_thread(_retire, engine)
             self.notifier.notify("READY=1")
             return False
+        # Targets whose `pred` has a value now and would be null after the swap: the new
+        # run selects a family that does not load (the same one, or another).
         lost = {
             target: family
             for target, family in unserved_selections(engine).items()
-            if old is not None and family in old.models.get(target, {})
+            if old is not None and old.selected.get(target) in old.models.get(target, {})
         }
         if lost:
             # A half-copied or broken deploy: the routed family serves now and would not after

@@ -238,12 +238,11 @@ class StreamIO:
         )
         return {as_str(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
-    async def trimmed_past_last_read(self) -> dict[str, tuple[str, str]]:
-        """Input streams that no longer hold the entry the group read last, trimmed (or
-        deleted) while no one consumed: stream -> (that entry's id, the oldest id kept, or
-        the highest deleted one). There is no history before the oldest kept entry, and
-        any bars between the two were dropped unread; Redis does not say how many."""
-        found: dict[str, tuple[str, str]] = {}
+    async def unread_entries_gone(self) -> dict[str, str]:
+        """Input streams that lost entries the group had not read (trimmed or deleted while no
+        one consumed): stream -> what Redis shows. Those bars never get an output; Redis does
+        not say how many. Empty where Redis (< 7) does not tell."""
+        found: dict[str, str] = {}
         for stream in self.inputs:
             try:
                 info = await self.redis.xinfo_stream(stream)
@@ -254,15 +253,26 @@ class StreamIO:
             if group is None or not isinstance(info, dict):
                 continue
             last = as_str(group["last-delivered-id"])
-            if last == "0-0":
-                continue
             first = info.get("first-entry")
             oldest = as_str(first[0]) if first else None
+            generated = info.get("last-generated-id")
             deleted = info.get("max-deleted-entry-id")
-            if oldest is not None and _id_key(oldest) > _id_key(last):
-                found[stream] = (last, oldest)
+            added, length = info.get("entries-added"), int(info.get("length", 0))
+            if last == "0-0":  # the group read nothing yet: anything removed was unread
+                if added is not None and int(added) > length:
+                    found[stream] = (f"{int(added) - length} entries removed before the first"
+                                     " read")
+            elif oldest is not None and _id_key(oldest) > _id_key(last):
+                found[stream] = (f"trimmed past the last entry read ({last}); the oldest kept"
+                                 f" is {oldest}: no history before it")
+            elif oldest is None and generated is not None and (
+                _id_key(as_str(generated)) > _id_key(last)
+            ):
+                found[stream] = (f"trimmed to empty after the last entry read ({last}); the"
+                                 f" newest added was {as_str(generated)}")
             elif deleted is not None and _id_key(as_str(deleted)) > _id_key(last):
-                found[stream] = (last, as_str(deleted))
+                found[stream] = (f"entries deleted (XDEL) after the last entry read ({last}),"
+                                 f" up to {as_str(deleted)}")
         return found
 
     async def history_boundary(self, stream: str) -> str | None:

@@ -155,12 +155,11 @@ class PartitionWorker:
         renewer = asyncio.create_task(self.lease.keep_renewed(done))
         try:
             await self.io.ensure_groups()
-            for stream, (last, kept) in (await self.io.trimmed_past_last_read()).items():
+            for stream, what in (await self.io.unread_entries_gone()).items():
                 self._log.warning(
-                    "the input stream was trimmed past the last entry livepred read: no"
-                    " history before the oldest kept entry, and any bars in between got no"
-                    " prediction (size the feeder's MAXLEN for the longest outage)",
-                    stream=stream, last_read=last, oldest_kept=kept,
+                    "input entries livepred had not read are gone from the stream: those bars"
+                    " got no prediction (size the feeder's MAXLEN for the longest outage)",
+                    stream=stream, redis_shows=what,
                 )
             self._set_role(Role.REBUILDING)
             await self.rebuild()

@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 DEFAULT_VIEW = "CROSS_SECTIONAL"
 # Every model call gets a multiple of this many rows (the last row repeated, its extra outputs
 # dropped). oneDNN and Eigen compute a batch's leftover rows (and a single row) with other
-# kernels, whose sums round differently: a bar's prediction would then depend on how many
-# bars shared its batch, and a restart, which batches differently, would not reproduce it.
-BATCH_QUANTUM = 8
+# kernels, whose sums round differently, and torch's element-wise ops (a sigmoid) take 32
+# floats at a time with AVX-512: a bar's prediction would otherwise depend on how many bars
+# shared its batch, and a restart, which batches differently, would not reproduce it. A model
+# with a static batch size (`static_batch`) gets chunks of that size from its handler instead.
+BATCH_QUANTUM = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +354,7 @@ def _short(exc: BaseException) -> str:
 def _predict_padded(model: Any, x: np.ndarray) -> np.ndarray:
     """`model.predict(x)` as float64 (B,), called on a multiple of BATCH_QUANTUM rows."""
     n = x.shape[0]
-    extra = -n % BATCH_QUANTUM
+    extra = 0 if getattr(model, "static_batch", None) else -n % BATCH_QUANTUM
     if extra:
         x = np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
     out = np.asarray(model.predict(x), dtype=np.float64).reshape(-1)

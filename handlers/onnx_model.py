@@ -15,6 +15,7 @@ from handlers.registry import (
     check_batch,
     check_model_input,
     expected_input_shape,
+    padded_chunks,
     to_prediction_vector,
 )
 
@@ -66,6 +67,10 @@ class OnnxModelHandler:
         self._input_name = model_input.name
         self._input_dtype = _ONNX_DTYPES[model_input.type]
         self._binary = meta.binary
+        # A model exported with a fixed batch size is fed chunks of exactly that many rows
+        # (the engine does not pad its batches then).
+        first = model_input.shape[0] if model_input.shape else None
+        self.static_batch: int | None = first if isinstance(first, int) and first > 0 else None
         self.predict(np.zeros((1, *self._row_shape), dtype=np.float32))  # fail at load, not later
 
     @classmethod
@@ -79,6 +84,13 @@ class OnnxModelHandler:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         rows = check_batch(batch, self._row_shape).astype(self._input_dtype, copy=False)
+        count = rows.shape[0]
+        if self.static_batch is None or count == self.static_batch:
+            return self._run(rows)
+        parts = [self._run(chunk) for chunk in padded_chunks(rows, self.static_batch)]
+        return np.concatenate(parts)[:count]
+
+    def _run(self, rows: np.ndarray) -> np.ndarray:
         (out,) = self._session.run([self._output_name], {self._input_name: rows})
         if isinstance(out, list) and out and isinstance(out[0], dict):
             out = [_positive_class(probabilities) for probabilities in out]

@@ -172,3 +172,13 @@ def check_model_input(model_shape: tuple[int | None, ...], row_shape: tuple[int,
             f"model input is (B, {shown}) but model_meta.json implies (B, {want})"
             " (feature_list / sequence_length)"
         )
+
+
+def padded_chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
+    """`rows` cut into chunks of exactly `size` rows (a model with a static batch size), the
+    last one padded with copies of its last row (zeros could be out of the model's domain)."""
+    chunks = [rows[i : i + size] for i in range(0, rows.shape[0], size)]
+    short = size - chunks[-1].shape[0]
+    if short:
+        chunks[-1] = np.concatenate([chunks[-1], np.repeat(chunks[-1][-1:], short, axis=0)])
+    return chunks

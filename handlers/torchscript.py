@@ -20,6 +20,7 @@ from handlers.registry import (
     INFERENCE_THREADS,
     check_batch,
     expected_input_shape,
+    padded_chunks,
     to_prediction_vector,
 )
 
@@ -85,17 +86,17 @@ class TorchModuleHandler:
         self._device = device
         self._row_shape = expected_input_shape(meta)
         self._binary = meta.binary
-        self._static_batch = static_batch
+        self.static_batch = static_batch  # the engine does not pad such a model's batches
         self.predict(np.zeros((1, *self._row_shape), dtype=np.float32))  # fail at load, not later
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         rows = check_batch(batch, self._row_shape)
         count = rows.shape[0]
-        if self._static_batch is None or count == self._static_batch:
+        if self.static_batch is None or count == self.static_batch:
             raw = self._run(rows)
         else:
             raw = np.concatenate(
-                [self._run(chunk) for chunk in _padded_chunks(rows, self._static_batch)]
+                [self._run(chunk) for chunk in padded_chunks(rows, self.static_batch)]
             )[:count]
         return to_prediction_vector(raw, count, binary=self._binary)
 
@@ -171,15 +172,6 @@ def _static_batch(program: Any) -> int | None:
                 return shape[0]
             return None
     return None
-
-
-def _padded_chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
-    chunks = [rows[i : i + size] for i in range(0, rows.shape[0], size)]
-    short = size - chunks[-1].shape[0]
-    if short:
-        # Pad with copies of the last row: zeros could be out of the model's domain.
-        chunks[-1] = np.concatenate([chunks[-1], np.repeat(chunks[-1][-1:], short, axis=0)])
-    return chunks
 
 
 def _refuse_plain_torch_save(path: Path) -> None:

@@ -550,10 +550,12 @@ def write_onnx(
     view: str = VIEW,
     hidden: int = 16,
     seed: int = 0,
+    batch: int | None = None,
     **meta_extra: Any,
 ) -> Path:
     """A one-hidden-layer MLP built with onnx.helper: random ReLU features, output layer fitted
-    by least squares (sigmoid on top if binary). X may be 3-D (flattened in the graph)."""
+    by least squares (sigmoid on top if binary). X may be 3-D (flattened in the graph).
+    `batch`: a fixed batch size in the graph's input and output (default: dynamic)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -584,8 +586,8 @@ def write_onnx(
     graph = helper.make_graph(
         nodes,
         "tiny_mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *X.shape[1:]])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch or "batch", *X.shape[1:]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch or "batch", 1])],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

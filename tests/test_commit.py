@@ -87,7 +87,7 @@ async def test_the_output_is_trimmed_to_about_its_maxlen(
     assert newest[0][1][b"data"] == str(MAXLEN * 3 - 1).encode()
 
 
-async def test_a_stream_trimmed_past_the_last_read_entry_is_told(
+async def test_input_entries_removed_before_they_were_read_are_told(
     client_and_prefix: tuple[Any, str],
 ) -> None:
     # A feeder's MAXLEN trims while the daemon is down: the entries it had not read are gone.
@@ -100,9 +100,21 @@ async def test_a_stream_trimmed_past_the_last_read_entry_is_told(
     await io.ensure_groups()
     stream = io.inputs[0]
     ids = [(await redis.xadd(stream, {"n": str(i)})).decode() for i in range(6)]
-    assert await io.trimmed_past_last_read() == {}  # nothing read yet: nothing to say
+    assert await io.unread_entries_gone() == {}  # nothing read, nothing removed
     await redis.xreadgroup(io.group, "inst-a", {stream: ">"}, count=2)
-    await redis.xtrim(stream, maxlen=5, approximate=False)  # the last read one is kept
-    assert await io.trimmed_past_last_read() == {}
+    await redis.xtrim(stream, maxlen=5, approximate=False)  # a read one, the last read kept
+    assert await io.unread_entries_gone() == {}
     await redis.xtrim(stream, maxlen=2, approximate=False)  # ids[2], ids[3]: never read
-    assert await io.trimmed_past_last_read() == {stream: (ids[1], ids[4])}
+    gone = await io.unread_entries_gone()
+    assert list(gone) == [stream] and ids[1] in gone[stream] and ids[4] in gone[stream]
+    await redis.xtrim(stream, maxlen=0, approximate=False)  # everything
+    gone = await io.unread_entries_gone()
+    assert "trimmed to empty" in gone[stream] and ids[5] in gone[stream]
+    # A group that read nothing yet: whatever was removed was unread (Redis 7 counts them).
+    await redis.xadd(stream, {"n": "6"})
+    await redis.xgroup_destroy(stream, io.group)
+    await redis.xgroup_create(stream, io.group, id="0")
+    await redis.xtrim(stream, maxlen=0, approximate=False)
+    info = await redis.xinfo_stream(stream)
+    if "entries-added" in info:
+        assert await io.unread_entries_gone() == {stream: "7 entries removed before the first read"}

@@ -173,6 +173,59 @@ def test_a_rows_prediction_does_not_depend_on_the_batch_it_is_in(run3: Path) -> 
     assert single == whole.row(5)["fwd"]["preds"]["MLP"]
 
 
+@pytest.fixture(scope="module")
+def run_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Binary torch models (a sigmoid on top) and ONNX models exported with a fixed batch."""
+    root = tmp_path_factory.mktemp("run_binary")
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(300, len(FEATS))).astype(np.float32)
+    yb = (X[:, 0] + rng.normal(0, 0.5, 300) > 0).astype(np.float64)
+    mf.write_torchscript(root, "up", "TorchMLP", X, yb, FEATS, task="binary", epochs=3)
+    Xs = rng.normal(size=(200, T, len(FEATS))).astype(np.float32)
+    mf.write_torchscript(root, "up", "LSTM", Xs, (Xs[:, -1, 0] > 0).astype(float), FEATS,
+                         task="binary", epochs=2)
+    mf.write_onnx(root, "up", "OnnxOne", X, yb, FEATS, task="binary", batch=1)
+    mf.write_onnx(root, "up", "OnnxFour", X, yb, FEATS, batch=4)
+    return root
+
+
+def test_binary_and_static_batch_models_are_batch_invariant_too(run_binary: Path) -> None:
+    engine = InferenceEngine(ModelLoader(run_binary)).load_all()
+    assert sorted(engine.models["up"]) == ["LSTM", "OnnxFour", "OnnxOne", "TorchMLP"], (
+        engine.load_errors
+    )
+    rng = np.random.default_rng(12)
+    n = 700
+    spec = engine.input_spec
+    features = rng.normal(0, 1, (n, len(spec.feature_names)))
+    sequences = {s: rng.normal(0, 1, (n, s.length, len(s.columns))).astype(np.float32)
+                 for s in spec.sequences}
+
+    def rows(lo: int, hi: int) -> Any:
+        return engine_mod.BatchInputs(
+            features=features[lo:hi], bars_seen=np.full(hi - lo, 10**6, dtype=np.int64),
+            sequences={s: v[lo:hi] for s, v in sequences.items()},
+        )
+
+    whole = engine.predict_batch(rows(0, n))
+    cuts = [0]
+    while cuts[-1] < n:
+        cuts.append(min(n, cuts[-1] + int(rng.integers(1, 45))))
+    pieces = [engine.predict_batch(rows(lo, hi)) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+    for family in engine.models["up"]:
+        want = np.array([whole.row(i)["up"]["preds"][family] for i in range(n)])
+        got = np.array([
+            p.row(i)["up"]["preds"][family]
+            for p, size in zip(pieces, np.diff(cuts), strict=True) for i in range(size)
+        ])
+        assert np.isfinite(want).all(), family
+        np.testing.assert_array_equal(got, want, err_msg=family)
+    # One row through the seed's API, on the model with a batch of one.
+    cols = [spec.feature_names.index(f) for f in FEATS]
+    one = engine.predict("up", "OnnxOne", features[3, cols].astype(np.float32))
+    assert one == whole.row(3)["up"]["preds"]["OnnxOne"]
+
+
 def test_a_sequence_warming_after_a_non_finite_row_counts_the_bars_it_still_needs(
     run3: Path,
 ) -> None:

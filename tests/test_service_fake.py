@@ -597,6 +597,51 @@ def test_unknown_target_and_family_names_are_warned_about_once(lgb_run: Path) ->
     engine.close()
 
 
+async def test_a_host_serving_one_target_reloads_a_run_deployed_with_that_target_only(
+    tmp_path: Path,
+) -> None:
+    # The training manifest lists every target; this host serves `fwd` (models.targets) and
+    # was deployed with that subtree only: complete for it, the reload goes through.
+    full = tmp_path / "full"
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, len(FEATURES)))
+    for target in ("fwd", "fwd_10"):
+        mf.write_lightgbm(full, target, "LightGBM", X, X[:, 0] + rng.normal(0, 0.1, 300), FEATURES)
+        mf.write_routing(full, target, "LightGBM")
+    mf.write_manifest(full, run_id="full")
+    shutil.rmtree(full / "targets" / "fwd_10")
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(full, LIVEPRED_MODELS__TARGETS="fwd"), redis=redis)
+    await service.start()
+    assert await service.reload() is True
+    # Served with no target filter, the same run is incomplete: refused.
+    other = Service(settings_for(full), redis=redis)
+    await other.start()
+    assert await other.reload() is False
+    await other.close()
+    await service.close()
+    await redis.aclose()
+
+
+async def test_a_reload_whose_run_routes_to_another_family_that_does_not_load_is_refused(
+    lgb_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(lgb_run, run)
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(run), redis=redis)
+    await service.start()
+    before = service.engine
+    broken = mf.family_dir(run, "fwd", "Newer")
+    mf.write_meta(broken, FEATURES)
+    (broken / "model.txt").write_text("not a model")
+    mf.write_routing(run, "fwd", "Newer")
+    assert await service.reload() is False  # pred would turn null on every output
+    assert service.engine is before
+    await service.close()
+    await redis.aclose()
+
+
 async def test_a_start_on_a_run_missing_files_its_manifest_lists_serves_the_rest_and_says_so(
     lgb_run: Path, tmp_path: Path
 ) -> None:
