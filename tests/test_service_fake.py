@@ -597,18 +597,26 @@ def test_unknown_target_and_family_names_are_warned_about_once(lgb_run: Path) ->
     engine.close()
 
 
+def _two_target_run(root: Path, *, seed: int, families: tuple[str, ...] = ("LightGBM",)) -> Path:
+    """Targets fwd and fwd_10, the given LightGBM families each (LightGBM routed), and a
+    manifest listing every model file."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(300, len(FEATURES)))
+    for target in ("fwd", "fwd_10"):
+        for i, family in enumerate(families):
+            y = X[:, i] + rng.normal(0, 0.1, 300)
+            mf.write_lightgbm(root, target, family, X, y, FEATURES)
+        mf.write_routing(root, target, "LightGBM")
+    mf.write_manifest(root, run_id=root.name)
+    return root
+
+
 async def test_a_host_serving_one_target_reloads_a_run_deployed_with_that_target_only(
     tmp_path: Path,
 ) -> None:
     # The training manifest lists every target; this host serves `fwd` (models.targets) and
     # was deployed with that subtree only: complete for it, the reload goes through.
-    full = tmp_path / "full"
-    rng = np.random.default_rng(5)
-    X = rng.normal(size=(300, len(FEATURES)))
-    for target in ("fwd", "fwd_10"):
-        mf.write_lightgbm(full, target, "LightGBM", X, X[:, 0] + rng.normal(0, 0.1, 300), FEATURES)
-        mf.write_routing(full, target, "LightGBM")
-    mf.write_manifest(full, run_id="full")
+    full = _two_target_run(tmp_path / "full", seed=5)
     shutil.rmtree(full / "targets" / "fwd_10")
     redis = fakeredis.FakeAsyncRedis()
     service = Service(settings_for(full, LIVEPRED_MODELS__TARGETS="fwd"), redis=redis)
@@ -619,25 +627,6 @@ async def test_a_host_serving_one_target_reloads_a_run_deployed_with_that_target
     await other.start()
     assert await other.reload() is False
     await other.close()
-    await service.close()
-    await redis.aclose()
-
-
-async def test_a_reload_whose_run_routes_to_another_family_that_does_not_load_is_refused(
-    lgb_run: Path, tmp_path: Path
-) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(lgb_run, run)
-    redis = fakeredis.FakeAsyncRedis()
-    service = Service(settings_for(run), redis=redis)
-    await service.start()
-    before = service.engine
-    broken = mf.family_dir(run, "fwd", "Newer")
-    mf.write_meta(broken, FEATURES)
-    (broken / "model.txt").write_text("not a model")
-    mf.write_routing(run, "fwd", "Newer")
-    assert await service.reload() is False  # pred would turn null on every output
-    assert service.engine is before
     await service.close()
     await redis.aclose()
 
@@ -732,6 +721,14 @@ async def test_a_reload_that_would_lose_the_selected_family_keeps_the_current_mo
     model.write_text(good)
     assert await service.reload() is True
     assert service.engine is not before and "LightGBM" in service.engine.models["fwd"]
+    # The new run routes to another family, which does not load: refused the same way.
+    before = service.engine
+    broken = mf.family_dir(run, "fwd", "Newer")
+    mf.write_meta(broken, FEATURES)
+    (broken / "model.txt").write_text("not a model")
+    mf.write_routing(run, "fwd", "Newer")
+    assert await service.reload() is False
+    assert service.engine is before
     await service.close()
     await redis.aclose()
 
@@ -745,14 +742,7 @@ async def test_a_reload_to_a_run_its_manifest_says_is_incomplete_is_refused(
     # says so in one line each.
     from structlog.testing import capture_logs
 
-    full = tmp_path / "full"
-    rng = np.random.default_rng(4)
-    X = rng.normal(size=(300, len(FEATURES)))
-    for target in ("fwd", "fwd_10"):
-        mf.write_lightgbm(full, target, "LightGBM", X, X[:, 0] + rng.normal(0, 0.1, 300), FEATURES)
-        mf.write_lightgbm(full, target, "Other", X, X[:, 1] + rng.normal(0, 0.1, 300), FEATURES)
-        mf.write_routing(full, target, "LightGBM")
-    mf.write_manifest(full, run_id="full")
+    full = _two_target_run(tmp_path / "full", seed=4, families=("LightGBM", "Other"))
     link = tmp_path / "current"
     link.symlink_to(full)
     redis = fakeredis.FakeAsyncRedis()
