@@ -145,12 +145,13 @@ class PredictionReader:
     Plain mode (no `group`): XREAD, resumable. `last_ids` maps a stream key to the id to read
     after ("0" = from the start); keys not given start at `start`: "$" = entries added after
     the first `read` call begins, "0" = the whole retained stream. `.last_ids` holds the
-    position after each read: pass it to a new reader to resume without gaps or duplicates.
+    position after the events handed out so far (by `read`, or one at a time by `async for`):
+    pass it to a new reader to resume without gaps or duplicates.
 
     Group mode (`group` and `consumer`): XREADGROUP, the group created if missing (at
-    `start`). A restarted consumer first gets its own pending entries again. With
-    `auto_ack=True` entries are acknowledged as soon as they are read (at most once);
-    with False, `ack()` acknowledges everything returned so far (at least once).
+    `start`, and again if Redis lost it). A restarted consumer first gets its own pending
+    entries again. With `auto_ack=True` entries are acknowledged as soon as they are read (at
+    most once); with False, `ack()` acknowledges the events handed out so far (at least once).
 
     `read` merges the partitions in entry-id order; `count` applies per partition. An entry
     that is not a valid prediction is skipped (counted in `.skipped`, acked in group mode).
@@ -197,7 +198,8 @@ class PredictionReader:
         self._groups_ready = False
         self._pending_after: dict[str, str] = {}  # group mode: own pending entries re-read
         self._pending_done: set[str] = set()
-        self._buffer: list[PredictionEvent] = []
+        self._next_ids: dict[str, str] = {}  # plain mode: where the next XREAD starts
+        self._buffer: list[tuple[str, str, PredictionEvent | None]] = []  # read, not handed out
 
     @classmethod
     def from_settings(cls, redis: Any, settings: Settings, **kwargs: Any) -> PredictionReader:
@@ -229,11 +231,13 @@ class PredictionReader:
         if block_ms is not None and block_ms < 1:
             # BLOCK 0 would wait forever, and a cancelled forever-read can lose an entry.
             raise ValueError(f"block_ms must be >= 1 or None (got {block_ms})")
-        if self.group is None:
-            rows = await self._read_plain(count, block_ms)
+        if self._buffer:  # left by an `async for` that stopped: handed out first
+            rows, self._buffer = self._buffer, []
         else:
-            rows = await self._read_group(count, block_ms)
-        return self._decode(rows)
+            rows = await self._fetch(count, block_ms)
+        for key, entry_id, _ in rows:
+            self._hand_out(key, entry_id)
+        return [event for _, _, event in rows if event is not None]
 
     def __aiter__(self) -> AsyncIterator[PredictionEvent]:
         return self._iterate()
@@ -241,12 +245,33 @@ class PredictionReader:
     async def _iterate(self) -> AsyncIterator[PredictionEvent]:
         while True:
             if not self._buffer:
-                self._buffer = await self.read()
+                self._buffer = await self._fetch(100, DEFAULT_BLOCK_MS)
                 continue
-            yield self._buffer.pop(0)
+            key, entry_id, event = self._buffer.pop(0)
+            # Counted as handed out before the caller sees it: a position saved (or an
+            # ack made) after handling this event includes it, and nothing after it.
+            self._hand_out(key, entry_id)
+            if event is not None:
+                yield event
+
+    async def _fetch(
+        self, count: int, block_ms: int | None
+    ) -> list[tuple[str, str, PredictionEvent | None]]:
+        if self.group is None:
+            rows = await self._read_plain(count, block_ms)
+        else:
+            rows = await self._read_group(count, block_ms)
+        return self._decode(rows)
+
+    def _hand_out(self, key: str, entry_id: str) -> None:
+        if self.group is None:
+            if _id_key(entry_id) > _id_key(self.last_ids[key]):
+                self.last_ids[key] = entry_id
+        elif not self.auto_ack:  # auto_ack: acknowledged when read
+            self._unacked.setdefault(key, []).append(entry_id)
 
     async def ack(self) -> int:
-        """Acknowledge every entry returned so far (group mode); returns how many."""
+        """Acknowledge every entry handed out so far (group mode); returns how many."""
         if self.group is None:
             return 0
         acked = 0
@@ -267,7 +292,7 @@ class PredictionReader:
             if rows or block_ms is None:
                 return rows
             return await self._gather_plain(count, block_ms)
-        reply = await self.redis.xread(dict(self.last_ids), count=count, block=block_ms)
+        reply = await self.redis.xread(dict(self._next_ids), count=count, block=block_ms)
         rows = _rows(reply)
         self._advance(rows)
         return rows
@@ -275,7 +300,7 @@ class PredictionReader:
     async def _gather_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
         replies = await asyncio.gather(
             *(
-                self.redis.xread({key: self.last_ids[key]}, count=count, block=block_ms)
+                self.redis.xread({key: self._next_ids[key]}, count=count, block=block_ms)
                 for key in self.keys
             )
         )
@@ -291,11 +316,13 @@ class PredictionReader:
                 self.last_ids[key] = _s(newest[0][0]) if newest else "0-0"
             else:
                 self.last_ids[key] = "0-0"
+        for key in self.keys:
+            self._next_ids.setdefault(key, self.last_ids[key])
 
     def _advance(self, rows: Sequence[tuple[str, str, Any]]) -> None:
         for key, entry_id, _ in rows:
-            if _id_key(entry_id) > _id_key(self.last_ids[key]):
-                self.last_ids[key] = entry_id
+            if _id_key(entry_id) > _id_key(self._next_ids[key]):
+                self._next_ids[key] = entry_id
 
     # ---- consumer group -------------------------------------------------------------------
 
@@ -311,6 +338,23 @@ class PredictionReader:
         self._groups_ready = True
 
     async def _read_group(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
+        try:
+            return await self._read_group_once(count, block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis lost the group (a restart without its data): create it again, as the
+            # daemon does for its own, and read on.
+            log.warning("consumer group gone: created again", group=self.group)
+            self._groups_ready = False
+            self._pending_after.clear()
+            self._pending_done.clear()
+            self._unacked.clear()  # their entries went with the group
+            return await self._read_group_once(count, block_ms)
+
+    async def _read_group_once(
+        self, count: int, block_ms: int | None
+    ) -> list[tuple[str, str, Any]]:
         await self._ensure_groups()
         rows: list[tuple[str, str, Any]] = []
         # After a restart, this consumer's own pending entries come first (id "0").
@@ -343,10 +387,12 @@ class PredictionReader:
                     block=block_ms,
                 )
                 rows = _rows(reply)
-        for key, entry_id, _ in rows:
-            self._unacked.setdefault(key, []).append(entry_id)
-        if self.auto_ack:
-            await self.ack()
+        if self.auto_ack:  # at most once: acknowledged as read
+            by_key: dict[str, list[str]] = {}
+            for key, entry_id, _ in rows:
+                by_key.setdefault(key, []).append(entry_id)
+            for key, ids in by_key.items():
+                await self.redis.xack(key, self.group, *ids)
         return rows
 
     async def _gather_group(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
@@ -362,19 +408,25 @@ class PredictionReader:
 
     # ---- decoding ------------------------------------------------------------------------
 
-    def _decode(self, rows: list[tuple[str, str, Any]]) -> list[PredictionEvent]:
+    def _decode(
+        self, rows: list[tuple[str, str, Any]]
+    ) -> list[tuple[str, str, PredictionEvent | None]]:
+        """(stream, id, event) in entry-id order; event None for a malformed entry (skipped,
+        but handed out: passed by the position, acknowledged in group mode)."""
         if len(self.keys) > 1:
             rows = sorted(rows, key=lambda row: _id_key(row[1]))
-        events: list[PredictionEvent] = []
+        out: list[tuple[str, str, PredictionEvent | None]] = []
         for key, entry_id, fields in rows:
             try:
-                events.append(decode_prediction(fields or {}))
+                event: PredictionEvent | None = decode_prediction(fields or {})
             except ValueError as exc:
+                event = None
                 self.skipped += 1
                 log.warning(
                     "skipped a malformed prediction", stream=key, id=entry_id, error=str(exc)
                 )
-        return events
+            out.append((key, entry_id, event))
+        return out
 
 
 def _decodes_responses(redis: Any) -> bool:

@@ -49,7 +49,18 @@ def read_bars(path: Path) -> pd.DataFrame:
     missing = [c for c in BAR_COLUMNS if c not in frame.columns]
     if missing:
         raise BarsFileError(f"{path}: missing column(s) {', '.join(missing)}")
+    if pd.api.types.is_datetime64_any_dtype(frame["ts"]):
+        frame["ts"] = epoch_ms(frame["ts"])
     return frame
+
+
+def epoch_ms(stamps: pd.Series) -> pd.Series:
+    """A datetime column (a training set's usual bar time; naive = UTC) as epoch
+    milliseconds: int64, or float with NaN where a time is missing (that row is rejected)."""
+    if stamps.dt.tz is None:
+        stamps = stamps.dt.tz_localize("UTC")
+    ms = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ms")
+    return ms.astype("int64") if not ms.isna().any() else ms.astype("float64")
 
 
 def iter_items(frame: pd.DataFrame, source: str) -> Iterator[Bar | Rejection]:

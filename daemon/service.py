@@ -66,8 +66,12 @@ def build_engine(settings: Settings) -> InferenceEngine:
     _warn_short_warmup(engine, settings.state.warmup_bars)
     if not any(True for _ in engine.families()):
         reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
+        filters = "".join(
+            f" with models.{key} = {list(value)!r}"
+            for key, value in (("targets", m.targets), ("families", m.families)) if value
+        )
         raise NoModelsError(
-            f"no model could be loaded from models.run_root = {m.run_root!r}"
+            f"no model could be loaded from models.run_root = {m.run_root!r}{filters}"
             + (f" ({reasons})" if reasons else " (no targets/families found)")
         )
     return engine

@@ -22,26 +22,38 @@ import pandas as pd
 import redis.asyncio as aioredis
 
 from daemon.client import BarPublisher
+from daemon.replay import epoch_ms
 from daemon.wire import BAR_FIELDS, encode_bar
 
 CHUNK_ROWS = 1000
 
 
 def read_bars(path: Path, sort: bool) -> pd.DataFrame:
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    frame = frame.rename(columns={c: str(c).lower() for c in frame.columns})
+    # A CSV's cells as text first: a symbol such as 0700 stays "0700" (as `livepred replay`
+    # reads it), and one bad number rejects its row, not its column.
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = frame.rename(columns={c: str(c).strip().lower() for c in frame.columns})
     missing = [c for c in BAR_FIELDS if c not in frame.columns]
     if missing:
         raise SystemExit(f"{path}: missing columns {missing} (need {list(BAR_FIELDS)})")
-    frame = frame[list(BAR_FIELDS)]
-    if not pd.api.types.is_numeric_dtype(frame["ts"]):
+    frame = frame[list(BAR_FIELDS)].copy()
+    for name in ("open", "high", "low", "close", "volume"):
+        frame[name] = pd.to_numeric(frame[name], errors="coerce")  # bad cell: NaN, rejected
+    ts = frame["ts"]
+    numbers = pd.to_numeric(ts, errors="coerce")
+    if pd.api.types.is_datetime64_any_dtype(ts):
+        frame["ts"] = epoch_ms(ts)
+    elif numbers.notna().sum() >= ts.astype(str).str.strip().ne("").sum() / 2:
+        # Epoch milliseconds as they are, never through to_datetime (which takes numbers
+        # as nanoseconds); a ts that is not a whole number of ms is reported and skipped.
+        frame["ts"] = numbers
+    else:
         # Text such as "2026-11-20 14:31:00": a UTC timestamp, turned into epoch ms.
-        stamps = pd.to_datetime(frame["ts"], utc=True)
-        frame["ts"] = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ms")
-    # Numbers are epoch milliseconds as they are, a float column too (a column with an empty
-    # cell reads as float): never through to_datetime, which takes numbers as nanoseconds.
-    # A row whose ts is not a whole number of ms is reported and skipped by `valid_rows`.
-    frame["symbol"] = frame["symbol"].astype(str)
+        frame["ts"] = epoch_ms(pd.to_datetime(ts, utc=True, errors="coerce"))
+    frame["symbol"] = frame["symbol"].where(frame["symbol"].notna(), "").astype(str)
     return frame.sort_values("ts", kind="stable") if sort else frame
 
 

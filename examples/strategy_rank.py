@@ -47,20 +47,29 @@ async def run(args: argparse.Namespace) -> int:
     )
     current_ts: int | None = None
     book: dict[str, float] = {}
+    wait_s = 0.5
     try:
-        async for event in reader:
-            value = pick(event, args.target)
-            if value is None:
-                continue  # the selected family is still warming for this symbol
-            if current_ts is not None and event.ts > current_ts:
-                print(rank(current_ts, book, args.top), flush=True)
-                book = {}
-            if current_ts is None or event.ts >= current_ts:
-                current_ts = event.ts
-                book[event.symbol] = value
+        while True:
+            try:
+                async for event in reader:
+                    wait_s = 0.5
+                    value = pick(event, args.target)
+                    if value is None:
+                        continue  # the selected family is still warming for this symbol
+                    if current_ts is not None and event.ts > current_ts:
+                        print(rank(current_ts, book, args.top), flush=True)
+                        book = {}
+                    if current_ts is None or event.ts >= current_ts:
+                        current_ts = event.ts
+                        book[event.symbol] = value
+            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                # Redis restarting: the reader keeps its position; try again, backing off.
+                print(f"redis unavailable ({exc}); retrying in {wait_s:.1f} s",
+                      file=sys.stderr, flush=True)
+                await asyncio.sleep(wait_s)
+                wait_s = min(wait_s * 2, 5.0)
     finally:
         await client.aclose()
-    return 0
 
 
 def pick(event: PredictionEvent, target: str | None) -> float | None:

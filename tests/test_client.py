@@ -276,6 +276,73 @@ async def test_reader_async_iterator(backend: Backend) -> None:
     assert symbols == [f"S{i}" for i in range(5)]
 
 
+async def test_a_position_saved_inside_async_for_resumes_at_the_next_event(
+    backend: Backend,
+) -> None:
+    # A strategy saves `last_ids` after each event it handles, then restarts: nothing lost
+    # or repeated, though the reader fetched a whole batch ahead of the loop.
+    stream = backend.key("predictions")
+    keys = stream_keys(stream, 3)
+    events = [make_event(f"S{i}", i) for i in range(60)]
+    for i, event in enumerate(events):
+        await write_events(backend.redis, keys[i % 3], [event])
+    seen: list[str] = []
+    saved: dict[str, str] = {}
+    reader = PredictionReader(backend.redis, stream=stream, partitions=3, start="0")
+    async for event in reader:
+        seen.append(event.symbol)
+        saved = dict(reader.last_ids)
+        if len(seen) == 17:
+            break  # the process dies here
+    resumed = PredictionReader(backend.redis, stream=stream, partitions=3, last_ids=saved)
+    while batch := await resumed.read(count=7, block_ms=20):
+        seen.extend(e.symbol for e in batch)
+    assert sorted(seen) == sorted(e.symbol for e in events) and len(seen) == len(events)
+    # `read` after a stopped loop hands out what the loop had fetched, not skipping it.
+    more = PredictionReader(backend.redis, stream=stream, partitions=3, start="0")
+    async for _ in more:
+        break
+    rest = await more.read(count=100, block_ms=20)
+    assert 1 + len(rest) + len(await more.read(count=100, block_ms=20)) == len(events)
+
+
+async def test_group_ack_inside_async_for_acknowledges_only_the_events_handled(
+    backend: Backend,
+) -> None:
+    key = backend.key("predictions")
+    group = backend.key("strategy")
+    await write_events(backend.redis, key, [make_event(f"S{i}", i) for i in range(40)])
+    reader = PredictionReader(
+        backend.redis, stream=key, group=group, consumer="c1", start="0", auto_ack=False
+    )
+    handled = []
+    async for event in reader:
+        handled.append(event.symbol)
+        await reader.ack()
+        if len(handled) == 10:
+            break  # the process dies here: the 30 fetched but not handled stay pending
+    assert await pending_count(backend.redis, key, group) == 30
+    restarted = PredictionReader(
+        backend.redis, stream=key, group=group, consumer="c1", auto_ack=False
+    )
+    again = [e.symbol for e in await restarted.read(count=100, block_ms=20)]
+    assert again == [f"S{i}" for i in range(10, 40)]
+
+
+async def test_a_group_reader_creates_its_group_again_after_redis_lost_it(
+    backend: Backend,
+) -> None:
+    key = backend.key("predictions")
+    group = backend.key("strategy")
+    reader = PredictionReader(backend.redis, stream=key, group=group, consumer="c1", start="0")
+    await write_events(backend.redis, key, [make_event("A", 1)])
+    assert [e.symbol for e in await reader.read(block_ms=20)] == ["A"]
+    await backend.redis.delete(key)  # Redis restarted without its data
+    await write_events(backend.redis, key, [make_event("B", 2)])  # the daemon publishes again
+    got = await reader.read(block_ms=20)
+    assert [e.symbol for e in got] == ["B"]  # the group created again at `start` ("0")
+
+
 def test_reader_argument_checks() -> None:
     client = fakeredis.FakeAsyncRedis()
     with pytest.raises(ValueError, match="group and consumer"):

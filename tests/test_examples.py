@@ -110,6 +110,8 @@ def test_the_csv_feeder_sends_epoch_ms_as_they_are(
         "AAA,1700000060000,1,1,1,1,5\n"
         "AAA,,1,1,1,1,5\n"
         "AAA,1700000180000.0,2,2,2,2,5\n"
+        "0700,1700000180000,3,3,3,3,oops\n"  # one bad cell: its row only
+        "0700,1700000240000,4,4,4,4,5\n"  # a numeric-looking symbol stays text
     )
     stream = f"{key_prefix}bars"
     done = subprocess.run(
@@ -119,10 +121,12 @@ def test_the_csv_feeder_sends_epoch_ms_as_they_are(
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "row 1: skipped" in done.stderr
+    assert "row 1: skipped" in done.stderr and "row 3: skipped" in done.stderr
     client = redis.Redis.from_url(real_redis_url)
     try:
         sent = [msgpack.unpackb(f[b"data"]) for _, f in client.xrange(stream)]
     finally:
         client.close()
-    assert [(b["ts"], b["close"]) for b in sent] == [(1700000060000, 1.0), (1700000180000, 2.0)]
+    assert [(b["symbol"], b["ts"], b["close"]) for b in sent] == [
+        ("AAA", 1700000060000, 1.0), ("AAA", 1700000180000, 2.0), ("0700", 1700000240000, 4.0),
+    ]

@@ -84,6 +84,29 @@ def test_replay_writes_one_line_per_accepted_bar_equal_to_the_reference(
             assert x["targets"]["fwd"]["pred"] == x["targets"]["fwd"]["preds"]["LightGBM"]
 
 
+def test_a_parquet_with_datetime_bar_times_replays_like_epoch_milliseconds(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    # A training set's bar time is often a datetime column (naive = UTC, or with a zone).
+    bars = make_bars(30)
+    as_ms, as_time = tmp_path / "ms.parquet", tmp_path / "time.parquet"
+    bars.to_parquet(as_ms)
+    timed = bars.assign(ts=pd.to_datetime(bars["ts"], unit="ms"))
+    timed.loc[5, "ts"] = pd.NaT  # a missing time: that row is rejected, the rest replayed
+    timed.to_parquet(as_time)
+    outs = []
+    for path in (as_ms, as_time):
+        out = tmp_path / f"{path.stem}.jsonl"
+        assert main(["replay", "--run", str(run_dir), "--bars", str(path), "--out", str(out)]) == 0
+        outs.append([json.loads(x) for x in out.read_text().splitlines()])
+    by_ms = {x["src"].split("/")[1]: x for x in outs[0]}
+    by_time = {x["src"].split("/")[1]: x for x in outs[1]}
+    assert "5" not in by_time and set(by_time) < set(by_ms)
+    for row, x in by_time.items():
+        if x["symbol"] != bars.loc[5, "symbol"]:  # the missing bar changes its symbol's windows
+            assert (x["ts"], x["targets"]) == (by_ms[row]["ts"], by_ms[row]["targets"])
+
+
 def test_replay_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bars.csv"
     bad.write_text("symbol,ts,close\nA,1,1\n")

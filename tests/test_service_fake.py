@@ -595,6 +595,11 @@ def test_unknown_target_and_family_names_are_warned_about_once(lgb_run: Path) ->
         build_engine(settings_for(lgb_run, LIVEPRED_MODELS__FAMILIES="LightGBM"))
     assert not [e for e in logs if e.get("log_level") == "warning"]
     engine.close()
+    # Nothing left by the filters: the error line names them, not only run_root.
+    from daemon.service import NoModelsError
+
+    with pytest.raises(NoModelsError, match=r"models\.families = \['Nope'\]"):
+        build_engine(settings_for(lgb_run, LIVEPRED_MODELS__FAMILIES="Nope"))
 
 
 def _two_target_run(root: Path, *, seed: int, families: tuple[str, ...] = ("LightGBM",)) -> Path:
