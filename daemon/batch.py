@@ -98,10 +98,21 @@ def run_batch(
     return commit, report
 
 
+@dataclass(slots=True)
+class HistoryChunk:
+    """What a rebuild keeps of one chunk of history read newest first: the kept bars (newest
+    first), for each the newest ts among the chunk's older bars (0: none), and the chunk's
+    newest ts. The clock of the replay comes from these (`oldest_first`)."""
+
+    cols: BarColumns
+    older_max: np.ndarray  # (len(cols),) int64
+    top: int
+
+
 def select_recent(
     ids: Sequence[str], fields: Sequence[Any], stream: str, per_symbol: dict[str, list[int]],
     limit: int,
-) -> BarColumns:
+) -> HistoryChunk:
     """Decode history entries given newest first, keeping each symbol's newest `limit` bars
     that the live run accepted, and the bars that decide which those are (newest first).
     `per_symbol` carries each symbol's kept accepted ts from one chunk to the next.
@@ -116,7 +127,10 @@ def select_recent(
     eviction can make the live run accept an older bar again; this counts it as rejected and
     keeps more history, which the replay then judges by the live rules.) Each symbol's stack
     holds at most `limit` ts; the rows kept are more than `limit` only by the rejected bars
-    among them, at most the retained stream."""
+    among them, at most the retained stream.
+
+    Evictions depend on every symbol's bars (the newest ts seen), dropped ones included: the
+    chunk also gives, for each kept bar, the newest ts among the older bars of the chunk."""
     cols = decode_columns(fields, stream, ids)
     keep: list[int] = []
     get = per_symbol.get
@@ -133,22 +147,37 @@ def select_recent(
                 stack.pop()
             stack.append(t)
         keep.append(j)
-    return cols if len(keep) == len(cols) else cols.take(keep)
+    n = len(cols)
+    older = np.zeros(n, dtype=np.int64)  # newest ts among the rows after j (older ones)
+    if n > 1:
+        older[:-1] = np.maximum.accumulate(cols.ts[::-1])[::-1][1:]
+    top = int(cols.ts.max()) if n else 0
+    if len(keep) == n:
+        return HistoryChunk(cols, older, top)
+    return HistoryChunk(cols.take(keep), older[keep], top)
 
 
-def oldest_first(chunks: Sequence[BarColumns]) -> BarColumns:
-    """Chunks of history read newest first (each newest first) as one block, oldest first."""
+def oldest_first(chunks: Sequence[HistoryChunk]) -> tuple[BarColumns, np.ndarray]:
+    """Chunks of history read newest first (each newest first) as one block, oldest first,
+    and the replay's clock: for each bar, the newest ts of every bar before it in the stream,
+    kept or not (the newest ts the live run had seen then)."""
     if not chunks:
-        return BarColumns.empty()
+        return BarColumns.empty(), np.zeros(0, dtype=np.int64)
     symbols: list[str] = []
+    clocks: list[np.ndarray] = []
+    before = 0  # the newest ts of the chunks older than this one
     for c in reversed(chunks):
-        symbols.extend(reversed(c.symbols))
-    ts = np.concatenate([c.ts[::-1] for c in reversed(chunks)])
-    ohlcv = np.concatenate([c.ohlcv[::-1] for c in reversed(chunks)])
-    return BarColumns(list(range(len(symbols))), symbols, ts, ohlcv)
+        symbols.extend(reversed(c.cols.symbols))
+        clocks.append(np.maximum(c.older_max[::-1], before))
+        before = max(before, c.top)
+    ts = np.concatenate([c.cols.ts[::-1] for c in reversed(chunks)])
+    ohlcv = np.concatenate([c.cols.ohlcv[::-1] for c in reversed(chunks)])
+    return BarColumns(list(range(len(symbols))), symbols, ts, ohlcv), np.concatenate(clocks)
 
 
-def warm_from_columns(pipeline: Pipeline, cols: BarColumns) -> int:
+def warm_from_columns(
+    pipeline: Pipeline, cols: BarColumns, clock: np.ndarray | None = None
+) -> int:
     """Apply decoded historical bars (oldest first) to state without predicting."""
-    pipeline.run(cols, predict=False)
+    pipeline.run(cols, predict=False, clock=clock)
     return len(cols)

@@ -343,13 +343,13 @@ async def rebuild_phases(redis: Any, stream: str, engine: Any) -> dict[str, floa
     chunks = [chunk async for chunk in io.scan_history_backwards(stream, "+")]
     fetched = time.perf_counter()
     per_symbol: dict[str, list[int]] = {}
-    kept = oldest_first(
+    kept, clock = oldest_first(
         [select_recent(ids, fields, stream, per_symbol, 10**9) for ids, fields in chunks]
     )
     decoded = time.perf_counter()
     pipeline = Pipeline(engine, ttl_s=900.0)
     for i in range(0, len(kept), 50_000):
-        warm_from_columns(pipeline, kept.window(i, i + 50_000))
+        warm_from_columns(pipeline, kept.window(i, i + 50_000), clock[i : i + 50_000])
     applied = time.perf_counter()
     n = max(len(kept), 1)
     return {"fetch": (fetched - started) / n * 1e6, "decode": (decoded - fetched) / n * 1e6,

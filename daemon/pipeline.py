@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from daemon.state import SymbolTable
 from daemon.wire import Bar, Rejection
 from daemon.wire_columns import BarColumns
@@ -46,9 +48,14 @@ class Pipeline:
         self.engine = engine
         self.table = SymbolTable(engine.input_spec, ttl_s=ttl_s, capacity=capacity)
 
-    def run(self, cols: BarColumns, *, predict: bool = True) -> ColumnsOutcome:
-        """Apply the bars to state and (unless warming up from history) predict them."""
-        applied = self.table.apply_columns(cols.symbols, cols.ts, cols.ohlcv, gather=predict)
+    def run(
+        self, cols: BarColumns, *, predict: bool = True, clock: np.ndarray | None = None
+    ) -> ColumnsOutcome:
+        """Apply the bars to state and (unless warming up from history) predict them.
+        `clock`: see `SymbolTable.apply_columns` (a rebuild's replay)."""
+        applied = self.table.apply_columns(
+            cols.symbols, cols.ts, cols.ohlcv, gather=predict, clock=clock
+        )
         outcome = ColumnsOutcome(
             applied.accepted, applied.rejected, applied.duplicates,
             resets=applied.resets, evicted=applied.evicted,

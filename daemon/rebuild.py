@@ -2,7 +2,8 @@
 
 The history is read newest first in chunks; each chunk is decoded in the executor while the
 next is fetched, keeping each symbol's newest `warmup_bars` accepted bars (`select_recent`);
-then it is applied to a fresh `Pipeline` oldest first, without predicting.
+then it is applied to a fresh `Pipeline` oldest first, without predicting, on the live run's
+clock (the newest ts it had seen before each bar, from every bar of the history).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from daemon.batch import oldest_first, select_recent, warm_from_columns
+from daemon.batch import HistoryChunk, oldest_first, select_recent, warm_from_columns
 from daemon.pipeline import Pipeline
 from daemon.streams import StreamIO
-from daemon.wire_columns import BarColumns
 
 REBUILD_CHUNK = 50_000  # history bars applied to state per executor call
 
@@ -35,9 +35,9 @@ async def rebuild_pipeline(
         boundary = await io.history_boundary(stream)
         if boundary is None:
             continue
-        kept: list[BarColumns] = []
+        kept: list[HistoryChunk] = []
         per_symbol: dict[str, list[int]] = {}
-        decoding: asyncio.Future[BarColumns] | None = None
+        decoding: asyncio.Future[HistoryChunk] | None = None
         async for ids, fields in io.scan_history_backwards(stream, boundary):
             if decoding is not None:
                 kept.append(await decoding)
@@ -47,10 +47,11 @@ async def rebuild_pipeline(
             check()
         if decoding is not None:
             kept.append(await decoding)
-        history = oldest_first(kept)
+        history, clock = oldest_first(kept)
         del kept
         for i in range(0, len(history), REBUILD_CHUNK):
             total += await loop.run_in_executor(
-                executor, warm_from_columns, pipeline, history.window(i, i + REBUILD_CHUNK)
+                executor, warm_from_columns, pipeline, history.window(i, i + REBUILD_CHUNK),
+                clock[i : i + REBUILD_CHUNK],
             )
     return total

@@ -160,13 +160,21 @@ class SymbolTable:
         return self.apply_columns([b.symbol for b in bars], ts, ohlcv, gather=gather)
 
     def apply_columns(
-        self, symbols: Sequence[str], ts: np.ndarray, ohlcv: np.ndarray, *, gather: bool = True
+        self,
+        symbols: Sequence[str],
+        ts: np.ndarray,
+        ohlcv: np.ndarray,
+        *,
+        gather: bool = True,
+        clock: np.ndarray | None = None,
     ) -> ApplyResult:
         """`apply` for bars given as columns: symbols, ts (n,) int64, ohlcv (n, 5) float64.
-        Indices in the result refer to these rows."""
+        Indices in the result refer to these rows. `clock` (n,) int64, for a replay of some
+        of a stream's bars: the newest ts the live run had seen before each bar (from bars
+        not replayed too), so that symbols go stale at the same bars as they did live."""
         n_in = len(symbols)
         evictions_before = self.evictions_total
-        clean = self._clean_batch(symbols, ts) if n_in >= self.clean_min_rows else None
+        clean = self._clean_batch(symbols, ts, clock) if n_in >= self.clean_min_rows else None
         slots: Sequence[int] | np.ndarray
         waves: Sequence[int] | np.ndarray
         fresh: Sequence[bool] | np.ndarray
@@ -177,8 +185,12 @@ class SymbolTable:
             accepted, rejected, duplicates = list(range(n_in)), [], []
             fresh = np.zeros(n_in, dtype=bool)
             self.max_ts_seen = max(self.max_ts_seen, int(ts.max()))
+            if clock is not None:
+                self.max_ts_seen = max(self.max_ts_seen, int(clock.max()))
         else:
-            accepted, rejected, duplicates, slots, waves, fresh = self._classify(symbols, ts)
+            accepted, rejected, duplicates, slots, waves, fresh = self._classify(
+                symbols, ts, clock
+            )
         self.duplicates_total += len(duplicates)
 
         n = len(accepted)
@@ -204,7 +216,7 @@ class SymbolTable:
         return ApplyResult(accepted, inputs, rejected, duplicates, resets, evicted)
 
     def _clean_batch(
-        self, symbols: Sequence[str], ts: np.ndarray
+        self, symbols: Sequence[str], ts: np.ndarray, clock: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """(slots, waves) when every bar of the batch is accepted and nothing restarts: every
         symbol known, each bar's ts above the symbol's previous one (in the table or earlier in
@@ -228,6 +240,8 @@ class SymbolTable:
         gap = ts_by_slot - previous
         # The newest ts seen before each bar (every bar before it is accepted too).
         seen_before = np.maximum.accumulate(np.concatenate(([self.max_ts_seen], ts[:-1])))
+        if clock is not None:
+            seen_before = np.maximum(seen_before, clock)
         if not (
             (gap > 0).all()
             and (gap <= self.ttl_ms).all()
@@ -241,7 +255,7 @@ class SymbolTable:
         return slots, waves
 
     def _classify(
-        self, symbols: Sequence[str], ts: np.ndarray
+        self, symbols: Sequence[str], ts: np.ndarray, clock: np.ndarray | None = None
     ) -> tuple[list[int], list[tuple[int, str]], list[int], list[int], list[int], list[bool]]:
         """Each bar's verdict in order (accepted, rejected, duplicate), allocating slots for
         new symbols; for accepted bars: slot, wave (k-th occurrence of the slot in this batch)
@@ -259,7 +273,11 @@ class SymbolTable:
         horizon = max_seen - ttl_ms
         slot_of = self.slot_of
         last_ts = self.last_ts
+        clocks = clock.tolist() if clock is not None else None
         for i, (symbol, t) in enumerate(zip(symbols, ts.tolist(), strict=True)):
+            if clocks is not None and clocks[i] > max_seen:
+                max_seen = clocks[i]
+                horizon = max_seen - ttl_ms
             slot = slot_of.get(symbol)
             restart = False
             if slot is None:

@@ -23,9 +23,12 @@ def bar(symbol: str, ts: int, close: float) -> Bar:
     return Bar(symbol, ts, close, close, close, close, 10.0, "bars", f"{ts}-0")
 
 
-def rebuilt(history: list[Bar], limit: int, chunk: int = 37) -> SymbolTable:
+def rebuilt(
+    history: list[Bar], limit: int, chunk: int = 37, *, spec: InputSpec = SPEC,
+    ttl_s: float = TTL_S,
+) -> SymbolTable:
     """What a restart does: the history read newest first in chunks, the kept bars applied
-    oldest first to a fresh table."""
+    oldest first to a fresh table, on the live run's clock."""
     fields = [{k.encode(): v for k, v in encode_bar(b).items()} for b in history]
     ids = [f"{i + 1}-0" for i in range(len(history))]
     per_symbol: dict[str, list[int]] = {}
@@ -34,9 +37,9 @@ def rebuilt(history: list[Bar], limit: int, chunk: int = 37) -> SymbolTable:
         start = max(0, end - chunk)
         chunks.append(select_recent(ids[start:end][::-1], fields[start:end][::-1], "bars",
                                     per_symbol, limit))
-    table = SymbolTable(SPEC, ttl_s=TTL_S)
-    kept = oldest_first(chunks)
-    table.apply_columns(kept.symbols, kept.ts, kept.ohlcv, gather=False)
+    table = SymbolTable(spec, ttl_s=ttl_s)
+    kept, clock = oldest_first(chunks)
+    table.apply_columns(kept.symbols, kept.ts, kept.ohlcv, gather=False, clock=clock)
     return table
 
 
@@ -100,3 +103,24 @@ def test_a_messy_history_rebuilds_the_live_state(seed: int) -> None:
     after = [bar(s, last[s] + k * MIN, float(rng.uniform(50, 150)))
              for k in range(1, 4) for s in symbols]
     same_next(live, rebuilt(history, LIMIT), after)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 37])
+def test_a_symbol_made_stale_by_a_bar_the_replay_leaves_out_is_evicted_in_the_replay_too(
+    chunk: int,
+) -> None:
+    # A's bar at minute 100 makes C (last bar at 85) stale: C's bar at 92 starts afresh live.
+    # A's newer bars push that bar out of A's window; the replay's clock still has it.
+    spec = InputSpec(("ret_1d", "ret_5d"), ())
+    history = [bar("C", t * MIN, 100.0 + t) for t in range(80, 86)]
+    history.append(bar("A", 100 * MIN, 50.0))
+    history.append(bar("C", 92 * MIN, 200.0))
+    history += [bar("A", 100 * MIN + k * 1000, 50.0 + k) for k in range(1, 6)]
+    history.append(bar("C", 93 * MIN, 201.0))
+    live = SymbolTable(spec, ttl_s=600)
+    assert live.apply(history).resets == 3  # A, C and C again (stale by A's bar)
+    restarted = rebuilt(history, 5, chunk, spec=spec, ttl_s=600)
+    a, b = live.apply([bar("C", 94 * MIN, 202.0)]), restarted.apply([bar("C", 94 * MIN, 202.0)])
+    assert a.inputs is not None and b.inputs is not None
+    np.testing.assert_array_equal(a.inputs.features, b.inputs.features)  # ret_5d NaN: afresh
+    assert np.isnan(a.inputs.features[0, 1])
