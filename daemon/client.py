@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from redis.exceptions import ResponseError
 
+from daemon.entries import as_str, id_key
 from daemon.partitions import partition_for_symbol, partition_key
 from daemon.settings import Settings
 from daemon.wire import Bar, encode_bar
@@ -32,15 +33,6 @@ log = structlog.get_logger("livepred.client")
 
 PIPELINE_CHUNK = 1000  # XADDs per pipeline round trip
 DEFAULT_BLOCK_MS = 1000
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def stream_keys(name: str, partitions: int = 1, cluster: bool = False) -> list[str]:
@@ -109,7 +101,7 @@ class BarPublisher:
         key = self.stream_for(_symbol_of(bar))
         entry_id = await self.redis.xadd(key, fields, **self._trim())
         self.published += 1
-        return _s(entry_id)
+        return as_str(entry_id)
 
     async def publish_many(self, bars: Iterable[Bar | Mapping[str, Any]]) -> list[str]:
         """XADD many bars in pipelined round trips; returns their entry ids in order.
@@ -124,7 +116,7 @@ class BarPublisher:
             for key, fields in encoded[start : start + PIPELINE_CHUNK]:
                 pipe.xadd(key, fields, **trim)
             replies = await pipe.execute()
-            ids.extend(_s(r) for r in replies)
+            ids.extend(as_str(r) for r in replies)
             self.published += len(replies)
         return ids
 
@@ -192,7 +184,7 @@ class PredictionReader:
         unknown = sorted(set(last_ids or ()) - set(self.keys))
         if unknown:
             raise ValueError(f"last_ids names streams this reader does not read: {unknown}")
-        self.last_ids: dict[str, str] = {k: _s(v) for k, v in (last_ids or {}).items()}
+        self.last_ids: dict[str, str] = {k: as_str(v) for k, v in (last_ids or {}).items()}
         self.skipped = 0
         self._unacked: dict[str, list[str]] = {}
         self._groups_ready = False
@@ -265,7 +257,7 @@ class PredictionReader:
 
     def _hand_out(self, key: str, entry_id: str) -> None:
         if self.group is None:
-            if _id_key(entry_id) > _id_key(self.last_ids[key]):
+            if id_key(entry_id) > id_key(self.last_ids[key]):
                 self.last_ids[key] = entry_id
         elif not self.auto_ack:  # auto_ack: acknowledged when read
             self._unacked.setdefault(key, []).append(entry_id)
@@ -313,7 +305,7 @@ class PredictionReader:
         for key in missing:
             if self.start == "$":
                 newest = await self.redis.xrevrange(key, "+", "-", count=1)
-                self.last_ids[key] = _s(newest[0][0]) if newest else "0-0"
+                self.last_ids[key] = as_str(newest[0][0]) if newest else "0-0"
             else:
                 self.last_ids[key] = "0-0"
         for key in self.keys:
@@ -321,7 +313,7 @@ class PredictionReader:
 
     def _advance(self, rows: Sequence[tuple[str, str, Any]]) -> None:
         for key, entry_id, _ in rows:
-            if _id_key(entry_id) > _id_key(self._next_ids[key]):
+            if id_key(entry_id) > id_key(self._next_ids[key]):
                 self._next_ids[key] = entry_id
 
     # ---- consumer group -------------------------------------------------------------------
@@ -414,7 +406,7 @@ class PredictionReader:
         """(stream, id, event) in entry-id order; event None for a malformed entry (skipped,
         but handed out: passed by the position, acknowledged in group mode)."""
         if len(self.keys) > 1:
-            rows = sorted(rows, key=lambda row: _id_key(row[1]))
+            rows = sorted(rows, key=lambda row: id_key(row[1]))
         out: list[tuple[str, str, PredictionEvent | None]] = []
         for key, entry_id, fields in rows:
             try:
@@ -447,9 +439,9 @@ def _rows(reply: Any) -> list[tuple[str, str, Any]]:
     for stream, entries in items:
         if _nested(entries):  # RESP3 replies wrap each stream's entries in one more list
             entries = entries[0]
-        name = _s(stream)
+        name = as_str(stream)
         for entry_id, fields in entries:
-            out.append((name, _s(entry_id), fields))
+            out.append((name, as_str(entry_id), fields))
     return out
 
 

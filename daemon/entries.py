@@ -96,6 +96,12 @@ def as_str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ("ms-seq", or "ms") as a key that sorts like Redis orders ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def row_ids(rows: Sequence[Any]) -> list[str]:
     """The entry ids of [[id, fields], ...] rows."""
     try:

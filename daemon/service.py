@@ -245,6 +245,10 @@ class Service:
             self.engine = await loop.run_in_executor(self.executor, build_engine, self.settings)
         settle_heap()
         self._report_models(self.engine)
+        missing = missing_artifacts(self.engine)  # a reload to such a run is refused instead
+        if missing:
+            log.error("manifest.json lists files the run does not have (a partial copy?): their"
+                      " models are not served", missing=missing[:20], count=len(missing))
         s = self.settings.streams
         for keys in partition_keys(self.settings):
             io = StreamIO.for_partition(
@@ -457,10 +461,6 @@ class Service:
         for target, family in unserved_selections(engine).items():
             log.warning("selected family not loaded: pred will be null", target=target,
                         family=family)
-        missing = missing_artifacts(engine)
-        if missing:
-            log.error("manifest.json lists files the run does not have (a partial copy?): their"
-                      " models are not served", missing=missing[:20], count=len(missing))
         for fam in loaded:
             log.info(
                 "model loaded",

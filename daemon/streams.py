@@ -12,7 +12,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from daemon.entries import Commit, Entry, EntryBatch, as_str, entries_of, read_batch, row_ids
+from daemon.entries import (
+    Commit,
+    Entry,
+    EntryBatch,
+    as_str,
+    entries_of,
+    id_key,
+    read_batch,
+    row_ids,
+)
 from daemon.partitions import PartitionKeys
 from daemon.stream_scripts import ACQUIRE_LUA, COMMIT_LUA, READ_LUA, RELEASE_LUA, RENEW_LUA
 
@@ -262,15 +271,15 @@ class StreamIO:
                 if added is not None and int(added) > length:
                     found[stream] = (f"{int(added) - length} entries removed before the first"
                                      " read")
-            elif oldest is not None and _id_key(oldest) > _id_key(last):
+            elif oldest is not None and id_key(oldest) > id_key(last):
                 found[stream] = (f"trimmed past the last entry read ({last}); the oldest kept"
                                  f" is {oldest}: no history before it")
             elif oldest is None and generated is not None and (
-                _id_key(as_str(generated)) > _id_key(last)
+                id_key(as_str(generated)) > id_key(last)
             ):
                 found[stream] = (f"trimmed to empty after the last entry read ({last}); the"
                                  f" newest added was {as_str(generated)}")
-            elif deleted is not None and _id_key(as_str(deleted)) > _id_key(last):
+            elif deleted is not None and id_key(as_str(deleted)) > id_key(last):
                 found[stream] = (f"entries deleted (XDEL) after the last entry read ({last}),"
                                  f" up to {as_str(deleted)}")
         return found
@@ -379,11 +388,6 @@ class StreamIO:
     async def lease_holder(self) -> str | None:
         value = await self.redis.get(self.lease_key)
         return as_str(value) if value is not None else None
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _connection_died(exc: WatchError) -> bool:

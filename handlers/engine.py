@@ -15,6 +15,7 @@ from handlers.batch_io import NON_FINITE_OUTPUT, BatchInputs, BatchResult, Input
 from handlers.errors import InferenceError, ModelLoadError
 from handlers.features import parse_feature, warmup_bars
 from handlers.meta import ModelMeta
+from handlers.registry import padded_chunks
 from handlers.sequences import FEATURES, SequenceSpec
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,7 @@ def _predict_padded(model: Any, x: np.ndarray) -> np.ndarray:
     n = x.shape[0]
     extra = 0 if getattr(model, "static_batch", None) else -n % BATCH_QUANTUM
     if extra:
-        x = np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
+        (x,) = padded_chunks(x, n + extra)
     out = np.asarray(model.predict(x), dtype=np.float64).reshape(-1)
     if out.shape[0] != n + extra:
         raise ValueError(f"model returned {out.shape[0]} values for {n + extra} rows")
