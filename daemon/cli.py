@@ -62,6 +62,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         except (LivepredError, OSError) as exc:
             return _fail(str(exc))
         _print_models(engine)
+        if not args.offline:
+            code = _check_redis(settings)
+            if code:
+                return code
         print("config ok", file=sys.stderr)
         return 0
 
@@ -89,6 +93,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         return asyncio.run(main())
     except KeyboardInterrupt:
         return 0
+
+
+def _check_redis(settings: Any) -> int:
+    """--check: the Redis side (reachable, credentials, key types); 0 when all is well."""
+    from daemon.preflight import check_redis
+    from daemon.service import make_redis
+
+    async def look() -> Any:
+        redis = make_redis(settings)
+        try:
+            return await check_redis(redis, settings)
+        finally:
+            await redis.aclose()
+
+    report = asyncio.run(look())
+    for line in report.lines:
+        print(line, file=sys.stderr)
+    if report.problems:
+        for problem in report.problems[1:]:
+            print(f"problem: {problem}", file=sys.stderr)
+        return _fail(report.problems[0], EXIT_CONFIG)
+    if report.unreachable:
+        return _fail(f"{report.unreachable} (the daemon would wait for it; --offline skips"
+                     " this check)")
+    return 0
 
 
 def _print_models(engine: Any) -> None:
@@ -238,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--config", "-c", metavar="PATH", help="TOML config file (see config/)")
     run.add_argument(
-        "--check", action="store_true", help="validate the config, load the models, and exit"
+        "--check", action="store_true",
+        help="validate the config, load the models, look at Redis and its keys, and exit",
+    )
+    run.add_argument(
+        "--offline", action="store_true", help="with --check: do not contact Redis"
     )
     run.set_defaults(func=cmd_run)
 

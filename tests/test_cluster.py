@@ -18,6 +18,7 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 
 from daemon.client import BarPublisher
+from tests import daemon_harness as h
 from tests import scaleout_support as sx
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -151,6 +152,13 @@ async def test_the_daemon_serves_partitions_spread_over_three_masters(
         assert set(node_of.values()) == set(redis_cluster), node_of
 
         await sx.create_groups(client, names, PARTITIONS)
+        # `run --check` looks at every partition's keys on their nodes, and writes nothing.
+        check = h.run_cli("run", "--config", str(config), "--check", timeout_s=120)
+        assert check.returncode == 0, check.stderr
+        assert "Redis ?" not in check.stderr
+        for p in range(PARTITIONS):
+            assert f"group   {names.input_key(p)} " in check.stderr
+            assert f"lease   {names.lease(p)}: free" in check.stderr
         instance.start()
 
         async def all_leases() -> bool:

@@ -173,6 +173,63 @@ def test_a_redis_url_that_redis_refuses_exits_with_one_line(
 
 
 @pytest.mark.e2e
+def test_check_reports_the_streams_group_and_lease(
+    lgb_run: Path, key_prefix: str, real_redis_url: str, tmp_path: Path
+) -> None:
+    keys = h.Keys(key_prefix)
+    client = redis.Redis.from_url(real_redis_url)
+    for i in range(5):
+        client.xadd(keys.input, {"symbol": "A", "ts": str(i + 1)})
+    client.xgroup_create(keys.input, keys.group, id="0")
+    client.xreadgroup(keys.group, "someone", {keys.input: ">"}, count=2)  # 2 pending
+    client.set(f"{keys.group}:lease", "host-1", px=60_000)
+    config = h.write_config(tmp_path / "livepred.toml", keys=keys, redis_url=real_redis_url,
+                            run_root=lgb_run)
+    done = h.run_cli("run", "--config", str(config), "--check", timeout_s=120)
+    assert done.returncode == 0, done.stderr
+    err = done.stderr
+    assert f"stream  {keys.input} (streams.input): 5 entries" in err
+    assert f"group   {keys.input} {keys.group}: 2 pending, 1 consumers" in err
+    assert "3 entries not yet read" in err
+    assert f"stream  {keys.output} (streams.output): absent" in err
+    assert f"lease   {keys.group}:lease: held by 'host-1'" in err
+    assert err.rstrip().endswith("config ok")
+    assert client.exists(keys.output, keys.dead) == 0  # a look: nothing created
+    client.close()
+
+
+@pytest.mark.e2e
+def test_check_refuses_a_stream_key_of_another_type_in_one_line(
+    lgb_run: Path, key_prefix: str, real_redis_url: str, tmp_path: Path
+) -> None:
+    keys = h.Keys(key_prefix)
+    client = redis.Redis.from_url(real_redis_url)
+    client.set(keys.input, "not a stream")
+    config = h.write_config(tmp_path / "livepred.toml", keys=keys, redis_url=real_redis_url,
+                            run_root=lgb_run)
+    done = h.run_cli("run", "--config", str(config), "--check", timeout_s=120)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("livepred: error")]
+    assert len(errors) == 1
+    assert "streams.input" in errors[0] and repr(keys.input) in errors[0]
+    assert "holds a Redis string" in errors[0]
+    client.close()
+
+
+@pytest.mark.e2e
+def test_check_says_when_redis_does_not_answer(lgb_run: Path, tmp_path: Path) -> None:
+    config = h.write_config(tmp_path / "livepred.toml", keys=h.Keys("lpcheck:unused:"),
+                            redis_url="redis://127.0.0.1:1/0", run_root=lgb_run)
+    done = h.run_cli("run", "--config", str(config), "--check", timeout_s=120)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("livepred: error")]
+    assert len(errors) == 1 and "redis.url" in errors[0] and "--offline" in errors[0]
+    assert "config ok" not in done.stderr
+    offline = h.run_cli("run", "--config", str(config), "--check", "--offline", timeout_s=120)
+    assert offline.returncode == 0 and "config ok" in offline.stderr
+
+
+@pytest.mark.e2e
 def test_a_metrics_port_in_use_exits_with_one_line(lgb_run: Path, tmp_path: Path) -> None:
     import socket
 

@@ -225,7 +225,7 @@ def test_check_warns_when_the_selected_family_cannot_load(
     selected.write_text(selected.read_text()[:2000])  # the routed family: cut short
     config = tmp_path / "livepred.toml"
     config.write_text(f'[models]\nrun_root = "{run}"\n[metrics]\nport = 0\n')
-    assert main(["run", "--config", str(config), "--check"]) == 0  # Other still serves
+    assert main(["run", "--config", str(config), "--check", "--offline"]) == 0  # Other serves
     err = capsys.readouterr().err
     assert "refused fwd/LightGBM" in err
     assert "warning: fwd: its selected family LightGBM" in err and "`pred` will be null" in err

@@ -280,7 +280,7 @@ def hup_then_load(*args, **kwargs):
     return real(*args, **kwargs)
 settings.load_settings = hup_then_load
 from daemon import cli
-sys.exit(cli.main(["run", "--config", sys.argv[1], "--check"]))
+sys.exit(cli.main(["run", "--config", sys.argv[1], "--check", "--offline"]))
 """
 
 

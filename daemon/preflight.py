@@ -1,0 +1,116 @@
+"""`livepred run --check`'s look at Redis before a deploy: the server answers, takes the
+configured credentials, and every key this instance would use is a stream or absent (a key of
+another type fails every read or write of the daemon). Reads only; creates nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
+
+from daemon.entries import as_str
+from daemon.partitions import partition_keys
+from daemon.settings import Settings, redact_url
+
+TIMEOUT_S = 5.0
+
+
+@dataclass
+class RedisCheck:
+    lines: list[str] = field(default_factory=list)  # what was found, one line each
+    problems: list[str] = field(default_factory=list)  # each a reason the daemon would fail
+    unreachable: str | None = None  # set when Redis did not answer (the daemon would retry)
+
+
+async def check_redis(redis: Any, settings: Settings) -> RedisCheck:
+    """Look at the server and at this instance's keys (its owned partitions)."""
+    url = redact_url(settings.redis.url)
+    report = RedisCheck()
+    try:
+        info = await asyncio.wait_for(redis.info("server"), timeout=TIMEOUT_S)
+    except (AuthenticationError, AuthorizationError) as exc:
+        report.problems.append(f"redis.url = {url!r}: Redis refused it: {exc}")
+        return report
+    except ResponseError as exc:  # e.g. a database index the server does not have
+        report.problems.append(f"redis.url = {url!r}: Redis refused it: {exc}")
+        return report
+    except (RedisError, OSError, TimeoutError) as exc:
+        report.unreachable = f"redis.url = {url!r}: no answer: {exc or type(exc).__name__}"
+        return report
+    report.lines.append(f"redis   {url}: Redis {_version(info)}")
+    group = settings.streams.group
+    try:
+        for keys in partition_keys(settings):
+            for key in keys.inputs:
+                await _input(redis, key, group, report)
+            for key, role in ((keys.output, "streams.output"),
+                              (keys.dead_letter, "streams.dead_letter")):
+                await _stream(redis, key, role, report)
+            await _lease(redis, keys.lease_key, report)
+    except (RedisError, OSError, TimeoutError) as exc:
+        report.problems.append(f"redis.url = {url!r}: a read failed: {exc}")
+    return report
+
+
+def _version(info: Any) -> str:
+    """INFO's version; a cluster client answers with one INFO per node."""
+    if not isinstance(info, dict):
+        return "?"
+    if "redis_version" in info:
+        return str(info["redis_version"])
+    versions = sorted({str(v.get("redis_version")) for v in info.values() if isinstance(v, dict)})
+    return "/".join(versions) or "?"
+
+
+async def _type(redis: Any, key: str) -> str:
+    return as_str(await asyncio.wait_for(redis.type(key), timeout=TIMEOUT_S))
+
+
+async def _stream(redis: Any, key: str, role: str, report: RedisCheck) -> bool:
+    kind = await _type(redis, key)
+    if kind == "none":
+        report.lines.append(f"stream  {key} ({role}): absent, created on the first write")
+        return False
+    if kind != "stream":
+        report.problems.append(
+            f"{role}: key {key!r} holds a Redis {kind}, not a stream: every read or write of it"
+            " fails (delete the key, or configure another name)"
+        )
+        return False
+    length = await asyncio.wait_for(redis.xlen(key), timeout=TIMEOUT_S)
+    report.lines.append(f"stream  {key} ({role}): {length:,} entries")
+    return True
+
+
+async def _input(redis: Any, key: str, group: str, report: RedisCheck) -> None:
+    if not await _stream(redis, key, "streams.input", report):
+        return
+    groups = await asyncio.wait_for(redis.xinfo_groups(key), timeout=TIMEOUT_S)
+    for g in groups:
+        if as_str(g.get("name")) == group:
+            lag = g.get("lag")
+            report.lines.append(
+                f"group   {key} {group}: {g.get('pending', 0):,} pending, "
+                f"{g.get('consumers', 0)} consumers"
+                + ("" if lag is None else f", {lag:,} entries not yet read")
+            )
+            return
+    report.lines.append(
+        f"group   {key} {group}: absent, created at start at the stream's end"
+        " (the entries already there only warm the state up)"
+    )
+
+
+async def _lease(redis: Any, key: str, report: RedisCheck) -> None:
+    holder = await asyncio.wait_for(redis.get(key), timeout=TIMEOUT_S)
+    if holder is None:
+        report.lines.append(f"lease   {key}: free")
+        return
+    ttl_ms = await asyncio.wait_for(redis.pttl(key), timeout=TIMEOUT_S)
+    expires = f", expires in {ttl_ms / 1000:.1f} s" if ttl_ms and ttl_ms > 0 else ""
+    report.lines.append(
+        f"lease   {key}: held by {as_str(holder)!r}{expires}"
+        " (this instance would stand by until it is free)"
+    )
