@@ -121,9 +121,27 @@ def _booster_handler(obj: Any, meta: ModelMeta) -> Any:
     if xgb is not None and isinstance(obj, xgb.XGBModel | xgb.Booster):
         from handlers.xgboost_booster import XGBoostBoosterHandler
 
-        booster = obj if isinstance(obj, xgb.Booster) else obj.get_booster()
-        return XGBoostBoosterHandler(booster, meta)
+        if isinstance(obj, xgb.Booster):
+            return XGBoostBoosterHandler(obj, meta)
+        # The wrapper's predict stops at the early-stopping round (its best_iteration), the
+        # booster's own predict does not: the object's predict is the reference.
+        return XGBoostBoosterHandler(
+            obj.get_booster(), meta, iteration_range=_sklearn_iteration_range(obj)
+        )
     return None
+
+
+def _sklearn_iteration_range(obj: Any) -> tuple[int, int]:
+    """The trees an XGBoost sklearn model's predict uses: up to best_iteration if it was
+    trained with early stopping, else all ((0, 0))."""
+    get = getattr(obj, "_get_iteration_range", None)
+    if callable(get):
+        first, last = get(None)
+        return int(first), int(last)
+    try:
+        return 0, int(obj.best_iteration) + 1
+    except AttributeError:
+        return 0, 0
 
 
 def _estimator_predictor(obj: Any, meta: ModelMeta) -> Predictor:

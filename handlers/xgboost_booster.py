@@ -18,7 +18,9 @@ class XGBoostBoosterHandler:
     format_name: ClassVar[str] = "xgboost"
     accepts_nan: ClassVar[bool] = True
 
-    def __init__(self, booster: xgb.Booster, meta: ModelMeta) -> None:
+    def __init__(
+        self, booster: xgb.Booster, meta: ModelMeta, iteration_range: tuple[int, int] = (0, 0)
+    ) -> None:
         expected = len(meta.feature_list)
         actual = booster.num_features()
         if expected and actual != expected:
@@ -31,6 +33,7 @@ class XGBoostBoosterHandler:
         self._booster = booster
         self._binary = meta.binary
         self._num_features = actual
+        self._iteration_range = iteration_range  # (0, 0): every tree, as Booster.predict
 
     @classmethod
     def load(cls, path: Path, meta: ModelMeta, *, device: str = "cpu") -> XGBoostBoosterHandler:
@@ -40,7 +43,9 @@ class XGBoostBoosterHandler:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         rows = check_batch(batch, (self._num_features,))
-        raw = self._booster.inplace_predict(rows, missing=np.nan)
+        raw = self._booster.inplace_predict(
+            rows, missing=np.nan, iteration_range=self._iteration_range
+        )
         return to_prediction_vector(raw, rows.shape[0], binary=self._binary)
 
     def close(self) -> None:

@@ -278,6 +278,36 @@ def test_pickled_classifier_equals_predict_proba(
     np.testing.assert_allclose(handler.predict(batch), model.predict_proba(batch)[:, 1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("task", ["regression", "binary"])
+def test_a_pickled_xgboost_model_stops_at_its_early_stopping_round(
+    tmp_path: Path, task: str
+) -> None:
+    # The wrapper's predict uses the trees up to best_iteration; the unwrapped booster must too.
+    import xgboost as xgb
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 3))
+    y = X[:, 0] + rng.normal(0, 1.0, 2000)
+    Xv = rng.normal(size=(500, 3))
+    yv = Xv[:, 0] + rng.normal(0, 1.0, 500)
+    if task == "binary":
+        y, yv = (y > 0).astype(int), (yv > 0).astype(int)
+    cls = xgb.XGBClassifier if task == "binary" else xgb.XGBRegressor
+    model = cls(n_estimators=300, learning_rate=0.3, max_depth=6, early_stopping_rounds=5,
+                n_jobs=1, random_state=0)
+    model.fit(X, y, eval_set=[(Xv, yv)], verbose=False)
+    assert model.best_iteration + 1 < model.get_booster().num_boosted_rounds()
+    directory = mf.family_dir(tmp_path, TARGET, "XGB")
+    mf._pickle_to(directory / "model.pkl", model)
+    mf._finish(directory, ["f0", "f1", "f2"], task, {})
+    handler, _ = ModelLoader(tmp_path).load_model(TARGET, "XGB")
+    x = rng.normal(size=(64, 3)).astype(np.float32)
+    own = model.predict_proba(x)[:, 1] if task == "binary" else model.predict(x)
+    every_tree = model.get_booster().inplace_predict(x, iteration_range=(0, 0))
+    assert not np.allclose(own, every_tree)  # the case matters for these rows
+    np.testing.assert_allclose(handler.predict(x), own, rtol=1e-6)
+
+
 def test_pickled_lightgbm_wrapper_is_unwrapped(loader: ModelLoader) -> None:
     handler, _ = loader.load_model(TARGET, "LGBMClassifierPkl")
     assert handler.kind == "lightgbm.LGBMClassifier"
