@@ -16,7 +16,7 @@ from handlers.errors import InferenceError, ModelLoadError
 from handlers.features import parse_feature, warmup_bars
 from handlers.meta import ModelMeta
 from handlers.registry import padded_chunks
-from handlers.sequences import FEATURES, SequenceSpec
+from handlers.sequences import FEATURES, RAW, SequenceSpec, zscore
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class InferenceEngine:
         """One prediction for one symbol. A sequential family keeps the symbol's last T rows."""
         try:
             fam = self._family(target, family, view)
-            row = np.asarray(features, dtype=np.float32)
+            row = np.asarray(features, dtype=_row_dtype(fam))
             if fam.sequence is not None and row.ndim == 1:
                 history = self._history(symbol, fam)
                 history.append(row)
@@ -287,6 +287,11 @@ class InferenceEngine:
                 x = np.stack(list(history))[None, ...]
             else:
                 x = row[None, ...]
+            # As the daemon's buffers: a raw window in float64, z-scored, then float32.
+            seq = fam.sequence
+            if seq is not None and seq.kind == RAW and seq.normalization == "zscore":
+                x = zscore(x)
+            x = x.astype(np.float32, copy=False)
             if fam.needs_finite and not np.isfinite(x).all():
                 raise InferenceError(family, symbol, "inputs not finite yet (warming)")
             value = float(_predict_padded(fam.model, x)[0])
@@ -335,7 +340,8 @@ class InferenceEngine:
         if fam.sequence is None:
             raise InferenceError(family, symbol, "not a sequential family")
         history = self._history(symbol, fam)
-        for row in np.asarray(rows, dtype=np.float32).reshape(-1, len(fam.sequence.columns)):
+        width = len(fam.sequence.columns)
+        for row in np.asarray(rows, dtype=_row_dtype(fam)).reshape(-1, width):
             history.append(row)
         return len(history)
 
@@ -345,6 +351,12 @@ class InferenceEngine:
             return
         for key in [k for k in self._rows if k[0] == symbol]:
             del self._rows[key]
+
+
+def _row_dtype(fam: LoadedFamily) -> type[np.floating[Any]]:
+    """Raw OHLCV rows are kept in float64 (z-scored before the float32 cast), as in the
+    daemon's buffers; feature rows are float32."""
+    return np.float64 if fam.sequence is not None and fam.sequence.kind == RAW else np.float32
 
 
 def _short(exc: BaseException) -> str:

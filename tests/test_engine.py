@@ -346,6 +346,33 @@ def test_seed_api_sequential_warmup_and_reset(run3: Path) -> None:
         engine.predict("fwd", "LSTM", history[-1], symbol="S")
 
 
+def test_seed_api_z_scores_a_raw_sequence_like_the_daemon(run3: Path) -> None:
+    # RawLSTM: 4 bars of OHLCV, sequence_normalization = "zscore" (population std, float64).
+    import torch
+
+    raw = torch.jit.load(str(mf.family_dir(run3, "fwd", "RawLSTM") / "model.pt"))
+    bars = bars_for(["A"], 9)
+    ohlcv = np.array([[b.open, b.high, b.low, b.close, b.volume] for b in bars])
+    engine = InferenceEngine(ModelLoader(run3))
+    for row in ohlcv[:3]:
+        with pytest.raises(InferenceError, match="warming"):
+            engine.predict("fwd", "RawLSTM", row, symbol="A")
+    for i in range(3, len(bars)):
+        w = ohlcv[i - 3 : i + 1]
+        z = ((w - w.mean(0)) / w.std(0)).astype(np.float32)
+        want = float(raw(torch.from_numpy(z[None])).detach().reshape(-1)[0])
+        assert engine.predict("fwd", "RawLSTM", ohlcv[i], symbol="A") == pytest.approx(want, rel=1e-6)
+        # a whole (T, C) window gives the same
+        window_value = InferenceEngine(ModelLoader(run3)).predict("fwd", "RawLSTM", w)
+        assert window_value == pytest.approx(want, rel=1e-6)
+    engine.reset_buffers("A")
+    assert engine.warmup_sequential("fwd", "RawLSTM", ohlcv[:3], symbol="A") == 3
+    w = ohlcv[:4]
+    z = ((w - w.mean(0)) / w.std(0)).astype(np.float32)
+    want = float(raw(torch.from_numpy(z[None])).detach().reshape(-1)[0])
+    assert engine.predict("fwd", "RawLSTM", ohlcv[3], symbol="A") == pytest.approx(want, rel=1e-6)
+
+
 def test_bars_to_ready_counts_feature_warmup_and_window() -> None:
     meta = ModelMeta.from_dict({"feature_list": ["ret_5d", "vol_10d"], "sequence_length": 5})
     from handlers.sequences import SequenceSpec
