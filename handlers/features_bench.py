@@ -45,11 +45,11 @@ def bench_feature_update(
 
     builder = FeatureBuilder(names)
     frame = pd.DataFrame({"close": _walks(1, PANDAS_HISTORY_BARS, seed=1)[:, 0]})
-    builder.build_features(frame)
+    builder.build_features_pandas(frame)
     repeats = 30
     start = time.perf_counter()
     for _ in range(repeats):
-        builder.build_features(frame)
+        builder.build_features_pandas(frame)
     pandas_s = (time.perf_counter() - start) / repeats
 
     per_symbol_us = incremental_s / symbols * 1e6

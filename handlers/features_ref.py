@@ -255,7 +255,13 @@ def close_column(prices_df: pd.DataFrame | pd.Series) -> pd.Series:
 
 
 class FeatureBuilder:
-    """Features after the last bar of a price history, from the pandas reference (seed API)."""
+    """Features after the last bar of a price history (seed API).
+
+    `build_features` gives what the daemon publishes: the definition with each window's mean
+    and std computed exactly over the window. `build_frame` is the pandas reference itself;
+    the two differ where pandas' running sums leave rounding noise, e.g. a window of equal
+    closes after a move: pandas' std is ~1e-8 there, so its bb_position is 0.5, not NaN (0/0).
+    """
 
     def __init__(self, feature_list: Sequence[str]) -> None:
         self.feature_list: list[str] = list(feature_list)
@@ -267,6 +273,19 @@ class FeatureBuilder:
 
     def build_features(self, prices_df: pd.DataFrame | pd.Series) -> np.ndarray:
         """Float32 (F,): each feature after the frame's last bar; NaN when not defined yet."""
+        close = close_column(prices_df)
+        if len(close) == 0:
+            return np.full(len(self.feature_list), np.nan, dtype=np.float32)
+        # The last row depends on the last `warmup_bars` closes only; one more keeps the RSI's
+        # first difference a real one (a history's first difference counts as 0).
+        specs = [parse_feature(name) for name in self.feature_list]
+        tail = max((spec.warmup_bars for spec in specs if spec is not None), default=1) + 1
+        values = np.asarray(close, dtype=np.float64)[-tail:] if len(close) > tail else close
+        frame = exact_reference_frame(values, self.feature_list)
+        return frame.iloc[-1].to_numpy(dtype=np.float64).astype(np.float32)
+
+    def build_features_pandas(self, prices_df: pd.DataFrame | pd.Series) -> np.ndarray:
+        """`build_features` from the pandas reference frame (the seed's per-event recompute)."""
         close = close_column(prices_df)
         if len(close) == 0:
             return np.full(len(self.feature_list), np.nan, dtype=np.float32)

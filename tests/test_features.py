@@ -298,11 +298,45 @@ def test_builder_gives_the_last_reference_row(path: np.ndarray, column: str) -> 
     names = [*DEFAULT_FEATURES, "bb_position_7", "no_such_feature"]
     frame = pd.DataFrame({"Open": path, column: path, "Volume": 1.0})
     got = FeatureBuilder(names).build_features(frame)
-    expected = reference_frame(pd.Series(path), names).iloc[-1].to_numpy().astype(np.float32)
+    # The definition computed exactly over each window, over the whole history (the builder
+    # looks at the last closes only), and the pandas reference within the contract's tolerance.
+    exact = exact_reference_frame(pd.Series(path), names).iloc[-1].to_numpy()
+    pandas_row = reference_frame(pd.Series(path), names).iloc[-1].to_numpy()
     assert got.dtype == np.float32 and got.shape == (len(names),)
-    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, exact.astype(np.float32))
+    np.testing.assert_allclose(got, pandas_row, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(
+        FeatureBuilder(names).build_features_pandas(frame), pandas_row.astype(np.float32)
+    )
     np.testing.assert_array_equal(build_features_from_prices(frame, names), got)
     assert np.isnan(got[-1])
+
+
+@pytest.mark.parametrize("bars", [14, 15, 16, 40])
+@pytest.mark.parametrize(
+    "names", [["rsi_14", "ret_5d"], ["rsi_14", "ret_5d", "vol_10d", "bb_position", "rsi_3"]]
+)
+def test_builder_on_a_long_history_reads_its_tail_exactly(bars: int, names: list[str]) -> None:
+    # rsi_14 is defined from the 14th bar, the history's first difference counting as 0: the
+    # builder's tail must not turn a real first difference of its own into that 0.
+    rng = np.random.default_rng(bars)
+    path = 100 * np.exp(np.cumsum(rng.normal(0, 0.02, bars)))
+    got = FeatureBuilder(names).build_features(pd.Series(path))
+    want = exact_reference_frame(pd.Series(path), names).iloc[-1].to_numpy().astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_builder_gives_nan_where_the_daemon_does_on_a_flat_window_after_a_move() -> None:
+    # pandas' rolling std leaves ~1e-8 on ten equal closes after a move: its bb_position is
+    # 0.5; the definition is 0/0, NaN, and that is what the daemon's state gives.
+    closes = np.array([99.99] + [100.01] * 11)
+    names = ["bb_position_10", "vol_10d", "ma_ratio_10"]
+    got = FeatureBuilder(names).build_features(pd.Series(closes))
+    state = FeatureState(names)
+    daemon = [state.update(np.array([0]), np.array([c]))[0] for c in closes][-1]
+    assert np.isnan(got[0]) and np.isnan(daemon[0])
+    np.testing.assert_array_equal(got[1:], np.asarray(daemon[1:], dtype=np.float32))
+    assert FeatureBuilder(names).build_features_pandas(pd.Series(closes))[0] == 0.5
 
 
 def test_builder_on_an_empty_frame_and_without_a_close_column() -> None:
