@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     # One OpenMP thread unless told otherwise (torch also pins each thread that runs a model,
     # see handlers.torchscript); read when the OpenMP runtime loads.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # MKL (torch's Linear) rounding a row the same wherever it lies in a batch: see
+    # handlers.torchscript.configure_torch, which sets it too when the CLI is not used.
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

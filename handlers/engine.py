@@ -241,14 +241,14 @@ class InferenceEngine:
         if rows.size == 0:
             return preds, warming, failed
         try:
-            out = _predict_padded(fam.model, x)
+            preds[rows] = _predict_padded(fam.model, x)
         except Exception as exc:
-            reason = f"error:{type(exc).__name__}"
             log.warning("family %s/%s failed on %d rows: %s", fam.target, fam.family, rows.size, exc)
-            for i in rows:
-                failed[int(i)] = reason
-            return preds, warming, failed
-        preds[rows] = out
+            for i, value, why in _predict_apart(fam.model, x, rows, exc):
+                if why is None:
+                    preds[i] = value
+                else:
+                    failed[i] = why
         return preds, warming, failed
 
     # ---- the seed's single-row API -------------------------------------------------------
@@ -364,16 +364,53 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 
+def _predict_apart(
+    model: Any, x: np.ndarray, rows: np.ndarray, exc: Exception
+) -> list[tuple[int, float, str | None]]:
+    """After a batch call raised: each row's outcome as if it were predicted alone, so that
+    one row a model refuses (a NaN an sklearn estimator rejects) does not fail the rows that
+    share its batch. Rows with and without NaN are tried as two groups first, then one by one
+    within a group that still raises."""
+    if rows.size == 1:
+        return [(int(rows[0]), np.nan, f"error:{type(exc).__name__}")]
+    finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+    out: list[tuple[int, float, str | None]] = []
+    groups = [np.flatnonzero(finite), np.flatnonzero(~finite)]
+    if groups[1].size == 0:  # the batch was one group: straight to one by one
+        groups = [np.array([j]) for j in groups[0]]
+    while groups:
+        group = groups.pop(0)
+        if group.size == 0:
+            continue
+        try:
+            values = _predict_padded(model, x[group])
+        except Exception as group_exc:
+            if group.size > 1:
+                groups[:0] = [np.array([j]) for j in group]
+            else:
+                out.append((int(rows[group[0]]), np.nan, f"error:{type(group_exc).__name__}"))
+            continue
+        out += [(int(rows[j]), float(v), None) for j, v in zip(group, values, strict=True)]
+    return out
+
+
 def _predict_padded(model: Any, x: np.ndarray) -> np.ndarray:
-    """`model.predict(x)` as float64 (B,), called on a multiple of BATCH_QUANTUM rows."""
+    """`model.predict(x)` as float64 (B,), called so that a row's value does not depend on the
+    rows beside it: on a multiple of BATCH_QUANTUM rows, or on exactly `fixed_batch` rows per
+    call for a handler that has one (TensorFlow); a static-batch handler chunks itself."""
     n = x.shape[0]
-    extra = 0 if getattr(model, "static_batch", None) else -n % BATCH_QUANTUM
-    if extra:
-        (x,) = padded_chunks(x, n + extra)
-    out = np.asarray(model.predict(x), dtype=np.float64).reshape(-1)
-    if out.shape[0] != n + extra:
-        raise ValueError(f"model returned {out.shape[0]} values for {n + extra} rows")
-    return out[:n] if extra else out
+    fixed = getattr(model, "fixed_batch", None)
+    if fixed:
+        chunks = padded_chunks(x, fixed)
+    else:
+        extra = 0 if getattr(model, "static_batch", None) else -n % BATCH_QUANTUM
+        chunks = padded_chunks(x, n + extra) if extra else [x]
+    parts = [np.asarray(model.predict(chunk), dtype=np.float64).reshape(-1) for chunk in chunks]
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    rows = sum(chunk.shape[0] for chunk in chunks)
+    if out.shape[0] != rows:
+        raise ValueError(f"model returned {out.shape[0]} values for {rows} rows")
+    return out[:n] if rows != n else out
 
 
 def predict(loader: Any, target: str, family: str, features: Any) -> float:

@@ -14,6 +14,7 @@ from handlers.registry import (
     check_batch,
     check_model_input,
     expected_input_shape,
+    fixed_batch_for,
     to_prediction_vector,
 )
 from handlers.tf_savedmodel import configure_tensorflow, tf_device_name
@@ -40,6 +41,8 @@ class KerasModelHandler:
         self._model = model
         self._device_name = device_name
         self._binary = meta.binary
+        # Called with this many rows every time (see registry.fixed_batch_for).
+        self.fixed_batch = fixed_batch_for(model.count_params(), meta.sequence_length or 1)
         # One trace serves every batch size: the signature leaves the batch dimension open.
         signature = [tf.TensorSpec([None, *self._row_shape], tf.float32)]
         self._fn = tf.function(self._call, input_signature=signature, reduce_retracing=True)

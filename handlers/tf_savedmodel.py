@@ -18,6 +18,7 @@ from handlers.registry import (
     check_batch,
     check_model_input,
     expected_input_shape,
+    fixed_batch_for,
     to_prediction_vector,
 )
 
@@ -91,6 +92,8 @@ class SavedModelHandler:
         self._input_dtype = spec.dtype.as_numpy_dtype
         self._device_name = device_name
         self._binary = meta.binary
+        params = sum(int(np.prod(v.shape)) for v in getattr(loaded, "variables", ()))
+        self.fixed_batch = fixed_batch_for(params, meta.sequence_length or 1)
         self.predict(np.zeros((1, *self._row_shape), dtype=np.float32))  # fail at load, not later
 
     @classmethod

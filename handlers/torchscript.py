@@ -6,6 +6,7 @@ Also the torch runtime set-up and the module runner the pickled-module handler r
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 import zipfile
@@ -27,6 +28,7 @@ from handlers.registry import (
 log = logging.getLogger(__name__)
 
 _torch_configured = False
+MKL_CBWR = "AUTO,STRICT"
 
 
 def configure_torch() -> None:
@@ -35,6 +37,11 @@ def configure_torch() -> None:
     if _torch_configured:
         return
     _torch_configured = True
+    # MKL's GEMM (torch's Linear on CPU) rounds a row differently by where it lies in memory
+    # (measured on AVX2: every other row of a batch), so a row's value would depend on its
+    # place in the batch. Strict conditional numerical reproducibility removes that; it is
+    # read when MKL first computes, so this is in time unless the process used MKL already.
+    os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     torch.set_num_threads(INFERENCE_THREADS)
     try:
         torch.set_num_interop_threads(1)

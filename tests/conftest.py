@@ -19,6 +19,7 @@ TEST_DB = 13  # integration tests never touch database 0
 # Keep the frameworks from grabbing every core of a 2-core CI box.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as the CLI and handlers.torchscript set it
 
 
 @pytest.fixture(scope="session", autouse=True)

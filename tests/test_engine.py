@@ -311,6 +311,44 @@ def test_a_failing_family_fails_alone_and_non_finite_outputs_are_not_published()
         assert row["selected"] is None and row["pred"] is None
 
 
+def test_a_model_that_refuses_nan_rows_fails_those_rows_only(tmp_path: Path) -> None:
+    # A pickled sklearn Ridge raises on any NaN in its input: a new symbol's first bars (NaN
+    # features) must not fail the warm symbols' bars that share their batch. Each row's
+    # outcome is the one it gets alone.
+    import pickle
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, len(FEATS)))
+    mf.write_sklearn_pickle(tmp_path, "fwd", "Ridge", X, X[:, 0], FEATS)
+    mf.write_lightgbm(tmp_path, "fwd", "LightGBM", X, X[:, 0], FEATS)
+    ridge = pickle.loads((mf.family_dir(tmp_path, "fwd", "Ridge") / "model.pkl").read_bytes())
+    engine = InferenceEngine(ModelLoader(tmp_path)).load_all()
+    table = SymbolTable(engine.input_spec, ttl_s=10**6)
+    warm = bars_for(["A", "B"], 30)
+    table.apply(warm[:-2])
+    newcomer = Bar("N", warm[-1].ts, 10.0, 10.1, 9.9, 10.0, 5.0, "bars", "99-0")
+    applied = table.apply([warm[-2], newcomer, warm[-1]])
+    assert applied.inputs is not None
+    x = applied.inputs.features
+    assert np.isfinite(x[0]).all() and np.isfinite(x[2]).all() and not np.isfinite(x[1]).all()
+    rows = engine.predict_batch(applied.inputs).rows()
+    for i in (0, 2):
+        want = float(ridge.predict(x[i : i + 1].astype(np.float32))[0])
+        assert rows[i]["fwd"]["preds"]["Ridge"] == pytest.approx(want, rel=1e-6)
+        assert not rows[i]["fwd"]["failed"]
+    assert rows[1]["fwd"]["failed"] == {"Ridge": "error:ValueError"}
+    assert "LightGBM" in rows[1]["fwd"]["preds"]  # trees take NaN
+
+
+def test_a_family_that_fails_on_every_row_still_fails_each_row() -> None:
+    engine = InferenceEngine(FakeLoader({"Bad": _Raises()})).load_all()
+    table = SymbolTable(engine.input_spec, ttl_s=60)
+    applied = table.apply(bars_for(["A", "B", "C"], 1))
+    assert applied.inputs is not None
+    rows = engine.predict_batch(applied.inputs).rows()
+    assert [r["t"]["failed"] for r in rows] == [{"Bad": "error:RuntimeError"}] * 3
+
+
 def test_seed_api_predict_and_predict_all_families_with_a_mock_loader() -> None:
     engine = InferenceEngine(FakeLoader({"Good": _Constant(1.5), "Bad": _Raises()}))
     assert engine.predict("t", "Good", [0.1, 0.2]) == 1.5

@@ -182,3 +182,14 @@ def test_expected_input_shape() -> None:
     assert expected_input_shape(sequential) == (7, 2)
     assert expected_input_shape(by_name) == (by_name.window, 2)
     assert expected_input_shape(raw) == (4, 2)
+
+
+def test_fixed_batch_is_as_large_as_the_padding_work_allows() -> None:
+    from handlers.registry import FIXED_BATCH_MAX, FIXED_BATCH_MIN, PADDING_WORK, fixed_batch_for
+
+    assert fixed_batch_for(177) == FIXED_BATCH_MAX  # the demo's MLP: a drain batch in one call
+    lstm = fixed_batch_for(18_944, steps=20)  # a 64-unit recurrent layer over 20 steps
+    assert lstm == FIXED_BATCH_MIN
+    mid = fixed_batch_for(5_000)
+    assert mid & (mid - 1) == 0  # a power of two
+    assert mid * 2 * 5_000 <= PADDING_WORK < 2 * mid * 2 * 5_000
