@@ -32,13 +32,18 @@ class LightGBMBoosterHandler:
         self._binary = meta.binary
         self._num_features = actual
         self._compiled: Predict | None = None
+        # One value per row, or refused now: a multiclass model (one column per class) would
+        # load and then fail on every bar.
+        self._native_vector(np.zeros((1, actual), dtype=np.float32))
 
     @classmethod
     def load(cls, path: Path, meta: ModelMeta, *, device: str = "cpu") -> LightGBMBoosterHandler:
         # Tree inference runs on the CPU whatever `device` says: batches are small.
         check_complete(path)
         handler = cls(lgb.Booster(model_file=str(path)), meta)
-        if handler._booster.num_model_per_iteration() == 1:  # not multiclass
+        # Categorical splits stay with LightGBM: the compiled code reads a category in
+        # (-1, 0) as category 0, where LightGBM takes any negative category as missing.
+        if not has_categorical_splits(path):
             handler._compiled = compiled_predictor(
                 path, "lightgbm", handler._native, handler._num_features
             )
@@ -52,6 +57,9 @@ class LightGBMBoosterHandler:
         # num_threads per call: LightGBM otherwise takes every core for each tiny batch.
         return np.asarray(self._booster.predict(rows, num_threads=INFERENCE_THREADS))
 
+    def _native_vector(self, rows: np.ndarray) -> np.ndarray:
+        return to_prediction_vector(self._native(rows), rows.shape[0], binary=self._binary)
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         rows = check_batch(batch, (self._num_features,))
         raw = self._compiled(rows) if self._compiled is not None else self._native(rows)
@@ -60,6 +68,15 @@ class LightGBMBoosterHandler:
     def close(self) -> None:
         self._compiled = None
         self._booster = None  # type: ignore[assignment]
+
+
+def has_categorical_splits(path: Path) -> bool:
+    """Whether any tree of a LightGBM text model splits on a category (`num_cat=` above 0)."""
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.startswith(b"num_cat=") and line.strip() != b"num_cat=0":
+                return True
+    return False
 
 
 def check_complete(path: Path) -> None:

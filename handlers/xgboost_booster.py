@@ -34,6 +34,8 @@ class XGBoostBoosterHandler:
         self._binary = meta.binary
         self._num_features = actual
         self._iteration_range = iteration_range  # (0, 0): every tree, as Booster.predict
+        # One value per row, or refused now (a multiclass model), not on every bar.
+        self.predict(np.zeros((1, actual), dtype=np.float32))
 
     @classmethod
     def load(cls, path: Path, meta: ModelMeta, *, device: str = "cpu") -> XGBoostBoosterHandler:

@@ -413,3 +413,28 @@ def test_a_damaged_keras_file_is_refused_with_what_is_wrong(
     with pytest.raises(ModelLoadError) as info:
         ModelLoader(copy).load_model(TARGET, "KerasMLP")
     assert "not a .keras zip archive" in info.value.reason
+
+
+@pytest.mark.parametrize("framework", ["lightgbm", "xgboost"])
+def test_a_multiclass_tree_model_is_refused_at_load(tmp_path: Path, framework: str) -> None:
+    # One value per row is what a family publishes: a model with a column per class would
+    # load and then fail on every bar.
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 2))
+    y = rng.integers(0, 3, 300)
+    directory = mf.family_dir(tmp_path, TARGET, "Multi")
+    if framework == "lightgbm":
+        import lightgbm as lgb
+
+        booster = lgb.train({"objective": "multiclass", "num_class": 3, "verbose": -1},
+                            lgb.Dataset(X, y), 3)
+        booster.save_model(str(directory / "model.txt"))
+    else:
+        import xgboost as xgb
+
+        booster = xgb.train({"objective": "multi:softprob", "num_class": 3},
+                            xgb.DMatrix(X, y), 3)
+        booster.save_model(str(directory / "model.json"))
+    mf.write_meta(directory, ["f0", "f1"])
+    with pytest.raises(ModelLoadError, match=r"model output has shape \(1, 3\)"):
+        ModelLoader(tmp_path).load_model(TARGET, "Multi")

@@ -104,3 +104,28 @@ def test_models_compile_trees_decides_for_the_daemon(tmp_path: Path, setting: st
     (family,) = engine.families()
     assert family.model.compiled is (setting == "true")
     engine.close()
+
+
+def test_a_model_with_categorical_splits_stays_with_lightgbm(tmp_path: Path) -> None:
+    # The compiled code reads a category in (-1, 0) as category 0; LightGBM takes any
+    # negative category as missing. Such a model is not compiled.
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 8))
+    x[:, 2] = rng.integers(0, 12, 3000)
+    y = x[:, 0] + (x[:, 2] % 3) + rng.normal(0, 0.1, 3000)
+    path = tmp_path / "model.txt"
+    lgb.train({"verbose": -1, "num_leaves": 15}, lgb.Dataset(x, y, categorical_feature=[2]),
+              30).save_model(str(path))
+    meta = ModelMeta.from_dict({"feature_list": [f"f{i}" for i in range(8)]}, "Cat")
+    handler = LightGBMBoosterHandler.load(path, meta)
+    assert not handler.compiled
+    rows = rng.normal(size=(2000, 8)).astype(np.float32)
+    rows[:, 2] = -rng.random(2000)  # the categorical feature in (-1, 0)
+    want = lgb.Booster(model_file=str(path)).predict(rows, num_threads=1)
+    np.testing.assert_array_equal(handler.predict(rows), want)
+    # compiled anyway, it differs on these rows: the case is real
+    forced = compiled_predictor(path, "lightgbm", handler._native, 8)
+    if forced is not None:
+        assert not np.array_equal(forced(rows), want)
