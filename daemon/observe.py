@@ -78,7 +78,9 @@ class Metrics:
             "livepred_model_load_failures", "Families refused or broken at load", registry=r
         )
         self.models_loaded = Gauge("livepred_models_loaded", "Families loaded", registry=r)
-        self.redis_errors = Counter("livepred_redis_errors", "Transient Redis errors", registry=r)
+        self.redis_errors = Counter(
+            "livepred_redis_errors", "Redis errors (unreachable, timeouts, error replies)", registry=r
+        )
         self.partitions_owned = Gauge(
             "livepred_partitions_owned", "Partitions this instance processes", registry=r
         )
@@ -103,6 +105,11 @@ class Metrics:
             "livepred_rebuild_seconds", "Time spent rebuilding state", registry=r
         )
         self.reloads = Counter("livepred_reloads", "Model reloads by result", ["result"], registry=r)
+        self.partition_failures = Counter(
+            "livepred_partition_failures",
+            "Partition restarts after an error (Redis error replies such as OOM or READONLY"
+            " included)", ["partition"], registry=r,
+        )
         self._roles: dict[str, str] = {}
 
     # ---- hooks the workers call ----------------------------------------------------------
@@ -129,6 +136,9 @@ class Metrics:
 
     def symbols(self, partition: int | None, count: int) -> None:
         self.active_symbols.labels(_p(partition)).set(count)
+
+    def partition_failure(self, partition: int | None) -> None:
+        self.partition_failures.labels(_p(partition)).inc()
 
     def redis_error(self) -> None:
         self.redis_errors.inc()

@@ -65,6 +65,15 @@ async def serve_overlapped(
                     if not steps.may_read():
                         break
                     reading = start_read()
+                if committing is not None:
+                    # A write that fails is raised now, not when the next bar arrives (at a
+                    # market's quiet end that could be never).
+                    await asyncio.wait({reading, committing}, return_when=FIRST_COMPLETED)
+                    if committing.done():
+                        landed, committing = committing, None
+                        landed.result()
+                    if not reading.done():
+                        continue
                 await reading
                 take(reading)
                 reading = None

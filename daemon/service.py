@@ -384,7 +384,7 @@ class Service:
             await asyncio.wait_for(self.redis.ping(), timeout=1.0)
         except (RedisError, OSError, TimeoutError) as exc:
             return f"redis unreachable: {exc}"
-        return self.stalled()
+        return self.stalled() or self.failing()
 
     def stalled(self) -> str | None:
         """The first active partition whose worker made no progress for too long, or None."""
@@ -392,7 +392,14 @@ class Service:
         now = time.monotonic()
         for w in self.workers:
             if w.role == Role.ACTIVE and now - w.last_progress_s > stall_s:
-                return f"partition {w.partition} stalled for {now - w.last_progress_s:.0f}s"
+                return f"{_name(w.partition)} stalled for {now - w.last_progress_s:.0f}s"
+        return None
+
+    def failing(self) -> str | None:
+        """The first partition that failed and has not made progress since, or None."""
+        for w in self.workers:
+            if w.failing is not None:
+                return f"{_name(w.partition)} failing: {w.failing}"
         return None
 
     async def _reload_loop(self) -> None:
@@ -470,6 +477,10 @@ class Service:
                 features=len(fam.meta.feature_list),
                 window=fam.meta.window,
             )
+
+
+def _name(partition: int | None) -> str:
+    return "the partition" if partition is None else f"partition {partition}"
 
 
 def _retire(engine: InferenceEngine | None) -> None:

@@ -25,6 +25,7 @@ from handlers.engine import InferenceEngine
 
 log = structlog.get_logger("livepred.worker")
 
+FAILURE_BACKOFF_CAP_S = 10.0  # a partition that keeps failing retries at least this often
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
 
@@ -74,6 +75,13 @@ class PartitionWorker:
         self.metrics = metrics
         self.clock_us = clock_us
         self.role = Role.STANDBY
+        # Why the partition last failed, until it makes progress again (a batch published, or
+        # its pending entries drained): /healthz reports it, and the backoff keeps growing.
+        self.failing: str | None = None
+        # Deliveries of an entry whose batch Redis refused to write (an error reply: OOM,
+        # READONLY): not the entry's fault, so they do not count towards MAX_DELIVERIES.
+        # In memory: a crash's redelivery still counts (the entry may be what crashed).
+        self._refused_writes: dict[str, int] = {}
         self.pipeline: Pipeline | None = None
         self.last_progress_s = time.monotonic()
         self._warned_ts = 0  # the newest bar time a far-ahead warning was given for
@@ -89,7 +97,7 @@ class PartitionWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        backoff = Backoff()
+        backoff = Backoff(cap_s=FAILURE_BACKOFF_CAP_S)
         # Export the starting role too: a partition that is never won must still show standby.
         self.metrics.role(self.partition, str(self.role))
         try:
@@ -99,7 +107,6 @@ class PartitionWorker:
                         self._set_role(Role.STANDBY)
                         await sleep_unless(stop, self.lease_ms / 4000)
                         continue
-                    backoff.reset()
                     await self._own(stop)
                     if self.lease.handback.is_set() and not stop.is_set():
                         await self._hand_back(stop)
@@ -109,19 +116,23 @@ class PartitionWorker:
                     self.pipeline = None
                     self._set_role(Role.STANDBY)
                 except TRANSIENT as exc:
-                    delay = backoff.next_s()
+                    delay = self._failed(exc, backoff)
                     self.metrics.redis_error()
                     self._log.warning("redis unavailable, retrying", error=str(exc), delay_s=delay)
                     await sleep_unless(stop, delay)
                 except Exception as exc:
-                    # Anything else (a Redis error reply such as OOM, a bug in a batch): a
-                    # dead worker in a live process would serve nothing and still look healthy,
-                    # so log, back off and start over. The batch's entries stay pending and are
-                    # retried; one that keeps failing ends as poison after MAX_DELIVERIES.
-                    delay = backoff.next_s()
+                    # Anything else (a Redis error reply such as OOM or READONLY, a bug in a
+                    # batch): a dead worker in a live process would serve nothing and still
+                    # look healthy, so log, back off and start over. The batch's entries stay
+                    # pending and are retried; one that keeps failing ends as poison after
+                    # MAX_DELIVERIES. The same error again is one line, not a traceback.
+                    repeated = self.failing == _describe(exc)
+                    delay = self._failed(exc, backoff)
+                    if isinstance(exc, RedisError):
+                        self.metrics.redis_error()
                     self._log.error(
                         "partition failed, restarting it", error=repr(exc), delay_s=delay,
-                        exc_info=True,
+                        exc_info=not repeated,
                     )
                     self.pipeline = None
                     self._set_role(Role.STANDBY)
@@ -132,6 +143,14 @@ class PartitionWorker:
                 await asyncio.wait_for(self.lease.release(), timeout=1.0)
             except (RedisError, OSError, TimeoutError):
                 pass  # the lease expires by itself
+
+    def _failed(self, exc: BaseException, backoff: Backoff) -> float:
+        """Note a failure; the delay before the next try grows until progress is made."""
+        if self.failing is None:
+            backoff.reset()  # it worked since the last failure: start the backoff over
+        self.failing = _describe(exc)
+        self.metrics.partition_failure(self.partition)
+        return backoff.next_s()
 
     def _set_role(self, role: Role) -> None:
         if role != self.role:
@@ -213,20 +232,25 @@ class PartitionWorker:
             # read one at a time, so only the entry at the head gains deliveries): an entry
             # that keeps failing ends as poison alone, never with its neighbours.
             retried = await self.io.most_deliveries_pending(self.batch, cursor)
-            single = retried >= SINGLE_AFTER_DELIVERIES
+            refused = max(self._refused_writes.values(), default=0)
+            single = retried - refused >= SINGLE_AFTER_DELIVERIES
             entries = await self.io.read_own_pending(1 if single else self.batch, cursor)
             if not entries:
                 return
             stream = entries[0].stream
             counts = await self.io.delivery_counts(stream, [e.entry_id for e in entries])
             batch = EntryBatch.of(entries)
-            batch.deliveries = [counts.get(i, 1) for i in batch.ids]
+            batch.deliveries = [
+                counts.get(i, 1) - self._refused_writes.get(f"{stream}/{i}", 0)
+                for i in batch.ids
+            ]
             batch.epoch = self.io.group_epoch  # read now: its write is probed as usual
             cursor[stream] = batch.ids[-1]
             await self._process(batch, self.clock_us())
 
     async def _serve_new(self, stop: asyncio.Event) -> None:
         self.reader.start()  # every pending entry of ours is published
+        self.failing = None
         steps = Steps(
             read=self.reader.read,
             compute=self._compute,
@@ -276,9 +300,21 @@ class PartitionWorker:
 
     async def _publish(self, commit: Commit, report: BatchReport, read_at_us: int) -> None:
         started = time.perf_counter()
-        await asyncio.shield(self._commit(commit))
+        try:
+            await asyncio.shield(self._commit(commit))
+        except RedisError:
+            for stream, ids in commit.acks.items():
+                for entry_id in ids:
+                    key = f"{stream}/{entry_id}"
+                    self._refused_writes[key] = self._refused_writes.get(key, 0) + 1
+            raise
+        if self._refused_writes:
+            for stream, ids in commit.acks.items():
+                for entry_id in ids:
+                    self._refused_writes.pop(f"{stream}/{entry_id}", None)
         report.stage_seconds["redis_commit"] = time.perf_counter() - started
         self.last_progress_s = time.monotonic()
+        self.failing = None
         self.metrics.batch(self.partition, report, read_at_us, self.clock_us())
         if report.evicted:
             self._warn_if_time_jumped(report.evicted)
@@ -332,6 +368,11 @@ class PartitionWorker:
             if result == ALREADY_COMMITTED:
                 self._log.info("batch was already committed before a dropped connection")
             return
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 
 def _run_batch_job(

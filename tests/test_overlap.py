@@ -22,6 +22,7 @@ class FakeSteps:
         self.waiting: list[str] = []
         self.arrived = asyncio.Event()
         self.read_error: Exception | None = None
+        self.publish_error: Exception | None = None
         self.reads = 0
         self.stopping = False
         self.flush = False
@@ -72,6 +73,9 @@ class FakeSteps:
         self.publishing += 1
         self.most_publishing = max(self.most_publishing, self.publishing)
         try:
+            if self.publish_error is not None:
+                await asyncio.sleep(0.001)
+                raise self.publish_error
             if self.hold_publish:
                 gate = asyncio.Event()
                 self.publish_gates.append(gate)
@@ -184,6 +188,19 @@ async def test_a_failed_read_leaves_the_batch_in_hand_unwritten_but_finished_and
     assert fake.computed == [["0", "1"], ["2", "3"]]  # the second compute ran to its end
     assert fake.published == [["0", "1"]]  # the write in flight landed, the batch in hand not
     assert fake.publish_started == [["0", "1"]]
+
+
+async def test_a_failed_write_is_raised_while_no_bar_arrives() -> None:
+    # The last batch of a burst: its write fails (Redis OOM) and nothing else is read. The
+    # loop must not wait for another bar to find out.
+    fake = FakeSteps()
+    fake.publish_error = ConnectionError("OOM command not allowed")
+    fake.add("0", "1")
+    serving = asyncio.create_task(serve_overlapped(fake.steps(), per_read=PER_READ))
+    with pytest.raises(ConnectionError, match="OOM"):
+        await asyncio.wait_for(serving, 1.0)
+    assert fake.published == []
+    assert fake.reads >= 2  # it was waiting on an empty read when the write failed
 
 
 @pytest.mark.parametrize("flush", [False, True])

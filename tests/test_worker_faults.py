@@ -108,6 +108,68 @@ async def test_an_unexpected_error_is_retried_not_fatal(
     await redis.aclose()
 
 
+async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis at maxmemory: every commit is refused with OOM. The failure must show at once
+    # (not when another bar arrives), in /healthz and the metrics, with retries slowing down;
+    # once Redis takes writes again every bar is published once.
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    real_commit = StreamIO.commit
+    full = {"on": True, "refused": 0}
+
+    async def oom_commit(self: StreamIO, token: str, commit: object, **kw: bool) -> int:
+        if full["on"]:
+            full["refused"] += 1
+            raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        return await real_commit(self, token, commit, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StreamIO, "commit", oom_commit)
+    service = _service(lgb_run, redis)
+    await service.start()
+    task = asyncio.create_task(service.run())
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while service.workers[0].role != Role.ACTIVE:
+            assert asyncio.get_running_loop().time() < deadline, "never active"
+            await asyncio.sleep(0.01)
+        bars = h.walk_bars(["AAA", "BBB"], 3, seed=4)
+        for bar in bars:  # the burst's last bars: nothing arrives after them
+            await redis.xadd("bars", encode_bar(bar))
+        deadline = asyncio.get_running_loop().time() + 5
+        while (problem := await service.health()) is None:
+            assert asyncio.get_running_loop().time() < deadline, "no failure reported"
+            await asyncio.sleep(0.01)
+        assert "failing" in problem and "OOM" in problem
+        # More refusals than MAX_DELIVERIES: Redis's refusals are not the entries' fault, so
+        # they must not end as poison. Backing off: not a tight restart loop.
+        started = asyncio.get_running_loop().time()
+        while full["refused"] <= worker_module.MAX_DELIVERIES + 1:
+            assert asyncio.get_running_loop().time() < started + 20, full
+            await asyncio.sleep(0.05)
+        assert asyncio.get_running_loop().time() - started > 1.5
+        metrics = service.metrics.render().decode()
+        assert 'livepred_partition_failures_total{partition="-"}' in metrics
+        assert "livepred_redis_errors_total 0.0" not in metrics
+        assert await redis.xlen("predictions") == 0
+        full["on"] = False
+        deadline = asyncio.get_running_loop().time() + 25
+        while await redis.xlen("predictions") < len(bars) or (
+            await redis.xpending("bars", "livepred")
+        )["pending"]:
+            assert asyncio.get_running_loop().time() < deadline, "not recovered"
+            await asyncio.sleep(0.02)
+        assert await service.health() is None
+        outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+        assert len({o.src for o in outputs}) == len(outputs) == len(bars)
+        assert await redis.xlen("bars:dead") == 0
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await redis.aclose()
+
+
 async def _check_takeover(redis: object, stream: str) -> None:
     await redis.xgroup_create(stream, "g", id="$", mkstream=True)  # type: ignore[attr-defined]
     ids = [await redis.xadd(stream, {"n": str(i)}) for i in range(1500)]  # type: ignore[attr-defined]
