@@ -30,6 +30,7 @@ class BatchReport:
     cpu_seconds: float = 0.0  # CPU time of the computing thread over the batch (all stages)
     resets: int = 0
     evicted: int = 0
+    failures: dict[tuple[str, str, str], int] = field(default_factory=dict)  # BatchResult's
 
 
 def decode_batch(entries: EntryBatch, max_deliveries: int = 0) -> BarColumns:
@@ -93,6 +94,7 @@ def run_batch(
     report.resets, report.evicted = outcome.resets, outcome.evicted
     if outcome.result is not None:
         report.family_seconds = outcome.result.family_seconds
+        report.failures = outcome.result.failures
     report.stage_seconds = {"decode": t1 - t0, "state+models": t2 - t1, "encode": t3 - t2}
     report.cpu_seconds = time.thread_time() - cpu0
     return commit, report

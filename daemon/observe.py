@@ -29,6 +29,23 @@ def _p(partition: int | None) -> str:
     return "-" if partition is None else str(partition)
 
 
+def observe_many(histogram: Histogram, value: float, count: int) -> None:
+    """`histogram.observe(value)` `count` times, in one step (prometheus_client's own bucket
+    and sum values; observed one by one if their layout ever changes)."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for _ in range(count):
+            histogram.observe(value)
+        return
+    total.inc(value * count)
+    for bucket, bound in zip(buckets, bounds, strict=True):
+        if value <= bound:
+            bucket.inc(count)
+            return
+
+
 class Metrics:
     """Every Prometheus series of the daemon, on its own registry (tests make many)."""
 
@@ -62,7 +79,8 @@ class Metrics:
             registry=r,
         )
         self.latency = Histogram(
-            "livepred_read_to_publish_seconds", "Read-to-publish latency per batch", registry=r,
+            "livepred_read_to_publish_seconds",
+            "Read-to-publish latency per bar (the lat_us of each output)", registry=r,
             buckets=LATENCY_BUCKETS_S,
         )
         self.active_symbols = Gauge(
@@ -75,9 +93,14 @@ class Metrics:
             registry=r,
         )
         self.model_load_failures = Counter(
-            "livepred_model_load_failures", "Families refused or broken at load", registry=r
+            "livepred_model_load_failures",
+            "Families refused or broken at load (once each; see livepred_model_refused)", registry=r
         )
         self.models_loaded = Gauge("livepred_models_loaded", "Families loaded", registry=r)
+        self.models_refused = Gauge(
+            "livepred_model_refused", "1 for each family of the run that is refused now",
+            ["target", "family"], registry=r,
+        )
         self.redis_errors = Counter(
             "livepred_redis_errors", "Redis errors (unreachable, timeouts, error replies)", registry=r
         )
@@ -105,6 +128,11 @@ class Metrics:
             "livepred_rebuild_seconds", "Time spent rebuilding state", registry=r
         )
         self.reloads = Counter("livepred_reloads", "Model reloads by result", ["result"], registry=r)
+        self.family_failures = Counter(
+            "livepred_family_failures",
+            "Bars a family gave no value for (not warming): its failed reason's kind, or"
+            " non_finite_output", ["target", "family", "reason"], registry=r,
+        )
         self.partition_failures = Counter(
             "livepred_partition_failures",
             "Partition restarts after an error (Redis error replies such as OOM or READONLY"
@@ -125,10 +153,15 @@ class Metrics:
         self.batch_size.observe(report.bars)
         for (target, family), seconds in report.family_seconds.items():
             self.family_seconds.labels(target, family).observe(seconds)
+        for (target, family, reason), count in report.failures.items():
+            self.family_failures.labels(target, family, reason).inc(count)
         for stage, seconds in report.stage_seconds.items():
             self.stage_seconds.labels(stage).observe(seconds)
         self.compute_cpu.inc(max(0.0, report.cpu_seconds))
-        self.latency.observe(max(0, now_us - read_at_us) / 1e6)
+        # Every bar of the batch waited as long: counted once per bar, so the quantiles are
+        # the bars' (a burst's slow bars are most of its bars, not one observation).
+        if report.predictions:
+            observe_many(self.latency, max(0, now_us - read_at_us) / 1e6, report.predictions)
         if report.evicted:
             self.evictions.inc(report.evicted)
         if report.resets:
@@ -136,6 +169,22 @@ class Metrics:
 
     def symbols(self, partition: int | None, count: int) -> None:
         self.active_symbols.labels(_p(partition)).set(count)
+
+    def refused_models(self, families: list[tuple[str, str]]) -> None:
+        self.models_refused.clear()
+        for target, family in families:
+            self.models_refused.labels(target, family).set(1)
+
+    def partition_left(self, partition: int | None, streams: list[str]) -> None:
+        """A partition this instance does not serve now (standing by, handed back, lost):
+        its per-partition series go, so that a sum over instances counts the owner's only."""
+        for gauge, label in [(self.active_symbols, _p(partition))] + [
+            (self.lag, stream) for stream in streams
+        ]:
+            try:
+                gauge.remove(label)
+            except KeyError:
+                pass
 
     def partition_failure(self, partition: int | None) -> None:
         self.partition_failures.labels(_p(partition)).inc()
@@ -242,13 +291,24 @@ class SystemdNotifier:
 
 class _Stderr:
     """sys.stderr as it is at each write: whoever swaps it later (a test's capture, an
-    embedding tool) gets the lines, and a closed one is never written to."""
+    embedding tool) gets the lines, and a closed one is never written to. A write that fails
+    (the reader of a pipe gone: a log shipper or `| tee` that ended, a full disk) loses the
+    line, never the caller: logging must not stop a worker or the reload loop."""
+
+    dropped = 0  # lines lost that way
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        try:
+            return sys.stderr.write(text)
+        except (OSError, ValueError):  # BrokenPipeError, EIO, ENOSPC; ValueError: closed
+            _Stderr.dropped += 1
+            return 0
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:

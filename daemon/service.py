@@ -326,6 +326,10 @@ class Service:
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     log.error("worker failed", error=repr(t.exception()))
+            try:  # no instance claims to be alive for the key's last seconds
+                await asyncio.wait_for(self.redis.delete(self._heartbeat_key()), timeout=1.0)
+            except (RedisError, OSError, TimeoutError):
+                pass  # it expires by itself
             await self.close()
         return 0
 
@@ -344,8 +348,11 @@ class Service:
 
     # ---- background loops ----------------------------------------------------------------
 
+    def _heartbeat_key(self) -> str:
+        return f"{self.settings.streams.group}:heartbeat:{self.consumer}"
+
     async def _heartbeat_loop(self) -> None:
-        key = f"{self.settings.streams.group}:heartbeat:{self.consumer}"
+        key = self._heartbeat_key()
         last_lag = 0.0
         while not self.stop_event.is_set():
             try:
@@ -357,8 +364,10 @@ class Service:
             except (RedisError, OSError):
                 self.redis_ok = False
             for w in self.workers:
-                if w.pipeline is not None:
+                if w.role == Role.ACTIVE and w.pipeline is not None:
                     self.metrics.symbols(w.partition, len(w.pipeline.table))
+                else:
+                    self.metrics.partition_left(w.partition, list(w.io.inputs))
             # The watchdog is for a hung process. A Redis outage is no reason to be killed
             # (the workers ride it out, CONTRACT section 5), so only a stalled worker
             # withholds it; /healthz still reports Redis.
@@ -463,8 +472,13 @@ class Service:
     def _report_models(self, engine: InferenceEngine) -> None:
         loaded = list(engine.families())
         self.metrics.models_loaded.set(len(loaded))
-        for _ in engine.load_errors:  # each logged by the engine as it was refused
-            self.metrics.model_load_failures.inc()
+        # Counted once per family refused, not again on each reload of an unchanged run; the
+        # gauge says what is refused now (each logged by the engine as it was refused).
+        before = self.engine.load_errors if self.engine not in (None, engine) else {}
+        for key in engine.load_errors:
+            if key not in before:
+                self.metrics.model_load_failures.inc()
+        self.metrics.refused_models(list(engine.load_errors))
         for target, family in unserved_selections(engine).items():
             log.warning("selected family not loaded: pred will be null", target=target,
                         family=family)

@@ -25,6 +25,7 @@ from handlers.engine import InferenceEngine
 
 log = structlog.get_logger("livepred.worker")
 
+FAILURE_LOG_EVERY_S = 60.0  # a family that fails on every bar: one warning a minute
 FAILURE_BACKOFF_CAP_S = 10.0  # a partition that keeps failing retries at least this often
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
@@ -82,6 +83,8 @@ class PartitionWorker:
         # READONLY): not the entry's fault, so they do not count towards MAX_DELIVERIES.
         # In memory: a crash's redelivery still counts (the entry may be what crashed).
         self._refused_writes: dict[str, int] = {}
+        self._failures_logged_at: dict[tuple[str, str, str], float] = {}
+        self._failures_unlogged: dict[tuple[str, str, str], int] = {}
         self.pipeline: Pipeline | None = None
         self.last_progress_s = time.monotonic()
         self._warned_ts = 0  # the newest bar time a far-ahead warning was given for
@@ -316,8 +319,23 @@ class PartitionWorker:
         self.last_progress_s = time.monotonic()
         self.failing = None
         self.metrics.batch(self.partition, report, read_at_us, self.clock_us())
+        if report.failures:
+            self._warn_failures(report.failures)
         if report.evicted:
             self._warn_if_time_jumped(report.evicted)
+
+    def _warn_failures(self, failures: dict[tuple[str, str, str], int]) -> None:
+        """Bars a family published no value for, at most one line per family and reason a
+        minute (with the count since the last line); the metric counts every one."""
+        now = time.monotonic()
+        for key, count in failures.items():
+            self._failures_unlogged[key] = self._failures_unlogged.get(key, 0) + count
+            if now - self._failures_logged_at.get(key, -FAILURE_LOG_EVERY_S) < FAILURE_LOG_EVERY_S:
+                continue
+            self._failures_logged_at[key] = now
+            target, family, reason = key
+            self._log.warning("family gave no value for some bars", target=target, family=family,
+                              reason=reason, bars=self._failures_unlogged.pop(key))
 
     def _warn_if_time_jumped(self, evicted: int) -> None:
         """Symbols are evicted by event time (CONTRACT §5): one accepted bar stamped far ahead

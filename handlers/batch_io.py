@@ -82,6 +82,9 @@ class TargetBatch:
 class BatchResult:
     targets: dict[str, TargetBatch]
     family_seconds: dict[tuple[str, str], float]  # (target, family) -> wall time of its call
+    # (target, family, reason) -> rows not published for it: the failed reason's kind
+    # ("error", "unknown_feature", ...) or NON_FINITE_OUTPUT. Warming rows are not failures.
+    failures: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     def row(self, i: int) -> dict[str, dict[str, Any]]:
         return {target: batch.row(i) for target, batch in self.targets.items()}

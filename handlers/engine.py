@@ -188,6 +188,7 @@ class InferenceEngine:
         n = len(inputs)
         results: dict[str, TargetBatch] = {}
         seconds: dict[tuple[str, str], float] = {}
+        failures: dict[tuple[str, str, str], int] = {}
         for target in sorted(self.models):
             batch = TargetBatch(self.selected.get(target), {}, {}, {}, n)
             for family in sorted(self.models[target]):
@@ -195,11 +196,14 @@ class InferenceEngine:
                 started = time.perf_counter()
                 preds, warming, failed = self._predict_family(fam, inputs, n, spec)
                 seconds[(target, family)] = time.perf_counter() - started
+                unpublished = int(np.count_nonzero(~np.isfinite(preds) & (warming == 0)))
+                if unpublished:
+                    _count_failures(failures, target, family, failed, unpublished)
                 batch.preds[family] = preds
                 batch.warming[family] = warming
                 batch.failed[family] = failed
             results[target] = batch
-        return BatchResult(results, seconds)
+        return BatchResult(results, seconds, failures)
 
     def _family_input(self, fam: LoadedFamily, inputs: BatchInputs) -> np.ndarray:
         if fam.sequence is not None:
@@ -243,7 +247,10 @@ class InferenceEngine:
         try:
             preds[rows] = _predict_padded(fam.model, x)
         except Exception as exc:
-            log.warning("family %s/%s failed on %d rows: %s", fam.target, fam.family, rows.size, exc)
+            if _first_in_a_while((fam.target, fam.family)):
+                log.warning("family %s/%s failed on %d rows: %s (the same again within %d s"
+                            " is not logged; livepred_family_failures_total counts every row)",
+                            fam.target, fam.family, rows.size, exc, WARN_EVERY_S)
             for i, value, why in _predict_apart(fam.model, x, rows, exc):
                 if why is None:
                     preds[i] = value
@@ -351,6 +358,35 @@ class InferenceEngine:
             return
         for key in [k for k in self._rows if k[0] == symbol]:
             del self._rows[key]
+
+
+WARN_EVERY_S = 60
+_warned_at: dict[tuple[str, str], float] = {}
+
+
+def _first_in_a_while(key: tuple[str, str]) -> bool:
+    """True at most once per WARN_EVERY_S per key: a family failing on every batch is one
+    log line a minute, not one per batch."""
+    now = time.monotonic()
+    if now - _warned_at.get(key, -WARN_EVERY_S) < WARN_EVERY_S:
+        return False
+    _warned_at[key] = now
+    return True
+
+
+def _count_failures(
+    failures: dict[tuple[str, str, str], int], target: str, family: str,
+    failed: list[str | None], unpublished: int,
+) -> None:
+    """`unpublished` ready rows without a value: by failed reason kind, the rest non-finite."""
+    counted = 0
+    for reason in failed:
+        if reason is not None:
+            key = (target, family, reason.split(":", 1)[0])
+            failures[key] = failures.get(key, 0) + 1
+            counted += 1
+    if unpublished > counted:
+        failures[(target, family, NON_FINITE_OUTPUT)] = unpublished - counted
 
 
 def _row_dtype(fam: LoadedFamily) -> type[np.floating[Any]]:

@@ -1,0 +1,118 @@
+"""Logging and metrics plumbing: a log line that cannot be written never reaches the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import structlog
+
+from daemon.observe import configure_logging
+
+
+class _BrokenPipe:
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_logging_to_a_closed_pipe_loses_the_line_not_the_caller(
+    monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    # The reader of the daemon's stderr went away (a shipper, `| tee`): the worker that logs
+    # "redis unavailable, retrying" must go on retrying, not die of the log call.
+    configure_logging("info", fmt)
+    monkeypatch.setattr(sys, "stderr", _BrokenPipe())
+    structlog.get_logger("livepred.test").warning("redis unavailable, retrying", delay_s=0.1)
+    structlog.get_logger("livepred.test").error("partition failed", exc_info=ValueError("x"))
+    logging.getLogger("livepred.models").warning("a stdlib record from the model side")
+
+
+# ---- the metrics of a serving daemon (fakeredis) ------------------------------------------
+
+
+class NanAboveZero:
+    """A pickled model that gives NaN when its first input is above 0 (a broken model)."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.where(x[:, 0] > 0, np.nan, 0.5)
+
+
+async def test_failures_latency_and_refusals_are_counted_per_bar(tmp_path: Path) -> None:
+    import fakeredis
+
+    from daemon.service import Service
+    from daemon.settings import load_settings
+    from daemon.wire import encode_bar
+    from daemon.wire_events import decode_prediction
+    from tests import daemon_harness as h
+    from tests import model_factory as mf
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, len(h.FEATURES)))
+    mf.write_lightgbm(tmp_path, "fwd", "LightGBM", X, X[:, 0], h.FEATURES)
+    mf.write_generic_pickle(tmp_path, "fwd", "Flaky", X, X[:, 0], ["ret_1d"],
+                            predictor=NanAboveZero())
+    broken = mf.family_dir(tmp_path, "fwd", "Broken")
+    (broken / "model.txt").write_text("not a model")
+    mf.write_meta(broken, h.FEATURES)
+    redis = fakeredis.FakeAsyncRedis()
+    settings = load_settings(None, {
+        "LIVEPRED_MODELS__RUN_ROOT": str(tmp_path), "LIVEPRED_METRICS__PORT": "0",
+        "LIVEPRED_STREAMS__BLOCK_MS": "10", "LIVEPRED_STREAMS__CONSUMER": "m",
+    })
+    service = Service(settings, redis=redis)
+    await service.start()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = h.walk_bars(["AAA", "BBB", "CCC"], 30, seed=5)
+    for bar in bars:
+        await redis.xadd("bars", encode_bar(bar))
+    task = asyncio.create_task(service.run())
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while await redis.xlen("predictions") < len(bars):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        assert await service.reload()  # the same run again: no refusal counted twice
+        assert await redis.exists("livepred:heartbeat:m") == 1
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+    assert await redis.exists("livepred:heartbeat:m") == 0  # gone with the instance
+    outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
+    nan_rows = sum(1 for o in outputs if o.targets["fwd"].failed.get("Flaky"))
+    assert 0 < nan_rows < len(outputs)
+    value = service.metrics.registry.get_sample_value
+    assert value("livepred_family_failures_total",
+                 {"target": "fwd", "family": "Flaky", "reason": "non_finite_output"}) == nan_rows
+    assert value("livepred_family_failures_total",
+                 {"target": "fwd", "family": "LightGBM", "reason": "non_finite_output"}) is None
+    # one latency observation per published bar, not per batch
+    assert value("livepred_read_to_publish_seconds_count") == len(outputs)
+    assert value("livepred_model_load_failures_total") == 1
+    assert value("livepred_model_refused", {"target": "fwd", "family": "Broken"}) == 1
+    await redis.aclose()
+
+
+def test_a_partition_left_drops_its_series() -> None:
+    from daemon.observe import Metrics
+
+    metrics = Metrics()
+    metrics.symbols(0, 20)
+    metrics.lag.labels("bars:{0}").set(3)
+    metrics.symbols(1, 5)
+    metrics.partition_left(0, ["bars:{0}"])
+    value = metrics.registry.get_sample_value
+    assert value("livepred_active_symbols", {"partition": "0"}) is None
+    assert value("livepred_consumer_lag", {"stream": "bars:{0}"}) is None
+    assert value("livepred_active_symbols", {"partition": "1"}) == 5
