@@ -26,6 +26,7 @@ from handlers.engine import InferenceEngine
 log = structlog.get_logger("livepred.worker")
 
 FAILURE_LOG_EVERY_S = 60.0  # a family that fails on every bar: one warning a minute
+UNREACHABLE_LOG_EVERY_S = 30.0
 FAILURE_BACKOFF_CAP_S = 10.0  # a partition that keeps failing retries at least this often
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
@@ -100,7 +101,9 @@ class PartitionWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        backoff = Backoff(cap_s=FAILURE_BACKOFF_CAP_S)
+        backoff = Backoff(cap_s=FAILURE_BACKOFF_CAP_S)  # errors Redis answers with
+        unreachable = Backoff()  # Redis gone: retried every 2 s at most, to be back at once
+        unreachable_logged = -UNREACHABLE_LOG_EVERY_S
         # Export the starting role too: a partition that is never won must still show standby.
         self.metrics.role(self.partition, str(self.role))
         try:
@@ -119,9 +122,14 @@ class PartitionWorker:
                     self.pipeline = None
                     self._set_role(Role.STANDBY)
                 except TRANSIENT as exc:
-                    delay = self._failed(exc, backoff)
+                    first = self.failing is None
+                    delay = self._failed(exc, unreachable)
                     self.metrics.redis_error()
-                    self._log.warning("redis unavailable, retrying", error=str(exc), delay_s=delay)
+                    # One line when it starts, then one every UNREACHABLE_LOG_EVERY_S.
+                    if first or time.monotonic() - unreachable_logged > UNREACHABLE_LOG_EVERY_S:
+                        unreachable_logged = time.monotonic()
+                        self._log.warning("redis unavailable, retrying", error=str(exc),
+                                          delay_s=round(delay, 3))
                     await sleep_unless(stop, delay)
                 except Exception as exc:
                     # Anything else (a Redis error reply such as OOM or READONLY, a bug in a
