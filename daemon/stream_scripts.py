@@ -5,7 +5,11 @@ as what it does (CONTRACT section 9)."""
 from __future__ import annotations
 
 # One atomic write per batch: lease check (fencing), idempotency probe, outputs, dead
-# letters, acks. KEYS = lease, output, dead_letter, input_1..input_k.
+# letters, acks. A script that fails halfway keeps what it wrote (Redis has no rollback), so
+# everything that could fail is checked before the first write: the output and dead-letter
+# keys are streams (or absent), and no command gets more arguments than Lua's unpack takes
+# (a dead letter's fields are capped by `daemon.wire.dead_letter_fields`).
+# KEYS = lease, output, dead_letter, input_1..input_k.
 # ARGV = token, group, maxlen, probe_stream_index, probe_id,
 #        n_out, symbols (concatenated), their lengths ("3 4 ..."), data (concatenated), their
 #        lengths, n_dead, (n_fields, field, value, ...)*, then per input: its ids ("1-0 2-0").
@@ -22,6 +26,12 @@ if probe > 0 then
   if #p == 0 then return 0 end
 end
 local n_out = tonumber(ARGV[6])
+for k = 2, 3 do
+  local t = redis.call('TYPE', KEYS[k])['ok']
+  if t ~= 'stream' and t ~= 'none' then
+    return redis.error_reply('WRONGTYPE key ' .. KEYS[k] .. ' holds a ' .. t .. ', not a stream')
+  end
+end
 if n_out > 0 then
   local symbols, data = ARGV[7], ARGV[9]
   local sp, dp, lens = 1, 1, {}

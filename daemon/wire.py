@@ -21,6 +21,10 @@ _TS_FLOAT_LIMIT = 9.223372036854775808e18  # 2**63 as a float: an integral float
 DECODE_ERROR = "decode_error"
 OUT_OF_ORDER = "out_of_order"
 MISSING_FIELD = "missing_field:"
+# An entry with no fields: only a pending entry deleted from the stream (trimmed by the
+# feeder's MAXLEN, or XDEL) before livepred handled it reads that way (XADD needs a field).
+ENTRY_DELETED = "entry_deleted"
+MAX_DEAD_LETTER_FIELDS = 1000  # original fields kept in a dead letter (Lua's unpack: ~8,000)
 BAD_VALUE = "bad_value:"
 
 PRICE_FIELDS = ("open", "high", "low", "close")
@@ -123,6 +127,8 @@ def decode_bar(
     ("1700000000000.0") or an exponent, as long as its value is an integer.
     """
     try:
+        if not fields:
+            return _rejection(ENTRY_DELETED, fields, stream, entry_id)
         data = fields.get(b"data", _MISSING)  # type: ignore[call-overload]
         if data is _MISSING:
             data = fields.get("data", _MISSING)  # type: ignore[call-overload]
@@ -347,10 +353,15 @@ def _as_bytes(value: Any) -> bytes:
 def dead_letter_fields(rejection: Rejection) -> dict[bytes, bytes]:
     """XADD fields for the dead-letter stream: the original fields, bytes kept as they were,
     plus `error`, `src_stream` and `src_id` (these win over original fields of the same name).
+    An entry with more than MAX_DEAD_LETTER_FIELDS fields keeps its first ones and says how
+    many it had (`fields_total`): the commit script's XADD cannot take thousands of them.
 
     Keys are bytes because a Redis field name need not be UTF-8.
     """
-    out = {_as_bytes(key): _as_bytes(value) for key, value in rejection.fields.items()}
+    items = list(rejection.fields.items())
+    out = {_as_bytes(key): _as_bytes(value) for key, value in items[:MAX_DEAD_LETTER_FIELDS]}
+    if len(items) > MAX_DEAD_LETTER_FIELDS:
+        out[b"fields_total"] = str(len(items)).encode()
     out[b"error"] = rejection.reason.encode()
     out[b"src_stream"] = rejection.stream.encode()
     out[b"src_id"] = rejection.entry_id.encode()

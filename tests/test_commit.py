@@ -118,3 +118,48 @@ async def test_input_entries_removed_before_they_were_read_are_told(
     info = await redis.xinfo_stream(stream)
     if "entries-added" in info:
         assert await io.unread_entries_gone() == {stream: "7 entries removed before the first read"}
+
+
+@pytest.mark.parametrize("broken", ["output", "dead_letter"])
+async def test_a_commit_that_cannot_write_everything_writes_nothing(
+    client_and_prefix: tuple[Any, str], broken: str
+) -> None:
+    # A Lua script keeps what it wrote before an error: the outputs of a batch whose dead
+    # letter cannot be written would be published again on every retry. The keys are checked
+    # before the first write.
+    redis, prefix = client_and_prefix
+    io, entries = await _io_with_pending(redis, prefix, per_input=2)
+    key = io.output if broken == "output" else io.dead_letter
+    await redis.set(key, "not a stream")
+    acks: dict[str, list[str]] = {}
+    for e in entries:
+        acks.setdefault(e.stream, []).append(e.entry_id)
+    commit = Commit(outputs=[(b"S", b"x")], dead=[{b"error": b"decode_error"}], acks=acks)
+    with pytest.raises(Exception, match="WRONGTYPE") as raised:
+        await io.commit(TOKEN, commit)
+    assert key in str(raised.value)
+    other = io.dead_letter if broken == "output" else io.output
+    assert await redis.exists(other) == 0  # not one write
+    for stream in io.inputs:
+        assert (await redis.xpending(stream, io.group))["pending"] == 2  # not one ack
+
+
+async def test_a_dead_letter_of_an_entry_with_thousands_of_fields_is_written(
+    client_and_prefix: tuple[Any, str],
+) -> None:
+    from daemon.wire import MAX_DEAD_LETTER_FIELDS, dead_letter_fields, decode_bar
+
+    redis, prefix = client_and_prefix
+    io, entries = await _io_with_pending(redis, prefix, per_input=1)
+    wide = {f"k{i}".encode(): b"v" for i in range(5000)}  # flat fields, no `high`
+    rejection = decode_bar(wide, "bars:a", "1-0")
+    fields = dead_letter_fields(rejection)  # type: ignore[arg-type]
+    assert fields[b"fields_total"] == b"5000"
+    assert fields[b"k0"] == b"v" and len(fields) == MAX_DEAD_LETTER_FIELDS + 4
+    acks: dict[str, list[str]] = {}
+    for e in entries:
+        acks.setdefault(e.stream, []).append(e.entry_id)
+    commit = Commit(outputs=[(b"S", b"x")], dead=[fields], acks=acks)
+    assert await io.commit(TOKEN, commit) == COMMITTED
+    (_, written), = await redis.xrange(io.dead_letter)
+    assert written[b"error"] == b"missing_field:symbol" and written[b"fields_total"] == b"5000"

@@ -187,7 +187,8 @@ def test_missing_field(key: str) -> None:
 
 
 def test_no_fields_at_all() -> None:
-    assert reason({}) == "missing_field:symbol"
+    # XADD needs a field: an entry without any is one deleted from the stream while pending.
+    assert reason({}) == "entry_deleted"
 
 
 def test_first_bad_field_in_order_is_reported() -> None:
@@ -269,7 +270,7 @@ def test_misbehaving_mapping_is_a_rejection() -> None:
         def get(self, *args: Any) -> Any:
             raise RuntimeError("boom")
 
-    assert reason(Broken()) == "decode_error"
+    assert reason(Broken({b"symbol": b"A"})) == "decode_error"
 
 
 # --- dead letters -----------------------------------------------------------------------------
@@ -395,7 +396,7 @@ def check_decoded(result: Any) -> None:
             assert math.isfinite(price) and price > 0
         assert math.isfinite(result.volume) and result.volume >= 0
     else:
-        assert result.reason == "decode_error" or result.reason.startswith(
+        assert result.reason in ("decode_error", "entry_deleted") or result.reason.startswith(
             ("missing_field:", "bad_value:")
         )
         dead = dead_letter_fields(result)
@@ -461,3 +462,15 @@ def test_fuzz_valid_bars_round_trip(m: dict[str, Any]) -> None:
         for k, v in m.items()
     }
     assert decoded(flat_fields) == bar
+
+
+def test_an_entry_deleted_before_it_was_handled_is_told_as_such() -> None:
+    from daemon.wire_columns import decode_columns
+    # A pending entry trimmed away (the feeder's MAXLEN) or XDEL'd reads back with no fields:
+    # not the feeder's missing field.
+    from daemon.wire import ENTRY_DELETED, Rejection
+
+    got = decode_bar({}, "bars", "5-0")
+    assert isinstance(got, Rejection) and got.reason == ENTRY_DELETED
+    cols = decode_columns([[], [b"symbol", b"A"]], ["bars", "bars"], ["5-0", "6-0"])
+    assert [r.reason for _, r in cols.rejected] == [ENTRY_DELETED, "missing_field:ts"]
