@@ -142,7 +142,7 @@ class PartitionWorker:
                     if isinstance(exc, RedisError):
                         self.metrics.redis_error()
                     self._log.error(
-                        "partition failed, restarting it", error=repr(exc), delay_s=delay,
+                        "partition failed, restarting it", error=_describe(exc), delay_s=delay,
                         exc_info=not repeated,
                     )
                     self.pipeline = None
