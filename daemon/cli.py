@@ -173,7 +173,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     bars_path = Path(args.bars)
     try:
         frame = read_bars(bars_path)
-        loader = ModelLoader(args.run, allow_pickle=not args.no_pickle)
+        loader = ModelLoader(
+            args.run, allow_pickle=not args.no_pickle, interval_minutes=args.interval_minutes
+        )
         engine = InferenceEngine(loader, view=args.view).load_all()
     except (BarsFileError, LivepredError, FileNotFoundError, NotADirectoryError) as exc:
         return _fail(str(exc))
@@ -300,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--view", default="CROSS_SECTIONAL")
     replay.add_argument("--ttl-s", type=float, default=900.0, help="state.symbol_ttl_s")
     replay.add_argument("--no-pickle", action="store_true", help="refuse pickled models")
+    replay.add_argument(
+        "--interval-minutes", type=float, default=0.0,
+        help="as models.interval_minutes: refuse models trained on another bar interval",
+    )
     replay.set_defaults(func=cmd_replay)
 
     inspect = sub.add_parser("inspect", help="describe a training run: targets, families, refusals")

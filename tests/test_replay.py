@@ -164,6 +164,26 @@ def test_replay_refuses_an_unwritable_output_and_a_run_without_models(
     assert code != 0 and "no model could be loaded" in err[-1]
 
 
+def test_replay_refuses_a_model_of_another_bar_interval_as_the_daemon_does(
+    tmp_path: Path, capsys
+) -> None:
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, len(FEATS)))
+    mf.write_lightgbm(tmp_path / "run", "fwd", "OneMin", X, X[:, 0], FEATS, interval_minutes=1)
+    mf.write_lightgbm(tmp_path / "run", "fwd", "FiveMin", X, X[:, 0], FEATS, interval_minutes=5)
+    path = tmp_path / "bars.csv"
+    make_bars(5).to_csv(path, index=False)
+    out = tmp_path / "out.jsonl"
+    args = ["replay", "--run", str(tmp_path / "run"), "--bars", str(path), "--out", str(out)]
+    assert main([*args, "--interval-minutes", "1"]) == 0
+    assert "refused fwd/FiveMin" in capsys.readouterr().err
+    first = json.loads(out.read_text().splitlines()[0])
+    assert set(first["targets"]["fwd"]["preds"]) == {"OneMin"}
+    assert main(args) == 0  # no interval given: both served
+    first = json.loads(out.read_text().splitlines()[0])
+    assert set(first["targets"]["fwd"]["preds"]) == {"OneMin", "FiveMin"}
+
+
 def test_inspect_lists_families_and_refusals(
     run_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
