@@ -465,10 +465,10 @@ def test_fuzz_valid_bars_round_trip(m: dict[str, Any]) -> None:
 
 
 def test_an_entry_deleted_before_it_was_handled_is_told_as_such() -> None:
-    from daemon.wire_columns import decode_columns
     # A pending entry trimmed away (the feeder's MAXLEN) or XDEL'd reads back with no fields:
     # not the feeder's missing field.
     from daemon.wire import ENTRY_DELETED, Rejection
+    from daemon.wire_columns import decode_columns
 
     got = decode_bar({}, "bars", "5-0")
     assert isinstance(got, Rejection) and got.reason == ENTRY_DELETED
