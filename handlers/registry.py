@@ -190,7 +190,7 @@ def padded_chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
 # number of rows, padded: as many as a light batch can afford to compute for nothing.
 FIXED_BATCH_MAX = 4096  # 8 reads of streams.batch = 512: a whole drain batch in one call
 FIXED_BATCH_MIN = 64
-PADDING_WORK = 4e6  # multiply-adds per call (about 0.2-0.4 ms on one core)
+PADDING_WORK = 2e6  # flops a call may spend on padding (about 0.4 ms on one AVX2 core)
 
 
 def fixed_batch_for(params: int, steps: int = 1) -> int:
