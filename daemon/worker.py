@@ -110,6 +110,10 @@ class PartitionWorker:
             while not stop.is_set():
                 try:
                     if not await self.lease.try_take():
+                        # Another instance serves it: not ours to report failing, and what
+                        # Redis refused us is that instance's to retry.
+                        self.failing = None
+                        self._refused_writes.clear()
                         self._set_role(Role.STANDBY)
                         await sleep_unless(stop, self.lease_ms / 4000)
                         continue

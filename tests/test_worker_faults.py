@@ -170,6 +170,39 @@ async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
         await redis.aclose()
 
 
+async def test_a_failing_partition_another_instance_took_is_not_reported_failing(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This instance's writes fail; the lease goes to another instance (ours lapsed while we
+    # backed off). Standing by, this instance is healthy: the partition is not its to serve.
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+
+    async def oom_commit(self: StreamIO, token: str, commit: object, **kw: bool) -> int:
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    monkeypatch.setattr(StreamIO, "commit", oom_commit)
+    service = _service(lgb_run, redis)
+    await service.start()
+    task = asyncio.create_task(service.run())
+    try:
+        for bar in h.walk_bars(["AAA"], 2, seed=4):
+            await redis.xadd("bars", encode_bar(bar))
+        deadline = asyncio.get_running_loop().time() + 10
+        while await service.health() is None:
+            assert asyncio.get_running_loop().time() < deadline, "no failure reported"
+            await asyncio.sleep(0.01)
+        await redis.set("livepred:lease", "other-instance:1", px=60_000)
+        deadline = asyncio.get_running_loop().time() + 20
+        while await service.health() is not None or service.workers[0].role != Role.STANDBY:
+            assert asyncio.get_running_loop().time() < deadline, await service.health()
+            await asyncio.sleep(0.05)
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await redis.aclose()
+
+
 async def _check_takeover(redis: object, stream: str) -> None:
     await redis.xgroup_create(stream, "g", id="$", mkstream=True)  # type: ignore[attr-defined]
     ids = [await redis.xadd(stream, {"n": str(i)}) for i in range(1500)]  # type: ignore[attr-defined]
