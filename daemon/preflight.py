@@ -108,7 +108,10 @@ async def _lease(redis: Any, key: str, report: RedisCheck) -> None:
     if holder is None:
         report.lines.append(f"lease   {key}: free")
         return
-    ttl_ms = await asyncio.wait_for(redis.pttl(key), timeout=TIMEOUT_S)
+    try:
+        ttl_ms = await asyncio.wait_for(redis.pttl(key), timeout=TIMEOUT_S)
+    except ResponseError:  # PTTL not granted to this user: the daemon does not need it
+        ttl_ms = None
     expires = f", expires in {ttl_ms / 1000:.1f} s" if ttl_ms and ttl_ms > 0 else ""
     report.lines.append(
         f"lease   {key}: held by {as_str(holder)!r}{expires}"

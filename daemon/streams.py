@@ -5,7 +5,7 @@ No math here: entries go in and out as raw field maps.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -185,9 +185,12 @@ class StreamIO:
                 return entries
         return []
 
-    async def most_deliveries_pending(self, count: int, after: dict[str, str]) -> int:
+    async def most_deliveries_pending(
+        self, count: int, after: dict[str, str], uncounted: Mapping[str, int] | None = None
+    ) -> int:
         """Highest delivery count among our next `count` pending entries (XPENDING: a peek
-        that, unlike a read, delivers nothing and counts nothing)."""
+        that, unlike a read, delivers nothing and counts nothing), less each entry's
+        `uncounted["<stream>/<id>"]` deliveries."""
         for stream in self.inputs:
             low = after.get(stream)
             rows = await self.redis.xpending_range(
@@ -195,7 +198,12 @@ class StreamIO:
                 consumername=self.consumer,
             )
             if rows:
-                return max(int(r["times_delivered"]) for r in rows)
+                less = uncounted or {}
+                return max(
+                    int(r["times_delivered"])
+                    - less.get(f"{stream}/{as_str(r['message_id'])}", 0)
+                    for r in rows
+                )
         return 0
 
     async def claim_all_pending(self) -> int:

@@ -246,11 +246,13 @@ class PartitionWorker:
             # A batch that failed again after a restart is retried one entry at a time (and
             # read one at a time, so only the entry at the head gains deliveries): an entry
             # that keeps failing ends as poison alone, never with its neighbours.
-            retried = await self.io.most_deliveries_pending(self.batch, cursor)
-            refused = max(self._refused_writes.values(), default=0)
-            single = retried - refused >= SINGLE_AFTER_DELIVERIES
+            retried = await self.io.most_deliveries_pending(
+                self.batch, cursor, self._refused_writes
+            )
+            single = retried >= SINGLE_AFTER_DELIVERIES
             entries = await self.io.read_own_pending(1 if single else self.batch, cursor)
             if not entries:
+                self._refused_writes.clear()  # nothing of ours is pending: no record holds
                 return
             stream = entries[0].stream
             counts = await self.io.delivery_counts(stream, [e.entry_id for e in entries])

@@ -403,31 +403,51 @@ def _short(exc: BaseException) -> str:
 def _predict_apart(
     model: Any, x: np.ndarray, rows: np.ndarray, exc: Exception
 ) -> list[tuple[int, float, str | None]]:
-    """After a batch call raised: each row's outcome as if it were predicted alone, so that
-    one row a model refuses (a NaN an sklearn estimator rejects) does not fail the rows that
-    share its batch. Rows with and without NaN are tried as two groups first, then one by one
-    within a group that still raises."""
+    """After a batch call raised: each row's outcome as if its kind of rows were predicted
+    apart, so that rows a model refuses (NaN, which sklearn estimators reject) do not fail the
+    rows that share their batch. The rows without NaN are tried as one call, then, if that
+    raises too, one by one, unless the first and the middle one also raise alone (the model
+    is broken for every row: one call per row would cost a drain's batch seconds). The rows
+    with NaN are one call, their outcome shared (a model refuses NaN rows, or takes them)."""
     if rows.size == 1:
         return [(int(rows[0]), np.nan, f"error:{type(exc).__name__}")]
     finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
     out: list[tuple[int, float, str | None]] = []
-    groups = [np.flatnonzero(finite), np.flatnonzero(~finite)]
-    if groups[1].size == 0:  # the batch was one group: straight to one by one
-        groups = [np.array([j]) for j in groups[0]]
-    while groups:
-        group = groups.pop(0)
+    for group, nan_rows in ((np.flatnonzero(finite), False), (np.flatnonzero(~finite), True)):
         if group.size == 0:
             continue
-        try:
-            values = _predict_padded(model, x[group])
-        except Exception as group_exc:
-            if group.size > 1:
-                groups[:0] = [np.array([j]) for j in group]
+        if group.size == rows.size:  # the call that raised was this group already
+            failure: Exception | None = exc
+        else:
+            failure = None
+            try:
+                values = _predict_padded(model, x[group])
+            except Exception as group_exc:
+                failure = group_exc
             else:
-                out.append((int(rows[group[0]]), np.nan, f"error:{type(group_exc).__name__}"))
+                out += [(int(rows[j]), float(v), None) for j, v in zip(group, values, strict=True)]
+                continue
+        assert failure is not None
+        if nan_rows or group.size == 1 or _raises_alone(model, x, group[[0, group.size // 2]]):
+            reason = f"error:{type(failure).__name__}"
+            out += [(int(rows[j]), np.nan, reason) for j in group]
             continue
-        out += [(int(rows[j]), float(v), None) for j, v in zip(group, values, strict=True)]
+        for j in group:
+            try:
+                out.append((int(rows[j]), float(_predict_padded(model, x[j : j + 1])[0]), None))
+            except Exception as row_exc:
+                out.append((int(rows[j]), np.nan, f"error:{type(row_exc).__name__}"))
     return out
+
+
+def _raises_alone(model: Any, x: np.ndarray, probes: np.ndarray) -> bool:
+    for j in probes:
+        try:
+            _predict_padded(model, x[j : j + 1])
+        except Exception:
+            continue
+        return False
+    return True
 
 
 def _predict_padded(model: Any, x: np.ndarray) -> np.ndarray:

@@ -98,7 +98,9 @@ def _torch_module_handler(obj: Any, meta: ModelMeta, device: str) -> Any:
         )
     if not isinstance(obj, torch.nn.Module):
         return None
-    from handlers.torchscript import TorchModuleHandler, torch_device
+    from handlers.torchscript import TorchModuleHandler, configure_torch, torch_device
+
+    configure_torch()  # before the handler's first computation (MKL's reproducible mode)
 
     class PickledTorchModuleHandler(TorchModuleHandler):
         format_name: ClassVar[str] = "pickle"

@@ -185,20 +185,23 @@ def padded_chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 # A TensorFlow model's value for a row depends on how many rows share its call (measured on
-# AVX2: 1 row in 1,000 differs in its last bits between batches of 96 and 128 rows), never on
-# the row's place within a call of a given size. Such a model is always called with the same
-# number of rows, padded: as many as a light batch can afford to compute for nothing.
-FIXED_BATCH_MAX = 4096  # 8 reads of streams.batch = 512: a whole drain batch in one call
-FIXED_BATCH_MIN = 64
+# AVX2: 1 row in 1,000 differs in its last bits between calls of 96 and 128 rows), and, in a
+# call whose size is not a multiple of the kernel's row panel (3 vectors of floats: 24 rows
+# on AVX2, 48 on AVX-512), on whether the row falls in the last, partial panel. Such a model is
+# always called with the same number of rows, a multiple of 96, padded: as many as a light
+# batch can afford to compute for nothing.
+FIXED_BATCH_SIZES = (4608, 2304, 1152, 576, 288, 192, 96)  # 4608: a 4,096-row drain batch
+FIXED_BATCH_MAX = FIXED_BATCH_SIZES[0]
+FIXED_BATCH_MIN = FIXED_BATCH_SIZES[-1]
 PADDING_WORK = 2e6  # flops a call may spend on padding (about 0.4 ms on one AVX2 core)
 
 
 def fixed_batch_for(params: int, steps: int = 1) -> int:
     """The rows per call of a model with `params` weights applied `steps` times per row (the
-    sequence length of a recurrent model): the largest power of two up to FIXED_BATCH_MAX
-    whose work stays within PADDING_WORK, and at least FIXED_BATCH_MIN."""
+    sequence length of a recurrent model): the largest of FIXED_BATCH_SIZES whose work stays
+    within PADDING_WORK, at least FIXED_BATCH_MIN."""
     work = 2 * max(1, params) * max(1, steps)
-    size = FIXED_BATCH_MAX
-    while size > FIXED_BATCH_MIN and size * work > PADDING_WORK:
-        size //= 2
-    return size
+    for size in FIXED_BATCH_SIZES:
+        if size * work <= PADDING_WORK:
+            return size
+    return FIXED_BATCH_MIN

@@ -92,7 +92,10 @@ class SavedModelHandler:
         self._input_dtype = spec.dtype.as_numpy_dtype
         self._device_name = device_name
         self._binary = meta.binary
-        params = sum(int(np.prod(v.shape)) for v in getattr(loaded, "variables", ()))
+        # The signature's own variables: a plain tf.Module's SavedModel lists none on the
+        # loaded object, its concrete function captures them all.
+        captured = getattr(fn, "variables", None) or getattr(loaded, "variables", None) or ()
+        params = sum(int(np.prod(v.shape)) for v in captured)
         self.fixed_batch = fixed_batch_for(params, meta.sequence_length or 1)
         self.predict(np.zeros((1, *self._row_shape), dtype=np.float32))  # fail at load, not later
 

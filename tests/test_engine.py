@@ -349,6 +349,52 @@ def test_a_family_that_fails_on_every_row_still_fails_each_row() -> None:
     assert [r["t"]["failed"] for r in rows] == [{"Bad": "error:RuntimeError"}] * 3
 
 
+class _Picky:
+    """Raises on any batch with a NaN, or with a value above `limit` (a row it refuses)."""
+
+    format_name = "picky"
+    accepts_nan = True
+
+    def __init__(self, limit: float = np.inf) -> None:
+        self.limit, self.calls = limit, 0
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if np.isnan(batch).any() or (batch > self.limit).any():
+            raise ValueError("refused")
+        return batch[:, 0].astype(np.float64)
+
+
+def test_a_failing_batch_is_retried_at_a_bounded_cost() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 4))
+    x[::7, 1] = np.nan  # new symbols' rows
+    rows = np.arange(500)
+    broken = _Raises()
+    calls = {"n": 0}
+
+    def counting(batch: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        return broken.predict(batch)
+
+    broken_model = type("Broken", (), {"predict": staticmethod(counting)})()
+    out = engine_mod._predict_apart(broken_model, x, rows, RuntimeError("x"))
+    assert len(out) == 500 and all(why == "error:RuntimeError" for _, _, why in out)
+    assert calls["n"] <= 4  # the two groups, two probes: not one call per row
+    # NaN rows only (every symbol new): no call at all beyond the one that raised
+    picky = _Picky()
+    out = engine_mod._predict_apart(picky, x[::7], rows[::7], ValueError("refused"))
+    assert picky.calls == 0 and all(why == "error:ValueError" for _, _, why in out)
+    # one finite row the model refuses: it fails alone, the others get their values
+    y = rng.normal(size=(300, 4))
+    y[123, 2] = 50.0
+    picky = _Picky(limit=10.0)
+    out = dict((i, (v, why)) for i, v, why in engine_mod._predict_apart(
+        picky, y, np.arange(300), ValueError("refused")))
+    assert out[123] == (out[123][0], "error:ValueError") and np.isnan(out[123][0])
+    assert all(out[i] == (y[i, 0], None) for i in range(300) if i != 123)
+
+
 def test_seed_api_predict_and_predict_all_families_with_a_mock_loader() -> None:
     engine = InferenceEngine(FakeLoader({"Good": _Constant(1.5), "Bad": _Raises()}))
     assert engine.predict("t", "Good", [0.1, 0.2]) == 1.5

@@ -438,3 +438,71 @@ def test_a_multiclass_tree_model_is_refused_at_load(tmp_path: Path, framework: s
     mf.write_meta(directory, ["f0", "f1"])
     with pytest.raises(ModelLoadError, match=r"model output has shape \(1, 3\)"):
         ModelLoader(tmp_path).load_model(TARGET, "Multi")
+
+
+def test_a_plain_tf_module_savedmodel_is_sized_by_its_signatures_variables(
+    tmp_path: Path,
+) -> None:
+    # tf.saved_model.load of a plain tf.Module lists no variables on the loaded object; its
+    # serving signature captures them. A large model must get a small fixed batch.
+    import tensorflow as tf
+
+    from handlers.registry import FIXED_BATCH_MIN
+
+    class Wide(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1 = tf.Variable(tf.random.normal((4, 4000), seed=1))
+            self.w2 = tf.Variable(tf.random.normal((4000, 1), seed=2))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def __call__(self, x: tf.Tensor) -> tf.Tensor:
+            return tf.nn.relu(x @ self.w1) @ self.w2
+
+    directory = mf.family_dir(tmp_path, TARGET, "Wide")
+    module = Wide()
+    tf.saved_model.save(module, str(directory / "model"),
+                        signatures={"serving_default": module.__call__})
+    mf.write_meta(directory, FEATURES)
+    handler, _ = ModelLoader(tmp_path).load_model(TARGET, "Wide")
+    assert handler.fixed_batch == FIXED_BATCH_MIN
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    want = module(tf.constant(x)).numpy().reshape(-1)
+    np.testing.assert_allclose(handler.predict(x), want, rtol=1e-5)
+
+
+def test_a_keras_rows_value_does_not_depend_on_its_place_in_the_call(tmp_path: Path) -> None:
+    # A call's last rows fall in a partial kernel panel unless the call's size is a multiple of
+    # it (on AVX2: 3 x 8 rows); measured, 4,096-row calls rounded the last rows apart.
+    import keras
+
+    from handlers.engine import _predict_padded
+    from handlers.registry import FIXED_BATCH_SIZES
+
+    keras.utils.set_random_seed(0)
+    n_features = 20
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(6, n_features)).astype(np.float32)
+    for width in (64, 32, 16):
+        model = keras.Sequential([
+            keras.Input((n_features,)), keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(width, activation="relu"), keras.layers.Dense(1),
+        ])
+        directory = mf.family_dir(tmp_path, TARGET, f"MLP{width}")
+        model.save(directory / "model.keras")
+        mf.write_meta(directory, [f"f{i}" for i in range(n_features)])
+        handler, _ = ModelLoader(tmp_path).load_model(TARGET, f"MLP{width}")
+        assert handler.fixed_batch in FIXED_BATCH_SIZES
+        for size in FIXED_BATCH_SIZES:  # any size a model may be given
+            handler.fixed_batch = size
+            for row in rows:
+                values = set()
+                for place in (0, 1, size // 2, size - 3, size - 2, size - 1):
+                    x = rng.normal(size=(size, n_features)).astype(np.float32)
+                    x[place] = row
+                    values.add(float(handler.predict(x)[place]))
+                for n in (1, 130):  # the engine's calls: padded to the fixed size
+                    x = rng.normal(size=(n, n_features)).astype(np.float32)
+                    x[n - 1] = row
+                    values.add(float(_predict_padded(handler, x)[n - 1]))
+                assert len(values) == 1, (width, size, values)

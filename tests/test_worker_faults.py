@@ -203,6 +203,70 @@ async def test_a_failing_partition_another_instance_took_is_not_reported_failing
         await redis.aclose()
 
 
+async def test_refusals_of_entries_redis_lost_do_not_shield_a_later_poison_entrys_neighbours(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis refuses a batch's write 6 times, then restarts without its data: the refused
+    # entries are gone. A later poison entry must still be retried alone after its second
+    # delivery, so that it ends as poison alone and its neighbours are published.
+    from daemon.pipeline import Pipeline
+
+    real_run = Pipeline.run
+
+    def poisoned_run(self: Pipeline, cols: object, *args: object, **kw: object) -> object:
+        if "POISON" in cols.symbols:  # type: ignore[attr-defined]
+            raise RuntimeError("a bar that crashes the batch code")
+        return real_run(self, cols, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Pipeline, "run", poisoned_run)
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    real_commit = StreamIO.commit
+    state = {"refused": 0, "oom": True}
+
+    async def commit(self: StreamIO, token: str, c: object, **kw: bool) -> int:
+        if state["oom"]:
+            state["refused"] += 1
+            if state["refused"] == 6:  # Redis restarts: its data is gone
+                await redis.flushall()
+                await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+                state["oom"] = False
+            raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        return await real_commit(self, token, c, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StreamIO, "commit", commit)
+    service = _service(lgb_run, redis)
+    await service.start()
+    task = asyncio.create_task(service.run())
+    loop = asyncio.get_running_loop()
+    try:
+        for bar in h.walk_bars(["AAA", "BBB"], 2, seed=4):
+            await redis.xadd("bars", encode_bar(bar))
+        deadline = loop.time() + 60
+        while state["oom"] or service.workers[0].role != Role.ACTIVE:
+            assert loop.time() < deadline, "Redis never came back"
+            await asyncio.sleep(0.05)
+        bars = h.walk_bars([f"S{i}" for i in range(7)], 1, seed=5)
+        poison = h.bar_fields({**bars[0], "symbol": "POISON"})
+        for fields in [h.bar_fields(b) for b in bars[:3]] + [poison] + [
+            h.bar_fields(b) for b in bars[3:]
+        ]:
+            await redis.xadd("bars", fields)
+        deadline = loop.time() + 60
+        while (await redis.xpending("bars", "livepred"))["pending"] or (
+            await redis.xlen("predictions") + await redis.xlen("bars:dead") < 8
+        ):
+            assert loop.time() < deadline, "stuck"
+            await asyncio.sleep(0.1)
+        dead = [f[b"error"] for _, f in await redis.xrange("bars:dead")]
+        assert dead == [b"max_deliveries"]
+        assert await redis.xlen("predictions") == 7
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await redis.aclose()
+
+
 async def _check_takeover(redis: object, stream: str) -> None:
     await redis.xgroup_create(stream, "g", id="$", mkstream=True)  # type: ignore[attr-defined]
     ids = [await redis.xadd(stream, {"n": str(i)}) for i in range(1500)]  # type: ignore[attr-defined]
