@@ -11,6 +11,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import numpy as np
@@ -84,7 +85,7 @@ async def test_an_unexpected_error_is_retried_not_fatal(
         async def flaky_commit(self: StreamIO, token: str, commit: object, **kw: bool) -> int:
             if failures["left"]:
                 failures["left"] -= 1
-                raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+                raise ResponseError(OOM)
             return await real_commit(self, token, commit, **kw)  # type: ignore[arg-type]
 
         monkeypatch.setattr(StreamIO, "commit", flaky_commit)
@@ -108,6 +109,22 @@ async def test_an_unexpected_error_is_retried_not_fatal(
     await redis.aclose()
 
 
+async def _until(check: Any, seconds: float, what: str) -> None:
+    """Poll `check()` (plain or async) until it is true; fail with `what` after `seconds`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        done = check()
+        if asyncio.iscoroutine(done):
+            done = await done
+        if done:
+            return
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+OOM = "OOM command not allowed when used memory > 'maxmemory'."
+
+
 async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
     lgb_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -122,7 +139,7 @@ async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
     async def oom_commit(self: StreamIO, token: str, commit: object, **kw: bool) -> int:
         if full["on"]:
             full["refused"] += 1
-            raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+            raise ResponseError(OOM)
         return await real_commit(self, token, commit, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(StreamIO, "commit", oom_commit)
@@ -130,36 +147,24 @@ async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
     await service.start()
     task = asyncio.create_task(service.run())
     try:
-        deadline = asyncio.get_running_loop().time() + 10
-        while service.workers[0].role != Role.ACTIVE:
-            assert asyncio.get_running_loop().time() < deadline, "never active"
-            await asyncio.sleep(0.01)
+        await _until(lambda: service.workers[0].role == Role.ACTIVE, 10, "never active")
         bars = h.walk_bars(["AAA", "BBB"], 3, seed=4)
         for bar in bars:  # the burst's last bars: nothing arrives after them
             await redis.xadd("bars", encode_bar(bar))
-        deadline = asyncio.get_running_loop().time() + 5
-        while (problem := await service.health()) is None:
-            assert asyncio.get_running_loop().time() < deadline, "no failure reported"
-            await asyncio.sleep(0.01)
-        assert "failing" in problem and "OOM" in problem
+        await _until(service.health, 5, "no failure reported")
+        problem = await service.health()
+        assert problem is not None and "failing" in problem and "OOM" in problem
         # More refusals than MAX_DELIVERIES: Redis's refusals are not the entries' fault, so
         # they must not end as poison. Backing off: not a tight restart loop.
         started = asyncio.get_running_loop().time()
-        while full["refused"] <= worker_module.MAX_DELIVERIES + 1:
-            assert asyncio.get_running_loop().time() < started + 20, full
-            await asyncio.sleep(0.05)
+        await _until(lambda: full["refused"] > worker_module.MAX_DELIVERIES + 1, 20, str(full))
         assert asyncio.get_running_loop().time() - started > 1.5
         metrics = service.metrics.render().decode()
         assert 'livepred_partition_failures_total{partition="-"}' in metrics
         assert "livepred_redis_errors_total 0.0" not in metrics
         assert await redis.xlen("predictions") == 0
         full["on"] = False
-        deadline = asyncio.get_running_loop().time() + 25
-        while await redis.xlen("predictions") < len(bars) or (
-            await redis.xpending("bars", "livepred")
-        )["pending"]:
-            assert asyncio.get_running_loop().time() < deadline, "not recovered"
-            await asyncio.sleep(0.02)
+        await _until(lambda: _settled(redis, len(bars)), 25, "not recovered")
         assert await service.health() is None
         outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
         assert len({o.src for o in outputs}) == len(outputs) == len(bars)
@@ -179,7 +184,7 @@ async def test_a_failing_partition_another_instance_took_is_not_reported_failing
     await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
 
     async def oom_commit(self: StreamIO, token: str, commit: object, **kw: bool) -> int:
-        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        raise ResponseError(OOM)
 
     monkeypatch.setattr(StreamIO, "commit", oom_commit)
     service = _service(lgb_run, redis)
@@ -188,15 +193,13 @@ async def test_a_failing_partition_another_instance_took_is_not_reported_failing
     try:
         for bar in h.walk_bars(["AAA"], 2, seed=4):
             await redis.xadd("bars", encode_bar(bar))
-        deadline = asyncio.get_running_loop().time() + 10
-        while await service.health() is None:
-            assert asyncio.get_running_loop().time() < deadline, "no failure reported"
-            await asyncio.sleep(0.01)
+        await _until(service.health, 10, "no failure reported")
         await redis.set("livepred:lease", "other-instance:1", px=60_000)
-        deadline = asyncio.get_running_loop().time() + 20
-        while await service.health() is not None or service.workers[0].role != Role.STANDBY:
-            assert asyncio.get_running_loop().time() < deadline, await service.health()
-            await asyncio.sleep(0.05)
+
+        async def standing_by_healthy() -> bool:
+            return service.workers[0].role == Role.STANDBY and await service.health() is None
+
+        await _until(standing_by_healthy, 20, "still reported failing")
     finally:
         service.request_stop()
         assert await asyncio.wait_for(task, 15) == 0
@@ -231,33 +234,29 @@ async def test_refusals_of_entries_redis_lost_do_not_shield_a_later_poison_entry
                 await redis.flushall()
                 await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
                 state["oom"] = False
-            raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+            raise ResponseError(OOM)
         return await real_commit(self, token, c, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(StreamIO, "commit", commit)
     service = _service(lgb_run, redis)
     await service.start()
     task = asyncio.create_task(service.run())
-    loop = asyncio.get_running_loop()
     try:
         for bar in h.walk_bars(["AAA", "BBB"], 2, seed=4):
             await redis.xadd("bars", encode_bar(bar))
-        deadline = loop.time() + 60
-        while state["oom"] or service.workers[0].role != Role.ACTIVE:
-            assert loop.time() < deadline, "Redis never came back"
-            await asyncio.sleep(0.05)
+        await _until(lambda: not state["oom"] and service.workers[0].role == Role.ACTIVE, 60,
+                     "Redis never came back")
         bars = h.walk_bars([f"S{i}" for i in range(7)], 1, seed=5)
         poison = h.bar_fields({**bars[0], "symbol": "POISON"})
         for fields in [h.bar_fields(b) for b in bars[:3]] + [poison] + [
             h.bar_fields(b) for b in bars[3:]
         ]:
             await redis.xadd("bars", fields)
-        deadline = loop.time() + 60
-        while (await redis.xpending("bars", "livepred"))["pending"] or (
-            await redis.xlen("predictions") + await redis.xlen("bars:dead") < 8
-        ):
-            assert loop.time() < deadline, "stuck"
-            await asyncio.sleep(0.1)
+        async def all_handled() -> bool:
+            handled = await redis.xlen("predictions") + await redis.xlen("bars:dead")
+            return handled >= 8 and not (await redis.xpending("bars", "livepred"))["pending"]
+
+        await _until(all_handled, 60, "stuck")
         dead = [f[b"error"] for _, f in await redis.xrange("bars:dead")]
         assert dead == [b"max_deliveries"]
         assert await redis.xlen("predictions") == 7
@@ -265,6 +264,13 @@ async def test_refusals_of_entries_redis_lost_do_not_shield_a_later_poison_entry
         service.request_stop()
         assert await asyncio.wait_for(task, 15) == 0
         await redis.aclose()
+
+
+async def _settled(redis: fakeredis.FakeAsyncRedis, outputs: int) -> bool:
+    """`outputs` predictions published and nothing pending."""
+    if await redis.xlen("predictions") < outputs:
+        return False
+    return not (await redis.xpending("bars", "livepred"))["pending"]
 
 
 async def _check_takeover(redis: object, stream: str) -> None:
