@@ -122,6 +122,19 @@ async def _until(check: Any, seconds: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def _serving(service: Service, redis: fakeredis.FakeAsyncRedis) -> Any:
+    """The service started and running; stopped (exit 0) and Redis closed afterwards."""
+    await service.start()
+    task = asyncio.create_task(service.run())
+    try:
+        yield task
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await redis.aclose()
+
+
 OOM = "OOM command not allowed when used memory > 'maxmemory'."
 
 
@@ -144,9 +157,7 @@ async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
 
     monkeypatch.setattr(StreamIO, "commit", oom_commit)
     service = _service(lgb_run, redis)
-    await service.start()
-    task = asyncio.create_task(service.run())
-    try:
+    async with _serving(service, redis):
         await _until(lambda: service.workers[0].role == Role.ACTIVE, 10, "never active")
         bars = h.walk_bars(["AAA", "BBB"], 3, seed=4)
         for bar in bars:  # the burst's last bars: nothing arrives after them
@@ -169,10 +180,6 @@ async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
         outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
         assert len({o.src for o in outputs}) == len(outputs) == len(bars)
         assert await redis.xlen("bars:dead") == 0
-    finally:
-        service.request_stop()
-        assert await asyncio.wait_for(task, 15) == 0
-        await redis.aclose()
 
 
 async def test_a_failing_partition_another_instance_took_is_not_reported_failing(
@@ -188,9 +195,7 @@ async def test_a_failing_partition_another_instance_took_is_not_reported_failing
 
     monkeypatch.setattr(StreamIO, "commit", oom_commit)
     service = _service(lgb_run, redis)
-    await service.start()
-    task = asyncio.create_task(service.run())
-    try:
+    async with _serving(service, redis):
         for bar in h.walk_bars(["AAA"], 2, seed=4):
             await redis.xadd("bars", encode_bar(bar))
         await _until(service.health, 10, "no failure reported")
@@ -200,10 +205,6 @@ async def test_a_failing_partition_another_instance_took_is_not_reported_failing
             return service.workers[0].role == Role.STANDBY and await service.health() is None
 
         await _until(standing_by_healthy, 20, "still reported failing")
-    finally:
-        service.request_stop()
-        assert await asyncio.wait_for(task, 15) == 0
-        await redis.aclose()
 
 
 async def test_refusals_of_entries_redis_lost_do_not_shield_a_later_poison_entrys_neighbours(
@@ -239,9 +240,7 @@ async def test_refusals_of_entries_redis_lost_do_not_shield_a_later_poison_entry
 
     monkeypatch.setattr(StreamIO, "commit", commit)
     service = _service(lgb_run, redis)
-    await service.start()
-    task = asyncio.create_task(service.run())
-    try:
+    async with _serving(service, redis):
         for bar in h.walk_bars(["AAA", "BBB"], 2, seed=4):
             await redis.xadd("bars", encode_bar(bar))
         await _until(lambda: not state["oom"] and service.workers[0].role == Role.ACTIVE, 60,
@@ -260,10 +259,6 @@ async def test_refusals_of_entries_redis_lost_do_not_shield_a_later_poison_entry
         dead = [f[b"error"] for _, f in await redis.xrange("bars:dead")]
         assert dead == [b"max_deliveries"]
         assert await redis.xlen("predictions") == 7
-    finally:
-        service.request_stop()
-        assert await asyncio.wait_for(task, 15) == 0
-        await redis.aclose()
 
 
 async def _settled(redis: fakeredis.FakeAsyncRedis, outputs: int) -> bool:
