@@ -6,6 +6,7 @@ permissions before this module ever opens one.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import sys
 import warnings
@@ -25,6 +26,7 @@ from handlers.registry import (
 )
 
 Predictor = Callable[[np.ndarray], np.ndarray]
+log = logging.getLogger(__name__)
 
 
 class PickledHandler:
@@ -37,10 +39,16 @@ class PickledHandler:
     format_name: ClassVar[str] = "pickle"
     accepts_nan: ClassVar[bool] = True
 
-    def __init__(self, predict_rows: Predictor, meta: ModelMeta, kind: str) -> None:
+    def __init__(
+        self, predict_rows: Predictor, meta: ModelMeta, kind: str, *, probe: bool = False
+    ) -> None:
         self._predict_rows = predict_rows
         self._row_shape = expected_input_shape(meta)
         self.kind = kind  # what was unpickled, for `inspect`: "lightgbm.LGBMClassifier", ...
+        # Called one row at a time (the engine reads this) when a row's value depends on its
+        # place in a batch: code that multiplies through BLAS (an sklearn MLP on float32)
+        # rounds rows by their position, which would make restarts and replay differ.
+        self.row_by_row = probe and _place_dependent(self.predict, self._row_shape)
 
     @classmethod
     def load(cls, path: Path, meta: ModelMeta, *, device: str = "cpu") -> Any:
@@ -52,7 +60,12 @@ class PickledHandler:
         booster_handler = _booster_handler(obj, meta)
         if booster_handler is not None:
             return cls(booster_handler.predict, meta, kind)
-        return cls(_estimator_predictor(obj, meta), meta, kind)
+        handler = cls(_estimator_predictor(obj, meta), meta, kind, probe=True)
+        if handler.row_by_row:
+            log.warning("%s: a row's value depends on its place in a batch (BLAS rounding):"
+                        " predicted one row per call, so that restarts and replay give the"
+                        " same values (slower; an ONNX export computes rows alike)", path)
+        return handler
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         rows = check_batch(batch, self._row_shape)
@@ -60,6 +73,25 @@ class PickledHandler:
 
     def close(self) -> None:
         self._predict_rows = _closed
+
+
+PROBE_ROWS = 96
+
+
+def _place_dependent(predict: Predictor, row_shape: tuple[int, ...]) -> bool:
+    """Whether rows get other values when the batch is shifted by 1 and by 6 rows (seeded
+    normal rows; a model that refuses them is taken as independent: nothing to compare)."""
+    rows = np.random.default_rng(0).normal(size=(PROBE_ROWS, *row_shape)).astype(np.float32)
+    try:
+        with np.errstate(all="ignore"):
+            base = np.asarray(predict(rows), dtype=np.float64)
+            for shift in (1, 6):
+                moved = np.asarray(predict(np.roll(rows, shift, axis=0)), dtype=np.float64)
+                if not np.array_equal(np.roll(moved, -shift), base, equal_nan=True):
+                    return True
+    except Exception:
+        return False
+    return False
 
 
 def _closed(rows: np.ndarray) -> np.ndarray:

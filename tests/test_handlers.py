@@ -506,3 +506,36 @@ def test_a_keras_rows_value_does_not_depend_on_its_place_in_the_call(tmp_path: P
                     x[n - 1] = row
                     values.add(float(_predict_padded(handler, x)[n - 1]))
                 assert len(values) == 1, (width, size, values)
+
+
+def test_a_pickle_whose_rows_round_by_their_place_is_called_row_by_row(tmp_path: Path) -> None:
+    # An sklearn MLP on float32 multiplies through OpenBLAS, whose kernel rounds rows by their
+    # place in the call (measured on AVX2: alternate groups of 6 rows). The engine must give a
+    # row the same value wherever it sits, as a restart or a replay would batch it otherwise.
+    from sklearn.linear_model import Ridge
+    from sklearn.neural_network import MLPRegressor
+
+    from handlers.engine import _predict_padded
+
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.normal(0, 0.02, (3000, 3)), rng.uniform(10, 90, 3000)])
+    X = X.astype(np.float32)
+    y = (X[:, 0] + X[:, 3] / 5000).astype(np.float32)
+    for name, model in (("SkMLP", MLPRegressor(hidden_layer_sizes=(64, 64), max_iter=20, random_state=0)),
+                        ("Ridge", Ridge())):
+        directory = mf.family_dir(tmp_path, TARGET, name)
+        mf._pickle_to(directory / "model.pkl", model.fit(X, y))
+        mf.write_meta(directory, FEATURES)
+        handler, _ = ModelLoader(tmp_path).load_model(TARGET, name)
+        own = model.predict  # does the model itself round rows by their place?
+        shifted = np.roll(own(np.roll(X[:96], 6, axis=0)), -6)
+        assert handler.row_by_row == (not np.array_equal(shifted, own(X[:96])))
+        if name == "Ridge":
+            assert not handler.row_by_row
+        for row in X[:4]:
+            values = set()
+            for n, place in ((1, 0), (40, 7), (96, 95), (300, 150)):
+                batch = X[500 : 500 + n].copy()
+                batch[place] = row
+                values.add(float(_predict_padded(handler, batch)[place]))
+            assert len(values) == 1, (name, values)
