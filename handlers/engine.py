@@ -455,12 +455,14 @@ def _predict_padded(model: Any, x: np.ndarray) -> np.ndarray:
     rows beside it: on a multiple of BATCH_QUANTUM rows, or on exactly `fixed_batch` rows per
     call for a handler that has one (TensorFlow); a static-batch handler chunks itself."""
     n = x.shape[0]
+    if n == 0:
+        return np.empty(0)
     if getattr(model, "row_by_row", False):  # see handlers.pickled: one call per row
         parts = [np.asarray(model.predict(x[i : i + 1]), dtype=np.float64).reshape(-1)
                  for i in range(n)]
         if any(part.shape[0] != 1 for part in parts):
             raise ValueError("model returned other than one value for one row")
-        return np.concatenate(parts) if parts else np.empty(0)
+        return np.concatenate(parts)
     fixed = getattr(model, "fixed_batch", None)
     if fixed:
         chunks = padded_chunks(x, fixed)
