@@ -10,7 +10,17 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from daemon.batch import BatchReport, run_batch
 from daemon.entries import Commit, EntryBatch
@@ -319,7 +329,9 @@ class PartitionWorker:
         started = time.perf_counter()
         try:
             await asyncio.shield(self._commit(commit))
-        except RedisError:
+        except RedisError as exc:
+            if not _refused_by_redis(exc):
+                raise  # e.g. a script error: it may be the entries', it counts
             for stream, ids in commit.acks.items():
                 for entry_id in ids:
                     key = f"{stream}/{entry_id}"
@@ -400,6 +412,18 @@ class PartitionWorker:
             if result == ALREADY_COMMITTED:
                 self._log.info("batch was already committed before a dropped connection")
             return
+
+
+# Error replies that say Redis's state refused the write (memory, a replica, permissions, a
+# key of another type, a busy script), whatever the entries: their deliveries do not count.
+REFUSALS = (OutOfMemoryError, ReadOnlyError, NoPermissionError, BusyLoadingError,
+            MasterDownError, TryAgainError, ClusterDownError)
+REFUSAL_CODES = ("OOM", "READONLY", "NOREPLICAS", "BUSY", "NOPERM", "WRONGTYPE", "LOADING",
+                 "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "MISCONF")
+
+
+def _refused_by_redis(exc: RedisError) -> bool:
+    return isinstance(exc, REFUSALS) or str(exc).lstrip().startswith(REFUSAL_CODES)
 
 
 def _describe(exc: BaseException) -> str:

@@ -261,6 +261,37 @@ async def test_refusals_of_entries_redis_lost_do_not_shield_a_later_poison_entry
         assert await redis.xlen("predictions") == 7
 
 
+async def test_a_write_error_that_is_not_redis_refusing_still_counts_towards_poison(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A script error on one entry's output (not Redis's state: memory, replica, permissions)
+    # may be the entry's fault: it must end as poison, not be retried for ever.
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    real_commit = StreamIO.commit
+
+    async def commit(self: StreamIO, token: str, c: object, **kw: bool) -> int:
+        if any(symbol == b"ODD" for symbol, _ in c.outputs):  # type: ignore[attr-defined]
+            raise ResponseError("ERR Error running script: too many results to unpack")
+        return await real_commit(self, token, c, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StreamIO, "commit", commit)
+    service = _service(lgb_run, redis)
+    async with _serving(service, redis):
+        await _until(lambda: service.workers[0].role == Role.ACTIVE, 10, "never active")
+        for bar in h.walk_bars(["AAA", "ODD", "BBB"], 1, seed=4):
+            await redis.xadd("bars", encode_bar(bar))
+
+        async def handled() -> bool:
+            return await redis.xlen("bars:dead") >= 1 and await _settled(redis, 2)
+
+        await _until(handled, 40, "the odd entry never ended as poison")
+        dead = [f for _, f in await redis.xrange("bars:dead")]
+        assert [f[b"error"] for f in dead] == [b"max_deliveries"]
+        assert {decode_prediction(f).symbol for _, f in await redis.xrange("predictions")} == {
+            "AAA", "BBB"}
+
+
 async def _settled(redis: fakeredis.FakeAsyncRedis, outputs: int) -> bool:
     """`outputs` predictions published and nothing pending."""
     if await redis.xlen("predictions") < outputs:
