@@ -109,6 +109,13 @@ async def test_an_unexpected_error_is_retried_not_fatal(
     await redis.aclose()
 
 
+async def _bars_with_group() -> fakeredis.FakeAsyncRedis:
+    """A fakeredis whose `bars` stream has the daemon's group (at its end)."""
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    return redis
+
+
 async def _until(check: Any, seconds: float, what: str) -> None:
     """Poll `check()` (plain or async) until it is true; fail with `what` after `seconds`."""
     deadline = asyncio.get_running_loop().time() + seconds
@@ -144,8 +151,7 @@ async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
     # Redis at maxmemory: every commit is refused with OOM. The failure must show at once
     # (not when another bar arrives), in /healthz and the metrics, with retries slowing down;
     # once Redis takes writes again every bar is published once.
-    redis = fakeredis.FakeAsyncRedis()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    redis = await _bars_with_group()
     real_commit = StreamIO.commit
     full = {"on": True, "refused": 0}
 
@@ -187,8 +193,7 @@ async def test_a_failing_partition_another_instance_took_is_not_reported_failing
 ) -> None:
     # This instance's writes fail; the lease goes to another instance (ours lapsed while we
     # backed off). Standing by, this instance is healthy: the partition is not its to serve.
-    redis = fakeredis.FakeAsyncRedis()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    redis = await _bars_with_group()
 
     async def oom_commit(self: StreamIO, token: str, commit: object, **kw: bool) -> int:
         raise ResponseError(OOM)
@@ -223,8 +228,7 @@ async def test_refusals_of_entries_redis_lost_do_not_shield_a_later_poison_entry
         return real_run(self, cols, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Pipeline, "run", poisoned_run)
-    redis = fakeredis.FakeAsyncRedis()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    redis = await _bars_with_group()
     real_commit = StreamIO.commit
     state = {"refused": 0, "oom": True}
 
@@ -266,8 +270,7 @@ async def test_a_write_error_that_is_not_redis_refusing_still_counts_towards_poi
 ) -> None:
     # A script error on one entry's output (not Redis's state: memory, replica, permissions)
     # may be the entry's fault: it must end as poison, not be retried for ever.
-    redis = fakeredis.FakeAsyncRedis()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    redis = await _bars_with_group()
     real_commit = StreamIO.commit
 
     async def commit(self: StreamIO, token: str, c: object, **kw: bool) -> int:
@@ -370,8 +373,7 @@ async def test_an_entry_that_always_fails_ends_as_poison_alone(
 ) -> None:
     """A batch that keeps failing because of one entry: after the retries the entries are
     processed one by one, so only the culprit is dead-lettered (`max_deliveries`)."""
-    redis = fakeredis.FakeAsyncRedis()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    redis = await _bars_with_group()
     bars = h.walk_bars(["AAA", "BBB", "CCC"], 5, seed=4)
     ids = [await redis.xadd("bars", encode_bar(bar)) for bar in bars]
     culprit = ids[7].decode()
