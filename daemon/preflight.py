@@ -40,6 +40,9 @@ async def check_redis(redis: Any, settings: Settings) -> RedisCheck:
         report.unreachable = f"redis.url = {url!r}: no answer: {exc or type(exc).__name__}"
         return report
     report.lines.append(f"redis   {url}: Redis {_version(info)}")
+    policy = await evicting_policy(redis)
+    if policy is not None:
+        report.lines.append("warning: " + EVICTION_WARNING.format(policy=policy))
     group = settings.streams.group
     try:
         for keys in partition_keys(settings):
@@ -52,6 +55,27 @@ async def check_redis(redis: Any, settings: Settings) -> RedisCheck:
     except (RedisError, OSError, TimeoutError) as exc:
         report.problems.append(f"redis.url = {url!r}: a read failed: {exc}")
     return report
+
+
+async def evicting_policy(redis: Any) -> str | None:
+    """Redis's maxmemory-policy when it evicts keys (streams, groups, the lease can vanish
+    under memory pressure), else None; None too when INFO cannot be read."""
+    try:
+        info = await asyncio.wait_for(redis.info("memory"), timeout=TIMEOUT_S)
+    except Exception:  # INFO renamed away, not granted, or a client without it
+        return None
+    if isinstance(info, dict) and "maxmemory_policy" not in info:  # a cluster: per node
+        nodes = [v for v in info.values() if isinstance(v, dict)]
+        info = nodes[0] if nodes else info
+    policy = str(info.get("maxmemory_policy", "noeviction")) if isinstance(info, dict) else ""
+    return None if policy in ("", "noeviction") else policy
+
+
+EVICTION_WARNING = (
+    "Redis evicts keys under memory pressure (maxmemory-policy = {policy}): input entries, the"
+    " consumer group or the lease can vanish; set maxmemory-policy noeviction (writes are then"
+    " refused and retried, nothing is lost)"
+)
 
 
 def _version(info: Any) -> str:

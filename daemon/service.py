@@ -16,6 +16,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 
 from daemon.observe import HealthServer, Metrics, SystemdNotifier
 from daemon.partitions import partition_keys
+from daemon.preflight import EVICTION_WARNING, evicting_policy
 from daemon.runtime import settle_heap
 from daemon.settings import Settings, redact_url
 from daemon.streams import StreamIO
@@ -287,6 +288,10 @@ class Service:
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("redis unavailable at start, retrying while serving",
                         url=redact_url(self.settings.redis.url), error=str(exc))
+            return
+        policy = await evicting_policy(self.redis)
+        if policy is not None:
+            log.warning(EVICTION_WARNING.format(policy=policy), policy=policy)
 
     async def run(self) -> int:
         if not self._started:
