@@ -295,13 +295,10 @@ class _Stderr:
     (the reader of a pipe gone: a log shipper or `| tee` that ended, a full disk) loses the
     line, never the caller: logging must not stop a worker or the reload loop."""
 
-    dropped = 0  # lines lost that way
-
     def write(self, text: str) -> int:
         try:
             return sys.stderr.write(text)
         except (OSError, ValueError):  # BrokenPipeError, EIO, ENOSPC; ValueError: closed
-            _Stderr.dropped += 1
             return 0
 
     def flush(self) -> None:

@@ -30,10 +30,7 @@ async def check_redis(redis: Any, settings: Settings) -> RedisCheck:
     report = RedisCheck()
     try:
         info = await asyncio.wait_for(redis.info("server"), timeout=TIMEOUT_S)
-    except (AuthenticationError, AuthorizationError) as exc:
-        report.problems.append(f"redis.url = {url!r}: Redis refused it: {exc}")
-        return report
-    except ResponseError as exc:  # e.g. a database index the server does not have
+    except (AuthenticationError, AuthorizationError, ResponseError) as exc:  # or a db index
         report.problems.append(f"redis.url = {url!r}: Redis refused it: {exc}")
         return report
     except (RedisError, OSError, TimeoutError) as exc:
@@ -64,11 +61,9 @@ async def evicting_policy(redis: Any) -> str | None:
         info = await asyncio.wait_for(redis.info("memory"), timeout=TIMEOUT_S)
     except Exception:  # INFO renamed away, not granted, or a client without it
         return None
-    if isinstance(info, dict) and "maxmemory_policy" not in info:  # a cluster: per node
-        nodes = [v for v in info.values() if isinstance(v, dict)]
-        info = nodes[0] if nodes else info
-    policy = str(info.get("maxmemory_policy", "noeviction")) if isinstance(info, dict) else ""
-    return None if policy in ("", "noeviction") else policy
+    policies = {str(node.get("maxmemory_policy", "noeviction")) for node in _nodes(info)}
+    evicting = sorted(policies - {"", "noeviction"})
+    return "/".join(evicting) or None
 
 
 EVICTION_WARNING = (
@@ -78,13 +73,17 @@ EVICTION_WARNING = (
 )
 
 
-def _version(info: Any) -> str:
-    """INFO's version; a cluster client answers with one INFO per node."""
+def _nodes(info: Any) -> list[dict[str, Any]]:
+    """An INFO reply as one dict per server: a cluster client answers with one per node."""
     if not isinstance(info, dict):
-        return "?"
-    if "redis_version" in info:
-        return str(info["redis_version"])
-    versions = sorted({str(v.get("redis_version")) for v in info.values() if isinstance(v, dict)})
+        return []
+    nodes = [v for v in info.values() if isinstance(v, dict)]
+    return nodes if nodes and len(nodes) == len(info) else [info]
+
+
+def _version(info: Any) -> str:
+    versions = sorted({str(node["redis_version"]) for node in _nodes(info)
+                       if "redis_version" in node})
     return "/".join(versions) or "?"
 
 

@@ -32,6 +32,7 @@ from daemon.rebuild import rebuild_pipeline
 from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, StreamIO
 from daemon.waits import Backoff, sleep_unless
 from handlers.engine import InferenceEngine
+from handlers.errors import short_error
 
 log = structlog.get_logger("livepred.worker")
 
@@ -151,12 +152,12 @@ class PartitionWorker:
                     # look healthy, so log, back off and start over. The batch's entries stay
                     # pending and are retried; one that keeps failing ends as poison after
                     # MAX_DELIVERIES. The same error again is one line, not a traceback.
-                    repeated = self.failing == _describe(exc)
+                    repeated = self.failing == short_error(exc)
                     delay = self._failed(exc, backoff)
                     if isinstance(exc, RedisError):
                         self.metrics.redis_error()
                     self._log.error(
-                        "partition failed, restarting it", error=_describe(exc), delay_s=delay,
+                        "partition failed, restarting it", error=short_error(exc), delay_s=delay,
                         exc_info=not repeated,
                     )
                     self.pipeline = None
@@ -173,7 +174,7 @@ class PartitionWorker:
         """Note a failure; the delay before the next try grows until progress is made."""
         if self.failing is None:
             backoff.reset()  # it worked since the last failure: start the backoff over
-        self.failing = _describe(exc)
+        self.failing = short_error(exc)
         self.metrics.partition_failure(self.partition)
         return backoff.next_s()
 
@@ -424,11 +425,6 @@ REFUSAL_CODES = ("OOM", "READONLY", "NOREPLICAS", "BUSY", "NOPERM", "WRONGTYPE",
 
 def _refused_by_redis(exc: RedisError) -> bool:
     return isinstance(exc, REFUSALS) or str(exc).lstrip().startswith(REFUSAL_CODES)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 
 def _run_batch_job(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from handlers.batch_io import NON_FINITE_OUTPUT, BatchInputs, BatchResult, InputSpec, TargetBatch
-from handlers.errors import InferenceError, ModelLoadError
+from handlers.errors import InferenceError, ModelLoadError, short_error
 from handlers.features import parse_feature, warmup_bars
 from handlers.meta import ModelMeta
 from handlers.registry import padded_chunks
@@ -97,7 +97,7 @@ class InferenceEngine:
         try:
             names = list(self.loader.list_available_families(target, view=view))
         except Exception as exc:  # a missing target is a refusal, not a crash
-            self.load_errors[(target, "*")] = _short(exc)
+            self.load_errors[(target, "*")] = short_error(exc)
             return []
         if self.family_filter:
             names = [n for n in names if n in self.family_filter]
@@ -107,7 +107,7 @@ class InferenceEngine:
                 loaded[family] = self._load_family(target, family, view)
                 self.load_errors.pop((target, family), None)
             except Exception as exc:
-                reason = exc.reason if isinstance(exc, ModelLoadError) else _short(exc)
+                reason = exc.reason if isinstance(exc, ModelLoadError) else short_error(exc)
                 self.load_errors[(target, family)] = reason
                 log.warning(
                     "model refused: %s/%s: %s", target, family, reason,
@@ -267,7 +267,7 @@ class InferenceEngine:
         try:
             fam = self._load_family(target, family, view or self.view)
         except Exception as exc:
-            reason = exc.reason if isinstance(exc, ModelLoadError) else _short(exc)
+            reason = exc.reason if isinstance(exc, ModelLoadError) else short_error(exc)
             raise InferenceError(family, "*", f"load failed: {reason}") from exc
         self.models.setdefault(target, {})[family] = fam
         self._spec = None
@@ -305,7 +305,7 @@ class InferenceEngine:
         except InferenceError:
             raise
         except Exception as exc:
-            raise InferenceError(family, symbol, _short(exc)) from exc
+            raise InferenceError(family, symbol, short_error(exc)) from exc
         if not np.isfinite(value):
             raise InferenceError(family, symbol, NON_FINITE_OUTPUT)
         return value
@@ -393,11 +393,6 @@ def _row_dtype(fam: LoadedFamily) -> type[np.floating[Any]]:
     """Raw OHLCV rows are kept in float64 (z-scored before the float32 cast), as in the
     daemon's buffers; feature rows are float32."""
     return np.float64 if fam.sequence is not None and fam.sequence.kind == RAW else np.float32
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 
 def _predict_apart(

@@ -34,3 +34,9 @@ class MissingDependencyError(LivepredError):
         self.package = package
         self.extra = extra
         super().__init__(f"{package} is not installed: pip install 'livepred[{extra}]'")
+
+
+def short_error(exc: BaseException) -> str:
+    """`Type: first line of the message` (at most 200 characters), or the type alone."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
