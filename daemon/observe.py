@@ -222,10 +222,17 @@ class Metrics:
 
 
 class HealthServer:
-    """GET /metrics (Prometheus text) and GET /healthz (200 ok / 503 with the reason)."""
+    """GET /metrics (Prometheus text), GET /healthz and GET /readyz (200 with what holds,
+    503 with the reason). `health` and `ready` are coroutines: None when fine, else why;
+    `roles` says what each partition does here (the body of a 200)."""
 
-    def __init__(self, metrics: Metrics, health: Any, host: str = "0.0.0.0", port: int = 9464):
+    def __init__(
+        self, metrics: Metrics, health: Any, host: str = "0.0.0.0", port: int = 9464,
+        ready: Any = None, roles: Any = None,
+    ):
         self.metrics, self.health, self.host, self.port = metrics, health, host, port
+        self.ready = ready or health
+        self.roles = roles or (lambda: "")
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -247,10 +254,13 @@ class HealthServer:
             path = parts[1] if len(parts) > 1 else "/"
             if path.startswith("/metrics"):
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.metrics.render()
-            elif path.startswith("/healthz"):
-                problem = await self.health()
+            elif path.startswith(("/healthz", "/readyz")):
+                probe = self.health if path.startswith("/healthz") else self.ready
+                problem = await probe()
                 status = "200 OK" if problem is None else "503 Service Unavailable"
-                ctype, body = "text/plain; charset=utf-8", (problem or "ok").encode() + b"\n"
+                roles = self.roles()
+                text = problem or ("ok: " + roles if roles else "ok")
+                ctype, body = "text/plain; charset=utf-8", text.encode() + b"\n"
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
             head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"

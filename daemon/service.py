@@ -230,7 +230,9 @@ class Service:
         # The port first: taken or not allowed, the start fails at once, before the models load.
         if self.settings.metrics.port:
             port = self.settings.metrics.port
-            self.health_server = HealthServer(self.metrics, self.health, port=port)
+            self.health_server = HealthServer(
+                self.metrics, self.health, port=port, ready=self.ready, roles=self.roles
+            )
             try:
                 await self.health_server.start()
             except OSError as exc:
@@ -399,6 +401,27 @@ class Service:
         except (RedisError, OSError, TimeoutError) as exc:
             return f"redis unreachable: {exc}"
         return self.stalled() or self.failing()
+
+    async def ready(self) -> str | None:
+        """None when every partition this instance holds is served, else why (/readyz):
+        unhealthy, or state still being rebuilt (a partition standing by is ready: it waits
+        for its lease by design)."""
+        problem = await self.health()
+        if problem is not None:
+            return problem
+        rebuilding = [_name(w.partition) for w in self.workers if w.role == Role.REBUILDING]
+        return f"rebuilding state: {', '.join(rebuilding)}" if rebuilding else None
+
+    def roles(self) -> str:
+        """What each partition does here, e.g. 'active 0,2; standby 1' ('active' alone for an
+        unpartitioned stream)."""
+        by_role: dict[str, list[str]] = {}
+        for w in self.workers:
+            name = "" if w.partition is None else str(w.partition)
+            by_role.setdefault(str(w.role), []).append(name)
+        return "; ".join(
+            f"{role} {','.join(names)}".rstrip() for role, names in sorted(by_role.items())
+        )
 
     def stalled(self) -> str | None:
         """The first active partition whose worker made no progress for too long, or None."""

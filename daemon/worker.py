@@ -182,6 +182,7 @@ class PartitionWorker:
         if role != self.role:
             self._log.info("partition role", role=str(role))
             self.role = role
+            self.last_progress_s = time.monotonic()  # the stall clock starts with the role
             self.metrics.role(self.partition, str(role))
 
     async def _hand_back(self, stop: asyncio.Event) -> None:
@@ -311,7 +312,9 @@ class PartitionWorker:
                 # from the stream (a pure function of the bars), then this batch runs on it.
                 # A reload during the rebuild retires the engine it started with: look again.
                 self._log.info("model inputs changed: rebuilding state from the stream")
+                self._set_role(Role.REBUILDING)  # not served meanwhile: /readyz, not stalled
                 await self.rebuild()
+                self._set_role(Role.ACTIVE)
             assert self.pipeline is not None
         loop = asyncio.get_running_loop()
         commit, report = await loop.run_in_executor(

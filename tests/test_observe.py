@@ -116,3 +116,42 @@ def test_a_partition_left_drops_its_series() -> None:
     assert value("livepred_active_symbols", {"partition": "0"}) is None
     assert value("livepred_consumer_lag", {"stream": "bars:{0}"}) is None
     assert value("livepred_active_symbols", {"partition": "1"}) == 5
+
+
+async def test_healthz_and_readyz_answer_over_http() -> None:
+    from daemon.observe import HealthServer, Metrics
+
+    state = {"health": None, "ready": "rebuilding state: partition 1"}
+
+    async def health():
+        return state["health"]
+
+    async def ready():
+        return state["ready"]
+
+    server = HealthServer(Metrics(), health, host="127.0.0.1", port=0, ready=ready,
+                          roles=lambda: "active 0; rebuilding 1")
+    await server.start()
+
+    async def get(path: str) -> tuple[str, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        reply = (await reader.read()).decode()
+        writer.close()
+        head, body = reply.split("\r\n\r\n", 1)
+        return head.splitlines()[0], body
+
+    try:
+        assert await get("/healthz") == ("HTTP/1.1 200 OK", "ok: active 0; rebuilding 1\n")
+        assert await get("/readyz") == (
+            "HTTP/1.1 503 Service Unavailable", "rebuilding state: partition 1\n"
+        )
+        state["health"] = state["ready"] = "partition 0 failing: OOM"
+        assert await get("/healthz") == ("HTTP/1.1 503 Service Unavailable",
+                                         "partition 0 failing: OOM\n")
+        state["health"] = state["ready"] = None
+        assert (await get("/readyz"))[0] == "HTTP/1.1 200 OK"
+        assert (await get("/nope"))[0] == "HTTP/1.1 404 Not Found"
+    finally:
+        await server.close()

@@ -468,6 +468,66 @@ async def test_a_reload_during_the_rebuild_another_reload_started_serves_on_the_
     await redis.aclose()
 
 
+async def test_a_rebuild_after_a_reload_is_not_ready_and_not_a_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reload whose models read other inputs rebuilds state between batches: a long one
+    # (100k symbols) must show as "rebuilding" in /readyz, not as a stalled loop whose
+    # withheld watchdog gets the process killed, and the stall clock starts anew after it.
+    run_a = _lgb_run_with(tmp_path / "a", FEATURES, "run-a", seed=1)
+    run_b = _lgb_run_with(tmp_path / "b", FEATURES_WIDER, "run-b", seed=2)
+    link = tmp_path / "current"
+    link.symlink_to(run_a)
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = worker_module.rebuild_pipeline
+    rebuilds = {"n": 0}
+
+    async def gated(*args, **kwargs):
+        rebuilds["n"] += 1
+        if rebuilds["n"] == 2:  # the first is the start's
+            entered.set()
+            await release.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "rebuild_pipeline", gated)
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(settings_for(link), redis=redis)
+    await service.start()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB"], 30, seed=4)
+    task = asyncio.create_task(service.run())
+    try:
+        for b in bars[:20]:
+            await redis.xadd("bars", encode_bar(b))
+        deadline = time.monotonic() + 20
+        while await redis.xlen("predictions") < 20:
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.02)
+        assert await service.ready() is None and service.roles() == "active"
+        link.unlink()
+        link.symlink_to(run_b)
+        assert await service.reload()
+        for b in bars[20:]:
+            await redis.xadd("bars", encode_bar(b))
+        await asyncio.wait_for(entered.wait(), 10)
+        worker = service.workers[0]
+        worker.last_progress_s -= 1000  # as if the rebuild had run for 1,000 s
+        assert service.stalled() is None
+        assert await service.health() is None
+        assert await service.ready() == "rebuilding state: the partition"
+        assert service.roles() == "rebuilding"
+        release.set()
+        while await redis.xlen("predictions") < len(bars):
+            assert time.monotonic() < deadline + 20 and not task.done()
+            await asyncio.sleep(0.02)
+        assert service.stalled() is None and await service.ready() is None
+    finally:
+        release.set()
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+    await redis.aclose()
+
+
 _OPENMP_PROBE = """
 import asyncio, ctypes, sys, threading
 from pathlib import Path
