@@ -8,6 +8,7 @@ from typing import ClassVar
 import lightgbm as lgb
 import numpy as np
 
+from handlers.feature_names import embedded_names, feature_names_refusal
 from handlers.meta import ModelMeta
 from handlers.registry import INFERENCE_THREADS, check_batch, to_prediction_vector
 from handlers.tree_compiler import Predict, compiled_predictor
@@ -28,6 +29,9 @@ class LightGBMBoosterHandler:
             raise ValueError(
                 f"booster expects {actual} features, model_meta.json feature_list has {expected}"
             )
+        refusal = feature_names_refusal(embedded_names(booster), meta.feature_list)
+        if refusal is not None:
+            raise ValueError(refusal)
         self._booster = booster
         self._binary = meta.binary
         self._num_features = actual

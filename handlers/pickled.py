@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from handlers.feature_names import embedded_names, feature_names_refusal
 from handlers.meta import ModelMeta
 from handlers.registry import (
     check_batch,
@@ -60,6 +61,9 @@ class PickledHandler:
         booster_handler = _booster_handler(obj, meta)
         if booster_handler is not None:
             return cls(booster_handler.predict, meta, kind)
+        refusal = feature_names_refusal(embedded_names(obj), meta.feature_list)
+        if refusal is not None:
+            raise ValueError(refusal)
         handler = cls(_estimator_predictor(obj, meta), meta, kind, probe=True)
         if handler.row_by_row:
             log.warning("%s: a row's value depends on its place in a batch (BLAS rounding):"
@@ -187,7 +191,7 @@ def _estimator_predictor(obj: Any, meta: ModelMeta) -> Predictor:
     else:
         raise ValueError(f"the pickled {type(obj).__name__} has no predict method")
     # An sklearn estimator fitted on a DataFrame warns on every numpy call; the columns are
-    # already in feature_list order, so that warning says nothing here.
+    # in feature_list order (its names were checked at load), so that warning says nothing.
     quiet = getattr(obj, "feature_names_in_", None) is not None
 
     def predict_rows(rows: np.ndarray) -> np.ndarray:

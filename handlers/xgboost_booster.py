@@ -8,6 +8,7 @@ from typing import ClassVar
 import numpy as np
 import xgboost as xgb
 
+from handlers.feature_names import embedded_names, feature_names_refusal
 from handlers.meta import ModelMeta
 from handlers.registry import INFERENCE_THREADS, check_batch, to_prediction_vector
 
@@ -27,6 +28,9 @@ class XGBoostBoosterHandler:
             raise ValueError(
                 f"booster expects {actual} features, model_meta.json feature_list has {expected}"
             )
+        refusal = feature_names_refusal(embedded_names(booster), meta.feature_list)
+        if refusal is not None:
+            raise ValueError(refusal)
         # CPU prediction whatever the training device: inplace_predict on numpy input
         # would otherwise copy every batch to the GPU and warn about mismatched devices.
         booster.set_param({"nthread": INFERENCE_THREADS, "device": "cpu"})

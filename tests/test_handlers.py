@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from handlers.errors import ModelLoadError
@@ -539,3 +540,81 @@ def test_a_pickle_whose_rows_round_by_their_place_is_called_row_by_row(tmp_path:
                 batch[place] = row
                 values.add(float(_predict_padded(handler, batch)[place]))
             assert len(values) == 1, (name, values)
+
+
+NAMED = ["ret_1d", "ret_5d", "vol_10d"]
+
+
+def _named_model(directory: Path, framework: str, X: pd.DataFrame, y: np.ndarray) -> None:
+    """A model trained on a DataFrame, so that the file remembers the column names."""
+    if framework == "lightgbm":
+        import lightgbm as lgb
+
+        booster = lgb.train({"objective": "regression", "verbose": -1, "min_data_in_leaf": 5},
+                            lgb.Dataset(X, y), 5)
+        booster.save_model(str(directory / "model.txt"))
+    elif framework == "xgboost":
+        import xgboost as xgb
+
+        xgb.train({"max_depth": 2}, xgb.DMatrix(X, y), 5).save_model(str(directory / "model.json"))
+    elif framework == "lightgbm-sklearn":
+        import lightgbm as lgb
+
+        mf._dump(directory / "model.pkl",
+                 lgb.LGBMRegressor(n_estimators=5, min_child_samples=5, verbose=-1).fit(X, y))
+    else:
+        from sklearn.linear_model import LinearRegression
+
+        mf._dump(directory / "model.pkl", LinearRegression().fit(X, y))
+
+
+@pytest.mark.parametrize("framework", ["lightgbm", "xgboost", "lightgbm-sklearn", "sklearn"])
+def test_a_feature_list_in_another_order_than_the_models_own_names_is_refused(
+    tmp_path: Path, framework: str
+) -> None:
+    # Columns are fed in feature_list order: a model that names its columns otherwise would
+    # read swapped inputs on every bar. The same list in the model's order loads, and gives
+    # the framework's own prediction on the DataFrame.
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame(rng.normal(size=(300, 3)), columns=NAMED)
+    y = X["ret_1d"].to_numpy() * 2.0 - X["vol_10d"].to_numpy()
+    wrong = mf.family_dir(tmp_path, TARGET, "Wrong")
+    _named_model(wrong, framework, X, y)
+    mf.write_meta(wrong, list(reversed(NAMED)))
+    right = mf.family_dir(tmp_path, TARGET, "Right")
+    _named_model(right, framework, X, y)
+    mf.write_meta(right, NAMED)
+    loader = ModelLoader(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"'vol_10d' in column 2, model_meta.json"
+                                             r" feature_list has it in column 0"):
+        loader.load_model(TARGET, "Wrong")
+    model, _ = loader.load_model(TARGET, "Right")
+    rows = X.iloc[:16]
+    got = model.predict(rows.to_numpy(dtype=np.float32))
+    assert np.abs(got - y[:16]).max() < np.abs(y[:16]).max()  # not swapped: it tracks y
+    if framework == "lightgbm-sklearn" or framework == "sklearn":
+        import pickle
+
+        with (right / "model.pkl").open("rb") as handle:
+            reference = pickle.load(handle).predict(rows.astype(np.float32))
+        np.testing.assert_allclose(got, reference, rtol=1e-6)
+
+
+def test_names_a_framework_made_up_or_a_renamed_list_load(tmp_path: Path, caplog) -> None:
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(300, 3))
+    y = X[:, 0]
+    generic = mf.family_dir(tmp_path, TARGET, "Generic")  # Column_0, Column_1, ...
+    lgb.train({"verbose": -1}, lgb.Dataset(X, y), 3).save_model(str(generic / "model.txt"))
+    mf.write_meta(generic, list(reversed(NAMED)))
+    renamed = mf.family_dir(tmp_path, TARGET, "Renamed")  # no name in common
+    frame = pd.DataFrame(X, columns=["a", "b", "c"])
+    lgb.train({"verbose": -1}, lgb.Dataset(frame, y), 3).save_model(str(renamed / "model.txt"))
+    mf.write_meta(renamed, NAMED)
+    loader = ModelLoader(tmp_path)
+    loader.load_model(TARGET, "Generic")
+    with caplog.at_level("WARNING"):
+        loader.load_model(TARGET, "Renamed")
+    assert "names its inputs a, b, c" in caplog.text
