@@ -54,6 +54,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     configure_logging(settings.log.level, settings.log.format)
+    if args.offline and not args.check:
+        return _fail("--offline only goes with --check (a running daemon needs Redis)",
+                     EXIT_CONFIG)
     if args.check:
         try:
             engine = build_engine(settings)
@@ -121,14 +124,19 @@ def _check_redis(settings: Any) -> int:
 
 
 def _print_models(engine: Any) -> None:
-    from daemon.service import unserved_selections
-
     for fam in engine.families():
+        compiled = " (compiled)" if fam.compiled else ""
         print(
-            f"loaded  {fam.target}/{fam.family}: {fam.format_name}, "
+            f"loaded  {fam.target}/{fam.family}: {fam.format_name}{compiled}, "
             f"{len(fam.meta.feature_list)} features, window {fam.meta.window}",
             file=sys.stderr,
         )
+    _print_refusals(engine)
+
+
+def _print_refusals(engine: Any) -> None:
+    from daemon.service import unserved_selections
+
     for (target, family), reason in sorted(engine.load_errors.items()):
         print(f"refused {target}/{family}: {reason}", file=sys.stderr)
     for target, family in sorted(unserved_selections(engine).items()):
@@ -142,13 +150,38 @@ def _print_models(engine: Any) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from daemon.inspect_run import inspect_run
 
+    options: dict[str, Any] = {
+        "view": args.view or "CROSS_SECTIONAL",
+        "allow_pickle": not args.no_pickle,
+        "interval_minutes": args.interval_minutes if args.interval_minutes is not None else 0.0,
+    }
+    run = args.run
+    if args.config:
+        # What the daemon with this config would load: its run_root, view, filters, checks.
+        from daemon.settings import ConfigError, load_settings
+        from handlers import tree_compiler
+
+        try:
+            settings = load_settings(args.config, os.environ)
+        except ConfigError as exc:
+            return _fail(str(exc), EXIT_CONFIG)
+        m = settings.models
+        tree_compiler.enabled = m.compile_trees
+        run = run or m.run_root
+        options = {
+            "view": args.view or m.view,
+            "allow_pickle": m.allow_pickle and not args.no_pickle,
+            "interval_minutes": (
+                args.interval_minutes if args.interval_minutes is not None
+                else float(m.interval_minutes)
+            ),
+            "targets": m.targets,
+            "families": m.families,
+        }
+    elif run is None:
+        return _fail("inspect needs a training run directory, or --config PATH", EXIT_CONFIG)
     try:
-        report = inspect_run(
-            Path(args.run),
-            view=args.view,
-            allow_pickle=not args.no_pickle,
-            interval_minutes=args.interval_minutes,
-        )
+        report = inspect_run(Path(run), **options)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         return _fail(str(exc))
     if args.json:
@@ -179,10 +212,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         engine = InferenceEngine(loader, view=args.view).load_all()
     except (BarsFileError, LivepredError, FileNotFoundError, NotADirectoryError) as exc:
         return _fail(str(exc))
-    for (target, family), reason in sorted(engine.load_errors.items()):
-        print(f"refused {target}/{family}: {reason}", file=sys.stderr)
     if not any(True for _ in engine.families()):
-        return _fail(f"{args.run}: no model could be loaded (view {args.view}): nothing to replay")
+        from daemon.service import what_the_run_has
+
+        reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
+        return _fail(f"--run {args.run}: no model could be loaded"
+                     f" ({reasons or what_the_run_has(loader, args.view)}): nothing to replay")
+    _print_refusals(engine)
     show = sys.stderr.isatty()
 
     def progress(rows: int) -> None:
@@ -309,11 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=cmd_replay)
 
     inspect = sub.add_parser("inspect", help="describe a training run: targets, families, refusals")
-    inspect.add_argument("run", help="training run directory")
-    inspect.add_argument("--view", default="CROSS_SECTIONAL")
+    inspect.add_argument(
+        "run", nargs="?", help="training run directory (default with --config: its run_root)"
+    )
+    inspect.add_argument(
+        "--config", "-c", metavar="PATH",
+        help="the daemon's TOML config: its run_root, view, targets, families and checks",
+    )
+    inspect.add_argument("--view", default=None, help="view (default CROSS_SECTIONAL)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--no-pickle", action="store_true", help="as models.allow_pickle=false")
-    inspect.add_argument("--interval-minutes", type=float, default=0.0)
+    inspect.add_argument(
+        "--interval-minutes", type=float, default=None,
+        help="as models.interval_minutes: refuse models trained on another bar interval",
+    )
     inspect.set_defaults(func=cmd_inspect)
 
     bench = sub.add_parser("bench", help="benchmarks against baselines (see BENCHMARKS.md)")
@@ -346,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # `livepred inspect --json | head`: the reader left; no traceback for that. Python
+        # flushes stdout again at exit: point it at /dev/null so that fails quietly too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from daemon.service import unserved_selections
 from handlers.engine import InferenceEngine
 from handlers.run import ModelLoader
 
@@ -15,6 +17,8 @@ def inspect_run(
     view: str = "CROSS_SECTIONAL",
     allow_pickle: bool = True,
     interval_minutes: float = 0.0,
+    targets: Sequence[str] = (),
+    families: Sequence[str] = (),
 ) -> dict[str, Any]:
     if not run_root.exists():
         raise FileNotFoundError(f"{run_root}: no such directory")
@@ -26,15 +30,18 @@ def inspect_run(
             " targets/<target>/models/view=<VIEW>/family=<Family>/)"
         )
     loader = ModelLoader(run_root, allow_pickle=allow_pickle, interval_minutes=interval_minutes)
-    engine = InferenceEngine(loader, view=view).load_all()
-    targets: dict[str, Any] = {}
+    engine = InferenceEngine(loader, view=view, targets=targets, families=families).load_all()
+    report: dict[str, Any] = {}
     for target in loader.list_available_targets():
-        families: dict[str, Any] = {}
+        if targets and target not in targets:
+            continue
+        found: dict[str, Any] = {}
         for fam in engine.models.get(target, {}).values():
             meta = fam.meta
-            families[fam.family] = {
+            found[fam.family] = {
                 "status": "loaded",
                 "handler": fam.format_name,
+                "compiled": fam.compiled,  # trees: native code (True) or the framework's own
                 "task": meta.task,
                 "input": (
                     f"(B, {meta.window}, {len(fam.sequence.columns)})"
@@ -57,18 +64,24 @@ def inspect_run(
             }
         for (t, family), reason in engine.load_errors.items():
             if t == target:
-                families[family] = {"status": "refused", "reason": reason}
-        targets[target] = {
+                found[family] = {"status": "refused", "reason": reason}
+        report[target] = {
             "selected": engine.selected.get(target),
-            "families": dict(sorted(families.items())),
+            "families": dict(sorted(found.items())),
         }
+    warnings = [
+        f"{target}: its selected family {family} (routing_decision.json) is not loaded:"
+        " every output's `pred` will be null"
+        for target, family in sorted(unserved_selections(engine).items())
+    ]
     engine.close()
     return {
         "run_root": str(run_root),
         "run_id": str(getattr(loader, "run_id", "")),
         "view": view,
         "feature_union": list(engine.input_spec.feature_names),
-        "targets": targets,
+        "targets": report,
+        "warnings": warnings,
         # Listed in manifest.json, absent from the run: the daemon refuses a reload to it.
         "missing_artifacts": loader.missing_artifacts(),
     }
@@ -81,7 +94,8 @@ def render(report: dict[str, Any]) -> None:
     console = Console()
     console.print(f"[bold]run[/] {report['run_id']}  ({report['run_root']}, view {report['view']})")
     for target, info in report["targets"].items():
-        table = Table(title=f"target {target}  selected: {info['selected']}", title_justify="left")
+        selected = info["selected"] or "none"
+        table = Table(title=f"target {target}  selected: {selected}", title_justify="left")
         for col in ("family", "status", "handler", "input", "ready after", "features / reason"):
             table.add_column(col)
         for family, f in info["families"].items():
@@ -102,7 +116,8 @@ def render(report: dict[str, Any]) -> None:
                 ready = "[red]never (unknown feature)[/]"
             else:
                 ready = f"{f['bars_to_ready']} bars"
-            table.add_row(family, "[green]loaded[/]", f["handler"], f["input"], ready, feats)
+            handler = f["handler"] + {True: " (compiled)", False: "", None: ""}[f["compiled"]]
+            table.add_row(family, "[green]loaded[/]", handler, f["input"], ready, feats)
             if f["metrics"]:
                 shown = ", ".join(f"{k} {v}" for k, v in list(f["metrics"].items())[:6])
                 table.add_row("", "", "", "", "", f"[dim]metrics: {shown}[/]")
@@ -113,6 +128,8 @@ def render(report: dict[str, Any]) -> None:
     console.print(f"features computed: {', '.join(known) or 'none'}"
                   + (f"  [yellow](unknown, always NaN: {', '.join(sorted(unknown))})[/]"
                      if unknown else ""))
+    for warning in report.get("warnings", ()):
+        console.print(f"[yellow]warning[/]: {warning}")
     missing = report.get("missing_artifacts") or []
     if missing:
         console.print(f"[red]incomplete run[/]: manifest.json lists {len(missing)} file(s) the"

@@ -73,9 +73,28 @@ def build_engine(settings: Settings) -> InferenceEngine:
         )
         raise NoModelsError(
             f"no model could be loaded from models.run_root = {m.run_root!r}{filters}"
-            + (f" ({reasons})" if reasons else " (no targets/families found)")
+            + f" ({reasons or what_the_run_has(loader, m.view)})"
         )
     return engine
+
+
+def what_the_run_has(loader: ModelLoader, view: str) -> str:
+    """Why nothing matched, said with what is there: the views, targets and families."""
+    targets = loader.list_available_targets()
+    if not targets:
+        return "no targets/<target>/models/view=<VIEW>/family=<Family>/ directories found"
+    views = sorted({
+        d.name.removeprefix("view=")
+        for t in targets
+        for d in loader.view_dir(t, view).parent.glob("view=*")
+        if d.is_dir()
+    })
+    if view not in views:
+        return (f"no view={view} directory (models.view); views present: "
+                f"{', '.join(views) or 'none'}")
+    families = sorted({f for t in targets for f in loader.list_available_families(t, view=view)})
+    return (f"the run has targets {', '.join(targets)} and families "
+            f"{', '.join(families) or 'none'} in view {view}")
 
 
 def _warn_unknown_names(
@@ -229,17 +248,19 @@ class Service:
         loop = asyncio.get_running_loop()
         # The port first: taken or not allowed, the start fails at once, before the models load.
         if self.settings.metrics.port:
-            port = self.settings.metrics.port
+            host, port = self.settings.metrics.host, self.settings.metrics.port
             self.health_server = HealthServer(
-                self.metrics, self.health, port=port, ready=self.ready, roles=self.roles
+                self.metrics, self.health, host=host, port=port, ready=self.ready,
+                roles=self.roles,
             )
             try:
                 await self.health_server.start()
             except OSError as exc:
                 self.health_server = None
                 raise MetricsPortError(
-                    f"metrics.port = {port}: cannot listen: {exc.strerror or exc}"
-                    " (another process has it? pick another port, or 0 for none)"
+                    f"metrics.port = {port} (metrics.host = {host!r}): cannot listen:"
+                    f" {exc.strerror or exc} (another process has it? pick another port, or 0"
+                    " for none)"
                 ) from None
         if self.redis is None:
             self.redis = make_redis(self.settings)
@@ -518,6 +539,7 @@ class Service:
                 format=fam.format_name,
                 features=len(fam.meta.feature_list),
                 window=fam.meta.window,
+                **({} if fam.compiled is None else {"compiled": fam.compiled}),
             )
 
 

@@ -250,6 +250,7 @@ class StateSettings(_Section):
 
 
 class MetricsSettings(_Section):
+    host: Name = "0.0.0.0"  # the address to listen on; "127.0.0.1": this host only
     port: Annotated[StrictInt, _between(0, 65535)] = 9464  # 0 = off
 
 

@@ -45,6 +45,12 @@ class LoadedFamily:
     def format_name(self) -> str:
         return str(getattr(self.model, "format_name", type(self.model).__name__))
 
+    @property
+    def compiled(self) -> bool | None:
+        """Whether a tree model predicts through its native-code build (None: not a tree)."""
+        value = getattr(self.model, "compiled", None)
+        return value if isinstance(value, bool) else None
+
 
 def bars_to_ready(meta: ModelMeta, sequence: SequenceSpec | None) -> int:
     if sequence is not None and sequence.kind != FEATURES:

@@ -249,3 +249,85 @@ def test_check_warns_when_the_selected_family_cannot_load(
     err = capsys.readouterr().err
     assert "refused fwd/LightGBM" in err
     assert "warning: fwd: its selected family LightGBM" in err and "`pred` will be null" in err
+    # inspect and replay say it too.
+    assert main(["inspect", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["warnings"] == [
+        "fwd: its selected family LightGBM (routing_decision.json) is not loaded: every"
+        " output's `pred` will be null"
+    ]
+    assert main(["inspect", str(run)]) == 0
+    assert "its selected family LightGBM" in capsys.readouterr().out
+    bars = tmp_path / "bars.csv"
+    make_bars(5).to_csv(bars, index=False)
+    assert main(["replay", "--run", str(run), "--bars", str(bars),
+                 "--out", str(tmp_path / "out.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "refused fwd/LightGBM" in err and "its selected family LightGBM" in err
+
+
+def test_inspect_with_the_daemons_config_shows_what_the_daemon_would_load(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(200, len(FEATS)))
+    mf.write_lightgbm(run, "fwd", "Hourly", X, X[:, 0], FEATS, interval_minutes=60)
+    mf.write_lightgbm(run, "fwd", "Other", X, X[:, 0], FEATS)
+    config = tmp_path / "livepred.toml"
+    config.write_text(
+        f'[models]\nrun_root = "{run}"\ninterval_minutes = 5\n'
+        'families = ["LightGBM", "Hourly"]\ncompile_trees = false\n'
+    )
+    assert main(["inspect", "--config", str(config), "--json"]) == 0
+    fams = json.loads(capsys.readouterr().out)["targets"]["fwd"]["families"]
+    assert set(fams) == {"LightGBM", "Hourly"}  # Other: not in models.families
+    assert fams["Hourly"]["status"] == "refused" and "interval" in fams["Hourly"]["reason"]
+    assert fams["LightGBM"]["status"] == "loaded" and fams["LightGBM"]["compiled"] is False
+    # A run given as well replaces run_root; the rest of the config still applies.
+    assert main(["inspect", str(run_dir), "--config", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["run_root"] == str(run_dir)
+    assert set(report["targets"]["fwd"]["families"]) == {"LightGBM"}
+    assert main(["inspect"]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_no_model_found_says_what_the_run_has(run_dir: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "livepred.toml"
+    config.write_text(f'[models]\nrun_root = "{run_dir}"\nview = "SYMBOL"\n')
+    assert main(["run", "--config", str(config), "--check", "--offline"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "no view=SYMBOL directory (models.view); views present: CROSS_SECTIONAL" in err[0]
+    config.write_text(f'[models]\nrun_root = "{run_dir}"\nfamilies = ["lightgbm"]\n')
+    assert main(["run", "--config", str(config), "--check", "--offline"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "the run has targets fwd and families LightGBM in view CROSS_SECTIONAL" in err[-1]
+    path = tmp_path / "bars.csv"
+    make_bars(5).to_csv(path, index=False)
+    assert main(["replay", "--run", str(run_dir), "--bars", str(path), "--view", "SYMBOL",
+                 "--out", str(tmp_path / "out.jsonl")]) != 0
+    assert "views present: CROSS_SECTIONAL" in capsys.readouterr().err
+
+
+def test_offline_without_check_is_refused(run_dir: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "livepred.toml"
+    config.write_text(f'[models]\nrun_root = "{run_dir}"\n')
+    assert main(["run", "--config", str(config), "--offline"]) == 2
+    assert "--offline only goes with --check" in capsys.readouterr().err
+
+
+def test_inspect_into_a_pipe_closed_early_ends_without_a_traceback(run_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    # `true` leaves at once, long before inspect writes: every write finds the pipe closed.
+    done = subprocess.run(
+        f"'{sys.executable}' -m daemon.cli inspect '{run_dir}' --json | true",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

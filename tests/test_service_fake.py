@@ -844,3 +844,30 @@ async def test_a_reload_to_a_run_its_manifest_says_is_incomplete_is_refused(
     ], said
     await service.close()
     await redis.aclose()
+
+
+async def test_metrics_listen_on_the_configured_host(tmp_path: Path) -> None:
+    import socket
+
+    run = _lgb_run_with(tmp_path / "a", FEATURES, "run-a", seed=1)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    redis = fakeredis.FakeAsyncRedis()
+    service = Service(
+        settings_for(run, LIVEPRED_METRICS__PORT=str(port), LIVEPRED_METRICS__HOST="127.0.0.1"),
+        redis=redis,
+    )
+    await service.start()
+    try:
+        assert service.health_server is not None
+        bound = {s.getsockname()[:2] for s in service.health_server._server.sockets}
+        assert bound == {("127.0.0.1", port)}
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+    finally:
+        await service.close()
+        await redis.aclose()
