@@ -15,6 +15,7 @@ from typing import Any
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
+EXIT_THREADS_GRACE_S = 2.0
 
 
 def _version() -> str:
@@ -37,6 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # service reloads once its own handlers are in place. First, before the heavy imports.
     early_hups: list[int] = []
     signal.signal(signal.SIGHUP, lambda signum, frame: early_hups.append(signum))
+
+    import structlog
 
     from daemon.observe import configure_logging
     from daemon.service import (
@@ -82,8 +85,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         service.install_signal_handlers()
         if early_hups:
             service.request_reload()
+        # SIGTERM while the models load (a slow or hung one) stops the start, not after it.
+        starting = asyncio.create_task(service.start())
+        stopping = asyncio.create_task(service.stop_event.wait())
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            await asyncio.wait([starting])
+            structlog.get_logger("livepred").warning("stopped while starting: models not loaded")
+            await service.close()
+            return 0
         try:
-            await service.start()
+            starting.result()
         except (NoModelsError, MetricsPortError, RedisRefusedError) as exc:
             await service.close()
             return _fail(str(exc), EXIT_CONFIG)  # a restart cannot fix it
@@ -93,9 +107,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         return await service.run()
 
     try:
-        return asyncio.run(main())
+        code = asyncio.run(main())
     except KeyboardInterrupt:
-        return 0
+        code = 0
+    _leave_without_stuck_threads(code)
+    return code
+
+
+def _leave_without_stuck_threads(code: int) -> None:
+    """A thread that does not end (a model call that never returns, a thread a model
+    started) would hold the interpreter's exit for ever: wait a little, then exit without it."""
+    import threading
+    import time
+
+    others = [t for t in threading.enumerate()
+              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    deadline = time.monotonic() + EXIT_THREADS_GRACE_S
+    for thread in others:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in others if t.is_alive()]
+    if stuck:
+        print(f"livepred: exiting with {len(stuck)} thread(s) still running"
+              f" ({', '.join(stuck[:5])}): a model call that does not return?", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _check_redis(settings: Any) -> int:

@@ -29,6 +29,7 @@ from handlers.run import ModelLoader
 log = structlog.get_logger("livepred.service")
 
 STOP_GRACE_S = 10.0
+EXECUTOR_GRACE_S = 3.0  # at exit, for a model call in progress to return
 HEARTBEAT_EVERY_S = 1.0
 
 
@@ -223,6 +224,10 @@ class Service:
         self.stop_event = asyncio.Event()
         self.reload_event = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepred-infer")
+        # Reloads load and retire models here, off the computing thread (and off asyncio's
+        # default executor, which asyncio.run waits for without end at exit).
+        self.loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepred-load")
+        self.stuck_threads: list[str] = []
         self.workers: list[PartitionWorker] = []
         self.health_server: HealthServer | None = None
         self.redis_ok = True
@@ -337,8 +342,21 @@ class Service:
             run_root=str(s.models.run_root),
             families=sum(1 for _ in self.engine.families()) if self.engine else 0,
         )
+        code = 0
         try:
-            await self.stop_event.wait()
+            stopping = asyncio.create_task(self.stop_event.wait())
+            await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            ended = [t for t in tasks if t.done()]
+            if ended and not self.stop_event.is_set():
+                # A worker ends only when told to: one that died (an error its own handlers
+                # do not contain) would leave its partitions unserved behind a healthy
+                # process. Exit non-zero: the unit restarts the process.
+                code = 1
+                failure = None if ended[0].cancelled() else ended[0].exception()
+                log.error("a partition worker ended by itself: stopping so that the service"
+                          " restarts", error=repr(failure))
+                self.stop_event.set()
         finally:
             self.notifier.notify("STOPPING=1")
             log.info("stopping: finishing the batch in hand")
@@ -359,7 +377,7 @@ class Service:
             except (RedisError, OSError, TimeoutError):
                 pass  # it expires by itself
             await self.close()
-        return 0
+        return code
 
     async def close(self) -> None:
         if self.health_server is not None:
@@ -369,8 +387,15 @@ class Service:
                 await self.redis.aclose()
             except (RedisError, OSError):
                 pass
-        self.executor.shutdown(wait=True)
-        if self.engine is not None:
+        stuck = [name for name, ex in (("compute", self.executor), ("reload", self.loads))
+                 if not await _settled(ex)]
+        if stuck:
+            # A model call that does not return: the process leaves without it (cli), and
+            # without closing the models it may be inside.
+            self.stuck_threads = stuck
+            log.error("a model call is still running at exit: leaving without it",
+                      threads=stuck, waited_s=EXECUTOR_GRACE_S)
+        elif self.engine is not None:
             self.engine.close()
         self.notifier.close()
 
@@ -470,8 +495,9 @@ class Service:
         """Load the models again from run_root; swap them in between batches, or keep the old."""
         self.notifier.notify("RELOADING=1")
         log.info("reloading models", run_root=self.settings.models.run_root)
+        loop = asyncio.get_running_loop()
         try:
-            engine = await asyncio.to_thread(build_engine, self.settings)
+            engine = await loop.run_in_executor(self.loads, build_engine, self.settings)
         except Exception as exc:
             self.metrics.reloads.labels("failed").inc()
             log.error("reload failed: keeping the current models", error=str(exc))
@@ -485,7 +511,7 @@ class Service:
             log.error("reload refused: manifest.json lists files the new run does not have"
                       " (a partial copy?); keeping the current models",
                       missing=missing[:20], count=len(missing))
-            await asyncio.to_thread(_retire, engine)
+            await loop.run_in_executor(self.loads, _retire, engine)
             self.notifier.notify("READY=1")
             return False
         # Targets whose `pred` has a value now and would be null after the swap: the new
@@ -502,7 +528,7 @@ class Service:
             reasons = {f"{t}/{f}": engine.load_errors.get((t, f), "not found") for t, f in lost.items()}
             log.error("reload refused: the new run's selected families do not load;"
                       " keeping the current models", families=reasons)
-            await asyncio.to_thread(_retire, engine)
+            await loop.run_in_executor(self.loads, _retire, engine)
             self.notifier.notify("READY=1")
             return False
         if old is not None:
@@ -541,6 +567,24 @@ class Service:
                 window=fam.meta.window,
                 **({} if fam.compiled is None else {"compiled": fam.compiled}),
             )
+
+
+async def _settled(executor: ThreadPoolExecutor) -> bool:
+    """Shut the executor down; whether its thread finished what it was doing in time."""
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.run_in_executor(executor, _nothing), EXECUTOR_GRACE_S)
+        settled = True
+    except TimeoutError:
+        settled = False
+    except RuntimeError:  # shut down already
+        settled = True
+    executor.shutdown(wait=settled, cancel_futures=True)
+    return settled
+
+
+def _nothing() -> None:
+    pass
 
 
 def _name(partition: int | None) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from handlers.batch_io import NON_FINITE_OUTPUT, BatchInputs, BatchResult, InputSpec, TargetBatch
-from handlers.errors import InferenceError, ModelLoadError, short_error
+from handlers.errors import InferenceError, ModelLoadError, model_faults, short_error
 from handlers.features import parse_feature, warmup_bars
 from handlers.meta import ModelMeta
 from handlers.registry import padded_chunks
@@ -252,7 +252,7 @@ class InferenceEngine:
             return preds, warming, failed
         try:
             preds[rows] = _predict_padded(fam.model, x)
-        except Exception as exc:
+        except model_faults() as exc:
             if _first_in_a_while((fam.target, fam.family)):
                 log.warning("family %s/%s failed on %d rows: %s (the same again within %d s"
                             " is not logged; livepred_family_failures_total counts every row)",
@@ -402,7 +402,7 @@ def _row_dtype(fam: LoadedFamily) -> type[np.floating[Any]]:
 
 
 def _predict_apart(
-    model: Any, x: np.ndarray, rows: np.ndarray, exc: Exception
+    model: Any, x: np.ndarray, rows: np.ndarray, exc: BaseException
 ) -> list[tuple[int, float, str | None]]:
     """After a batch call raised: each row's outcome as if its kind of rows were predicted
     apart, so that rows a model refuses (NaN, which sklearn estimators reject) do not fail the
@@ -418,12 +418,12 @@ def _predict_apart(
         if group.size == 0:
             continue
         if group.size == rows.size:  # the call that raised was this group already
-            failure: Exception | None = exc
+            failure: BaseException | None = exc
         else:
             failure = None
             try:
                 values = _predict_padded(model, x[group])
-            except Exception as group_exc:
+            except model_faults() as group_exc:
                 failure = group_exc
             else:
                 out += [(int(rows[j]), float(v), None) for j, v in zip(group, values, strict=True)]
@@ -436,7 +436,7 @@ def _predict_apart(
         for j in group:
             try:
                 out.append((int(rows[j]), float(_predict_padded(model, x[j : j + 1])[0]), None))
-            except Exception as row_exc:
+            except model_faults() as row_exc:
                 out.append((int(rows[j]), np.nan, f"error:{type(row_exc).__name__}"))
     return out
 
@@ -445,7 +445,7 @@ def _raises_alone(model: Any, x: np.ndarray, probes: np.ndarray) -> bool:
     for j in probes:
         try:
             _predict_padded(model, x[j : j + 1])
-        except Exception:
+        except model_faults():
             continue
         return False
     return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 class LivepredError(Exception):
     """Base class of every error livepred raises on purpose."""
@@ -40,3 +42,13 @@ def short_error(exc: BaseException) -> str:
     """`Type: first line of the message` (at most 200 characters), or the type alone."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+
+
+def model_faults() -> tuple[type[BaseException], ...]:
+    """What an `except` around a model's own code contains: any Exception, and the exits a
+    model's code may raise (`sys.exit()`, a stray GeneratorExit): one family fails, the
+    process carries on. KeyboardInterrupt too, off the main thread, where only the model's
+    code can raise it; on the main thread (replay, the Python API) it is the user's Ctrl-C."""
+    if threading.current_thread() is threading.main_thread():
+        return (Exception, SystemExit, GeneratorExit)
+    return (Exception, SystemExit, GeneratorExit, KeyboardInterrupt)

@@ -84,11 +84,18 @@ PROBE_ROWS = 96
 
 def _place_dependent(predict: Predictor, row_shape: tuple[int, ...]) -> bool:
     """Whether rows get other values when the batch is shifted by 1 and by 6 rows (seeded
-    normal rows; a model that refuses them is taken as independent: nothing to compare)."""
+    normal rows; a model that refuses them is taken as independent: nothing to compare).
+    A model that gives other values for the same call is not deterministic: one row per call
+    would not help it, so it is said and batched as any other."""
     rows = np.random.default_rng(0).normal(size=(PROBE_ROWS, *row_shape)).astype(np.float32)
     try:
         with np.errstate(all="ignore"):
             base = np.asarray(predict(rows), dtype=np.float64)
+            if not np.array_equal(np.asarray(predict(rows), dtype=np.float64), base,
+                                  equal_nan=True):
+                log.warning("the model gives other values for the same rows from one call to"
+                            " the next: its outputs cannot be reproduced by a restart or replay")
+                return False
             for shift in (1, 6):
                 moved = np.asarray(predict(np.roll(rows, shift, axis=0)), dtype=np.float64)
                 if not np.array_equal(np.roll(moved, -shift), base, equal_nan=True):

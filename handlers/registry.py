@@ -129,7 +129,11 @@ def to_prediction_vector(raw: Any, rows: int, *, binary: bool) -> np.ndarray:
     (B,) and (B, 1) give one value per row (a scalar too, when B is 1). A binary model with a 2-column output (softmax / predict_proba) gives column 1, the
     positive class. Anything else, or a wrong row count, raises ValueError.
     """
-    out = np.asarray(raw, dtype=np.float64)
+    given = np.asarray(raw)
+    if given.dtype.kind in "USO" and _holds_text(given):
+        # "0.0123" would parse: a model answering in text is not answering in numbers.
+        raise ValueError(f"model output holds text ({given.dtype}), not numbers")
+    out = given.astype(np.float64, copy=False)
     if out.ndim == 2 and out.shape[1] == 1:
         out = out[:, 0]
     elif out.ndim == 2 and out.shape[1] == 2 and binary:
@@ -142,6 +146,12 @@ def to_prediction_vector(raw: Any, rows: int, *, binary: bool) -> np.ndarray:
             + (" or (rows, 2) probabilities" if binary else "")
         )
     return out
+
+
+def _holds_text(values: np.ndarray) -> bool:
+    if values.dtype.kind in "US":
+        return True
+    return any(isinstance(v, str | bytes) for v in values.ravel())
 
 
 def expected_input_shape(meta: ModelMeta) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from handlers.admission import checksum_refusal, interval_refusal, pickle_refusal
 from handlers.base import ModelHandler
-from handlers.errors import LivepredError, ModelLoadError
+from handlers.errors import LivepredError, ModelLoadError, model_faults
 from handlers.meta import MetaError, ModelMeta
 from handlers.registry import MODEL_FILE_NAMES, detect_model_file, handler_class
 from handlers.run_manifest import RunLayoutError, normalise_key, read_json, read_manifest
@@ -258,11 +258,14 @@ class ModelLoader:
             cls = handler_class(format_name)
         except LivepredError as exc:  # MissingDependencyError names the pip extra
             raise ModelLoadError(family, target, str(exc)) from None
+        # Said before: a load that hangs (a pickle's own code) is named by the last line.
+        log.info("loading %s (%s)", self._rel(model_path), format_name)
         try:
             handler = cls.load(model_path, meta, device=self.device)  # type: ignore[attr-defined]
         except LivepredError as exc:
             raise ModelLoadError(family, target, str(exc)) from None
-        except Exception as exc:  # any framework's own error for a corrupt or foreign file
+        except model_faults() as exc:  # a framework's error for a corrupt or foreign file,
+            # or the unpickled code's own (even a sys.exit in __setstate__)
             raise ModelLoadError(
                 family,
                 target,

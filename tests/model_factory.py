@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,33 @@ class LinearPredictor:
     def predict(self, X: np.ndarray) -> np.ndarray:
         rows = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
         return rows @ self.coef + self.intercept
+
+
+@dataclass
+class Misbehaving:
+    """A pickled model that misbehaves on cue: `hang_if` is a file whose existence makes
+    predict sleep for an hour; `exit_on_load` makes unpickling call sys.exit(3); `noise`
+    adds fresh random noise to every output (not deterministic)."""
+
+    hang_if: str = ""
+    exit_on_load: bool = False
+    noise: float = 0.0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.exit_on_load:
+            raise SystemExit(3)
+        if self.hang_if and os.path.exists(self.hang_if + ".load"):
+            time.sleep(3600)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if self.hang_if and os.path.exists(self.hang_if):
+            time.sleep(3600)
+        rows = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+        out = rows.sum(axis=1) * 0.001
+        if self.noise:
+            out = out + np.random.default_rng().normal(0, self.noise, len(out))
+        return out
 
 
 def fit_linear(X: np.ndarray, y: np.ndarray) -> LinearPredictor:

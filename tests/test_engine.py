@@ -465,3 +465,61 @@ def test_bars_to_ready_counts_feature_warmup_and_window() -> None:
     assert bars_to_ready(meta, SequenceSpec.for_meta(meta)) == 15
     tab = ModelMeta.from_dict({"feature_list": ["rsi_14"]})
     assert bars_to_ready(tab, None) == 14
+
+
+class _Exits:
+    """A model whose code raises what is not an Exception: sys.exit(), a stray
+    GeneratorExit, a KeyboardInterrupt of its own."""
+
+    format_name = "exits"
+    accepts_nan = True
+
+    def __init__(self, kind: type[BaseException]) -> None:
+        self.kind = kind
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        raise self.kind()
+
+
+@pytest.mark.parametrize("kind", [SystemExit, GeneratorExit, KeyboardInterrupt])
+def test_a_model_raising_an_exit_fails_its_family_not_the_process(
+    kind: type[BaseException],
+) -> None:
+    # As the daemon calls it: on the computing thread, where only the model's code can raise
+    # these. The other family still gets its values.
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = InferenceEngine(FakeLoader({"Good": _Constant(0.5), "Bad": _Exits(kind)})).load_all()
+    table = SymbolTable(engine.input_spec, ttl_s=60)
+    applied = table.apply(bars_for(["A", "B", "C"], 1))
+    assert applied.inputs is not None
+    with ThreadPoolExecutor(1) as pool:
+        rows = pool.submit(engine.predict_batch, applied.inputs).result().rows()
+    assert [r["t"]["failed"] for r in rows] == [{"Bad": f"error:{kind.__name__}"}] * 3
+    assert [r["t"]["preds"] for r in rows] == [{"Good": 0.5}] * 3
+    # On the main thread (replay, the Python API) a KeyboardInterrupt is the user's Ctrl-C.
+    if kind is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            engine.predict_batch(applied.inputs)
+    else:
+        assert engine.predict_batch(applied.inputs).rows() == rows
+
+
+class _Text:
+    format_name = "text"
+    accepts_nan = True
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        from handlers.registry import to_prediction_vector
+
+        return to_prediction_vector(["0.0123"] * batch.shape[0], batch.shape[0], binary=False)
+
+
+def test_a_model_answering_in_text_fails() -> None:
+    engine = InferenceEngine(FakeLoader({"Text": _Text()})).load_all()
+    table = SymbolTable(engine.input_spec, ttl_s=60)
+    applied = table.apply(bars_for(["A"], 1))
+    assert applied.inputs is not None
+    assert engine.predict_batch(applied.inputs).rows()[0]["t"]["failed"] == {
+        "Text": "error:ValueError"
+    }

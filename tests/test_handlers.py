@@ -618,3 +618,32 @@ def test_names_a_framework_made_up_or_a_renamed_list_load(tmp_path: Path, caplog
     with caplog.at_level("WARNING"):
         loader.load_model(TARGET, "Renamed")
     assert "names its inputs a, b, c" in caplog.text
+
+
+def test_a_pickle_that_exits_while_loading_is_refused_and_the_others_load(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(200, 2))
+    mf.write_generic_pickle(tmp_path, TARGET, "Exits", X, X[:, 0], ["ret_1d", "ret_5d"],
+                            predictor=mf.Misbehaving(exit_on_load=True))
+    mf.write_lightgbm(tmp_path, TARGET, "LightGBM", X, X[:, 0], ["ret_1d", "ret_5d"])
+    from handlers.engine import InferenceEngine
+
+    engine = InferenceEngine(ModelLoader(tmp_path)).load_all()
+    assert "SystemExit" in engine.load_errors[(TARGET, "Exits")]
+    assert [f.family for f in engine.families()] == ["LightGBM"]
+
+
+def test_a_model_that_is_not_deterministic_is_said_not_taken_for_blas_rounding(
+    tmp_path: Path, caplog
+) -> None:
+    # One row per call would not make its values reproducible: batched as any other.
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(200, 2))
+    mf.write_generic_pickle(tmp_path, TARGET, "Noisy", X, X[:, 0], ["ret_1d", "ret_5d"],
+                            predictor=mf.Misbehaving(noise=1e-9))
+    with caplog.at_level("WARNING"):
+        model, _ = ModelLoader(tmp_path).load_model(TARGET, "Noisy")
+    assert "other values for the same rows" in caplog.text
+    assert "BLAS" not in caplog.text and not model.row_by_row

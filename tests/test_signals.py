@@ -126,6 +126,77 @@ def test_sigterm_under_load_drains_exits_zero_and_loses_nothing(
                            rel={"LightGBM": 1e-6}, abs_={"LightGBM": 1e-9})
 
 
+# The pickled class lives in tests/: the daemon imports it from this checkout.
+_WITH_TESTS = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def _hanging_run(root: Path, trigger: Path) -> Path:
+    """A LightGBM family beside a pickled one that hangs for an hour once `trigger` exists
+    (in predict), or `trigger`.load (in unpickling)."""
+    X, y = h.training_frame(seed=3, features=h.FEATURES)
+    mf.write_lightgbm(root, TARGET, "LightGBM", X, y, h.FEATURES)
+    mf.write_generic_pickle(root, TARGET, "Hangs", X, y, h.FEATURES,
+                            predictor=mf.Misbehaving(hang_if=str(trigger)))
+    return root
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_model_call_that_never_returns_exits_in_bounded_time(
+    key_prefix: str, real_redis_url: str, client: redis.Redis, tmp_path: Path,
+) -> None:
+    # The hung call holds its thread for an hour: the process leaves without it (systemd
+    # would SIGKILL it after TimeoutStopSec=30; outside systemd it would hang for ever).
+    trigger = tmp_path / "hang"
+    run = _hanging_run(tmp_path / "run", trigger)
+    keys = h.Keys(key_prefix)
+    h.create_group(client, keys)
+    config = h.write_config(tmp_path / "livepred.toml", keys=keys, redis_url=real_redis_url,
+                            run_root=run)
+    bars = h.walk_bars(["AAA", "BBB"], 3, seed=5)
+    with h.Daemon(config, tmp_path / "daemon.log", env=h.daemon_env(**_WITH_TESTS)) as daemon:
+        daemon.start()
+        daemon.wait_serving()
+        for bar in bars[:2]:
+            client.xadd(keys.input, h.bar_fields(bar))
+        h.wait_for(lambda: client.xlen(keys.output) >= 2, 60, "the first outputs",
+                   check=daemon.check_alive)
+        trigger.touch()
+        for bar in bars[2:]:
+            client.xadd(keys.input, h.bar_fields(bar))
+        h.wait_for(lambda: h.pending_count(client, keys) > 0, 30, "the batch to hang")
+        time.sleep(0.5)
+        stopped_at = time.monotonic()
+        assert daemon.stop(timeout_s=28) == 0, daemon.log_tail()
+        assert time.monotonic() - stopped_at < 25
+    log = daemon.log_text()
+    assert "a model call is still running at exit" in log
+    assert "thread(s) still running" in log
+    assert client.xlen(keys.output) == 2  # the hung batch was not published: it stays pending
+    assert h.pending_count(client, keys) == len(bars) - 2
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_model_load_hangs_exits_at_once(
+    key_prefix: str, real_redis_url: str, tmp_path: Path,
+) -> None:
+    trigger = tmp_path / "hang"
+    run = _hanging_run(tmp_path / "run", trigger)
+    Path(str(trigger) + ".load").touch()
+    config = h.write_config(tmp_path / "livepred.toml", keys=h.Keys(key_prefix),
+                            redis_url=real_redis_url, run_root=run)
+    with h.Daemon(config, tmp_path / "daemon.log", env=h.daemon_env(**_WITH_TESTS)) as daemon:
+        daemon.start()
+        # The last line names the file being loaded.
+        h.wait_for(lambda: "model.pkl (pickle)" in daemon.log_text(), 60, "the hung load",
+                   check=daemon.check_alive)
+        stopped_at = time.monotonic()
+        assert daemon.stop(timeout_s=20) == 0, daemon.log_tail()
+        assert time.monotonic() - stopped_at < 15
+    log = daemon.log_text()
+    assert "stopped while starting" in log
+    assert "model refused" not in log and "model loaded" not in log  # it hung in the pickle
+
+
 def _id(src: str) -> tuple[int, int]:
     ms, seq = src.rsplit("/", 1)[1].split("-")
     return int(ms), int(seq)

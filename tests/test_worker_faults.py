@@ -467,3 +467,24 @@ async def _check_forget(redis: object, stream: str) -> None:
 async def test_idle_consumers_holding_nothing_are_deleted(client_and_prefix) -> None:
     redis, prefix = client_and_prefix
     await _check_forget(redis, prefix + "bars")
+
+
+async def test_a_worker_that_dies_ends_the_process_with_a_failure(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An error no handler of the worker contains (not an Exception) ends its task: serving
+    # nothing behind a healthy process is worse than a restart, so run() returns 1.
+    def dies(*args: Any) -> Any:
+        raise GeneratorExit
+
+    monkeypatch.setattr(worker_module, "_run_batch_job", dies)
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    service = _service(lgb_run, redis)
+    await service.start()
+    task = asyncio.create_task(service.run())
+    for bar in h.walk_bars(["AAA"], 3, seed=2):
+        await redis.xadd("bars", encode_bar(bar))
+    assert await asyncio.wait_for(task, 20) == 1
+    assert (await redis.xpending("bars", "livepred"))["pending"] > 0  # retried after restart
+    await redis.aclose()
