@@ -49,7 +49,10 @@ class ApplyResult:
     inputs: BatchInputs | None  # rows aligned with `accepted`; None when not gathered
     rejected: list[tuple[int, str]] = field(default_factory=list)
     duplicates: list[int] = field(default_factory=list)
-    resets: int = 0  # symbols whose state restarted (TTL gap or evicted earlier)
+    # Symbols whose state restarted over one the table had (a gap longer than the TTL since
+    # its last bar); a symbol new to the table (never seen, or evicted before, or stale by
+    # event time at this bar: evicted, then back) is not counted.
+    resets: int = 0
     evicted: int = 0  # symbols evicted: stale when a later bar of theirs came, or at the end
 
 
@@ -83,6 +86,7 @@ class SymbolTable:
         self.clean_min_rows = CLEAN_MIN_ROWS
         self.duplicates_total = 0
         self.evictions_total = 0
+        self.new_symbols_total = 0  # states started for a symbol never seen (or evicted)
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -174,6 +178,7 @@ class SymbolTable:
         not replayed too), so that symbols go stale at the same bars as they did live."""
         n_in = len(symbols)
         evictions_before = self.evictions_total
+        new_before = self.new_symbols_total
         clean = self._clean_batch(symbols, ts, clock) if n_in >= self.clean_min_rows else None
         slots: Sequence[int] | np.ndarray
         waves: Sequence[int] | np.ndarray
@@ -204,7 +209,9 @@ class SymbolTable:
                     for s in self.spec.sequences
                 },
             )
-        resets = int(np.count_nonzero(fresh))
+        # Restarted: a symbol's state begun anew over one it had (a TTL gap, stale by event
+        # time); a symbol's first state is no restart.
+        resets = int(np.count_nonzero(fresh)) - (self.new_symbols_total - new_before)
         if n:
             rows = np.asarray(accepted, dtype=np.int64)
             if n == n_in:
@@ -284,6 +291,7 @@ class SymbolTable:
                 slot = self._allocate(symbol)
                 last_ts = self.last_ts  # may have grown
                 restart = True
+                self.new_symbols_total += 1
             else:
                 last = pending_ts.get(slot)
                 if last is None:
@@ -293,6 +301,7 @@ class SymbolTable:
                     # this bar (counted the same), and this bar starts afresh.
                     restart = True
                     self.evictions_total += 1
+                    self.new_symbols_total += 1  # evicted, then back: no restart, as one by one
                 elif t == last:
                     duplicates.append(i)
                     continue

@@ -200,8 +200,9 @@ class InferenceEngine:
             for family in sorted(self.models[target]):
                 fam = self.models[target][family]
                 started = time.perf_counter()
-                preds, warming, failed = self._predict_family(fam, inputs, n, spec)
-                seconds[(target, family)] = time.perf_counter() - started
+                preds, warming, failed, called = self._predict_family(fam, inputs, n, spec)
+                if called:  # the time of model calls only, not of a family still warming
+                    seconds[(target, family)] = time.perf_counter() - started
                 unpublished = int(np.count_nonzero(~np.isfinite(preds) & (warming == 0)))
                 if unpublished:
                     _count_failures(failures, target, family, failed, unpublished)
@@ -219,21 +220,22 @@ class InferenceEngine:
 
     def _predict_family(
         self, fam: LoadedFamily, inputs: BatchInputs, n: int, spec: InputSpec
-    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None], bool]:
+        """Each row's value, bars still needed, failure; and whether the model was called."""
         preds = np.full(n, np.nan)
         warming = np.zeros(n, dtype=np.int64)
         failed: list[str | None] = [None] * n
         if n == 0:
-            return preds, warming, failed
+            return preds, warming, failed, False
         try:
             x = self._family_input(fam, inputs)
         except KeyError as exc:
-            return preds, warming, [f"missing_input:{exc}"] * n
+            return preds, warming, [f"missing_input:{exc}"] * n, False
         rows = np.arange(n)
         if fam.needs_finite:
             if fam.unknown_features:
                 reason = "unknown_feature:" + ",".join(fam.unknown_features)
-                return preds, warming, [reason] * n
+                return preds, warming, [reason] * n, False
             flat = x.reshape(n, -1)
             ready = np.isfinite(flat).all(axis=1)
             if not ready.all():
@@ -249,7 +251,7 @@ class InferenceEngine:
                 rows = np.flatnonzero(ready)
                 x = x[rows]
         if rows.size == 0:
-            return preds, warming, failed
+            return preds, warming, failed, False
         try:
             preds[rows] = _predict_padded(fam.model, x)
         except model_faults() as exc:
@@ -262,7 +264,7 @@ class InferenceEngine:
                     preds[i] = value
                 else:
                     failed[i] = why
-        return preds, warming, failed
+        return preds, warming, failed, True
 
     # ---- the seed's single-row API -------------------------------------------------------
 

@@ -523,3 +523,22 @@ def test_a_model_answering_in_text_fails() -> None:
     assert engine.predict_batch(applied.inputs).rows()[0]["t"]["failed"] == {
         "Text": "error:ValueError"
     }
+
+
+def test_a_family_still_warming_reports_no_inference_time() -> None:
+    # livepred_family_inference_seconds times model calls: a warming family makes none.
+    class _NeedsFinite(_Constant):
+        accepts_nan = False
+
+    class _Loader(FakeLoader):
+        def load_model(self, target: str, family: str, view: str = "") -> tuple[Any, dict]:
+            return self.models[family], {"feature_list": ["ret_1d"]}
+
+    engine = InferenceEngine(_Loader({"Tree": _Constant(1.0), "Net": _NeedsFinite(2.0)}))
+    engine.load_all()
+    table = SymbolTable(engine.input_spec, ttl_s=60)
+    applied = table.apply(bars_for(["A"], 1))
+    assert applied.inputs is not None
+    result = engine.predict_batch(applied.inputs)
+    assert result.rows()[0]["t"]["warming"] == {"Net": 1}
+    assert set(result.family_seconds) == {("t", "Tree")}

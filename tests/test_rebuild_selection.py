@@ -118,7 +118,8 @@ def test_a_symbol_made_stale_by_a_bar_the_replay_leaves_out_is_evicted_in_the_re
     history += [bar("A", 100 * MIN + k * 1000, 50.0 + k) for k in range(1, 6)]
     history.append(bar("C", 93 * MIN, 201.0))
     live = SymbolTable(spec, ttl_s=600)
-    assert live.apply(history).resets == 3  # A, C and C again (stale by A's bar)
+    outcome = live.apply(history)
+    assert outcome.evicted == 1 and outcome.resets == 0  # C, stale by A's bar, back anew
     restarted = rebuilt(history, 5, chunk, spec=spec, ttl_s=600)
     a, b = live.apply([bar("C", 94 * MIN, 202.0)]), restarted.apply([bar("C", 94 * MIN, 202.0)])
     assert a.inputs is not None and b.inputs is not None
