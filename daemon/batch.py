@@ -159,6 +159,31 @@ def select_recent(
     return HistoryChunk(cols.take(keep), older[keep], top)
 
 
+def drop_stale_symbols(
+    chunks: list[HistoryChunk], per_symbol: dict[str, list[int]], ttl_ms: int
+) -> list[HistoryChunk]:
+    """The chunks without the bars of the symbols stale at the end of the history: a symbol
+    whose newest ts (the bottom of its stack: the highest ts of all its bars, at least the
+    live run's last accepted one) is older than the newest ts minus the TTL had been evicted
+    by the live run, and its next bar starts afresh either way. Their bars still count in the
+    clock (each chunk's `older_max` and `top` are of all its bars). Under churn most of a long
+    stream is such symbols' bars."""
+    if not chunks:
+        return chunks
+    horizon = max(c.top for c in chunks) - ttl_ms
+    stale = {symbol for symbol, stack in per_symbol.items() if stack[0] < horizon}
+    if not stale:
+        return chunks
+    out = []
+    for c in chunks:
+        keep = [j for j, symbol in enumerate(c.cols.symbols) if symbol not in stale]
+        if len(keep) == len(c.cols):
+            out.append(c)
+        else:
+            out.append(HistoryChunk(c.cols.take(keep), c.older_max[keep], c.top))
+    return out
+
+
 def oldest_first(chunks: Sequence[HistoryChunk]) -> tuple[BarColumns, np.ndarray]:
     """Chunks of history read newest first (each newest first) as one block, oldest first,
     and the replay's clock: for each bar, the newest ts of every bar before it in the stream,

@@ -1,8 +1,8 @@
 """State rebuilt from a stream's retained history (CONTRACT section 5): the scan, not the math.
 
 The history is read newest first in chunks; each chunk is decoded in the executor while the
-next is fetched, keeping each symbol's newest `warmup_bars` accepted bars (`select_recent`);
-then it is applied to a fresh `Pipeline` oldest first, without predicting, on the live run's
+next is fetched, keeping each symbol's newest `warmup_bars` accepted bars (`select_recent`)
+of the symbols not stale at its end (`drop_stale_symbols`); then it is applied to a fresh `Pipeline` oldest first, without predicting, on the live run's
 clock (the newest ts it had seen before each bar, from every bar of the history).
 """
 
@@ -12,7 +12,13 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from daemon.batch import HistoryChunk, oldest_first, select_recent, warm_from_columns
+from daemon.batch import (
+    HistoryChunk,
+    drop_stale_symbols,
+    oldest_first,
+    select_recent,
+    warm_from_columns,
+)
 from daemon.pipeline import Pipeline
 from daemon.streams import StreamIO
 
@@ -47,6 +53,8 @@ async def rebuild_pipeline(
             check()
         if decoding is not None:
             kept.append(await decoding)
+        if len(io.inputs) == 1:  # several streams are replayed one after the other
+            kept = drop_stale_symbols(kept, per_symbol, pipeline.table.ttl_ms)
         history, clock = oldest_first(kept)
         del kept
         for i in range(0, len(history), REBUILD_CHUNK):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.batch import oldest_first, select_recent
+from daemon.batch import drop_stale_symbols, oldest_first, select_recent
 from daemon.state import SymbolTable
 from daemon.wire import Bar, encode_bar
 from handlers.batch_io import InputSpec
@@ -38,8 +38,9 @@ def rebuilt(
         chunks.append(select_recent(ids[start:end][::-1], fields[start:end][::-1], "bars",
                                     per_symbol, limit))
     table = SymbolTable(spec, ttl_s=ttl_s)
-    kept, clock = oldest_first(chunks)
+    kept, clock = oldest_first(drop_stale_symbols(chunks, per_symbol, table.ttl_ms))
     table.apply_columns(kept.symbols, kept.ts, kept.ohlcv, gather=False, clock=clock)
+    table.replayed = len(kept)  # type: ignore[attr-defined]
     return table
 
 
@@ -125,3 +126,42 @@ def test_a_symbol_made_stale_by_a_bar_the_replay_leaves_out_is_evicted_in_the_re
     assert a.inputs is not None and b.inputs is not None
     np.testing.assert_array_equal(a.inputs.features, b.inputs.features)  # ret_5d NaN: afresh
     assert np.isnan(a.inputs.features[0, 1])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_under_churn_only_the_symbols_alive_at_the_end_are_replayed(chunk: int) -> None:
+    # Symbols come for a while and go; some come back after being evicted, some after a gap
+    # just under the TTL, one with a bar far ahead. The restart replays only the symbols not
+    # stale at the end of the history, and every next bar (of every symbol ever seen, and a
+    # new one) gets the live run's verdict and values.
+    rng = np.random.default_rng(9)
+    ttl_s = 600
+    history: list[Bar] = []
+    closes: dict[str, float] = {}
+    last: dict[str, int] = {}
+    for minute in range(1, 400):
+        alive = [f"S{k}" for k in range(minute // 10, minute // 10 + 8)]
+        if minute % 37 == 0:
+            alive.append("BACK")  # back every 37 minutes: evicted (TTL 10 min) in between
+        if minute % 9 == 0:
+            alive.append("NEAR")  # every 9 minutes: never stale
+        for symbol in alive:
+            closes[symbol] = closes.get(symbol, 100.0) * float(np.exp(rng.normal(0, 0.01)))
+            ts = minute * MIN + int(rng.integers(0, 1000))
+            if symbol == "S30" and minute == 305:
+                ts += 20 * MIN  # ahead: the newest ts seen jumps, others go stale
+            if ts <= last.get(symbol, 0):
+                continue
+            last[symbol] = ts
+            history.append(bar(symbol, ts, closes[symbol]))
+    live = SymbolTable(SPEC, ttl_s=ttl_s)
+    live.apply(history)
+    restarted = rebuilt(history, LIMIT, chunk, ttl_s=ttl_s)
+    assert restarted.symbols() == live.symbols()
+    newest = max(b.ts for b in history)
+    alive_at_end = {s for s, t in last.items() if t >= newest - ttl_s * 1000}
+    counts = {s: sum(1 for b in history if b.symbol == s) for s in alive_at_end}
+    replayed = restarted.replayed  # type: ignore[attr-defined]
+    assert replayed == sum(min(n, LIMIT) for n in counts.values()) < len(history) / 5
+    after = [bar(s, newest + 30_000, 123.0) for s in sorted(last)] + [bar("NEW", newest, 50.0)]
+    same_next(live, restarted, after)
