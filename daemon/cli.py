@@ -128,7 +128,8 @@ def _leave_without_stuck_threads(code: int) -> None:
     stuck = [t.name for t in others if t.is_alive()]
     if stuck:
         print(f"livepred: exiting with {len(stuck)} thread(s) still running"
-              f" ({', '.join(stuck[:5])}): a model call that does not return?", file=sys.stderr)
+              f" ({', '.join(stuck[:5])}): a model call or load that did not finish",
+              file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -220,6 +221,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         report = inspect_run(Path(run), **options)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         return _fail(str(exc))
+    loaded = any(f["status"] == "loaded" for t in report["targets"].values()
+                 for f in t["families"].values())
+    if args.config and not loaded:
+        # What `run` would say: it would not start.
+        from daemon.service import what_the_run_has
+        from handlers.run import ModelLoader
+
+        refused = "; ".join(f"{t}/{name}: {f['reason']}"
+                            for t, info in report["targets"].items()
+                            for name, f in info["families"].items())
+        reason = refused or what_the_run_has(ModelLoader(Path(run)), options["view"])
+        return _fail(f"no model could be loaded from {run!r} ({reason}): the daemon would"
+                     " not start", EXIT_CONFIG)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

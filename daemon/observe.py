@@ -251,11 +251,11 @@ class HealthServer:
             while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
                 pass
             parts = request.decode("latin-1").split()
-            path = parts[1] if len(parts) > 1 else "/"
-            if path.startswith("/metrics"):
+            path = (parts[1] if len(parts) > 1 else "/").split("?", 1)[0]
+            if path == "/metrics":
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.metrics.render()
-            elif path.startswith(("/healthz", "/readyz")):
-                probe = self.health if path.startswith("/healthz") else self.ready
+            elif path in ("/healthz", "/readyz"):
+                probe = self.health if path == "/healthz" else self.ready
                 problem = await probe()
                 status = "200 OK" if problem is None else "503 Service Unavailable"
                 roles = self.roles()

@@ -274,6 +274,11 @@ class Service:
             self.engine = await loop.run_in_executor(self.executor, build_engine, self.settings)
         settle_heap()
         self._report_models(self.engine)
+        if len(self.settings.streams.input) > 1:
+            log.warning("several input streams: a restart replays their histories one after the"
+                        " other, so TTL resets and evictions after it can differ from an"
+                        " uninterrupted run's (one input stream per partition is exact)",
+                        inputs=list(self.settings.streams.input))
         missing = missing_artifacts(self.engine)  # a reload to such a run is refused instead
         if missing:
             log.error("manifest.json lists files the run does not have (a partial copy?): their"
@@ -387,14 +392,15 @@ class Service:
                 await self.redis.aclose()
             except (RedisError, OSError):
                 pass
-        stuck = [name for name, ex in (("compute", self.executor), ("reload", self.loads))
-                 if not await _settled(ex)]
+        executors = {"compute": self.executor, "reload": self.loads}
+        settled = await asyncio.gather(*(_settled(ex) for ex in executors.values()))
+        stuck = [name for name, done in zip(executors, settled, strict=True) if not done]
         if stuck:
-            # A model call that does not return: the process leaves without it (cli), and
-            # without closing the models it may be inside.
+            # A model call (or load) that has not returned: the process leaves without it
+            # (cli), and without closing the models it may be inside.
             self.stuck_threads = stuck
-            log.error("a model call is still running at exit: leaving without it",
-                      threads=stuck, waited_s=EXECUTOR_GRACE_S)
+            log.error(f"a model call did not finish within {EXECUTOR_GRACE_S:.0f} s of the"
+                      " stop: leaving without it", threads=stuck)
         elif self.engine is not None:
             self.engine.close()
         self.notifier.close()
@@ -417,7 +423,8 @@ class Service:
             except (RedisError, OSError):
                 self.redis_ok = False
             for w in self.workers:
-                if w.role == Role.ACTIVE and w.pipeline is not None:
+                if w.role in (Role.ACTIVE, Role.REBUILDING) and w.pipeline is not None:
+                    # (rebuilding after a reload: the state served until then)
                     self.metrics.symbols(w.partition, len(w.pipeline.table))
                 else:
                     self.metrics.partition_left(w.partition, list(w.io.inputs))
@@ -450,13 +457,17 @@ class Service:
 
     async def ready(self) -> str | None:
         """None when every partition this instance holds is served, else why (/readyz):
-        unhealthy, or state still being rebuilt (a partition standing by is ready: it waits
-        for its lease by design)."""
+        unhealthy, a lease not yet tried, or state still being rebuilt. A partition standing
+        by is ready: it waits for another instance's lease by design (and rebuilds once it
+        takes it over)."""
         problem = await self.health()
         if problem is not None:
             return problem
-        rebuilding = [_name(w.partition) for w in self.workers if w.role == Role.REBUILDING]
-        return f"rebuilding state: {', '.join(rebuilding)}" if rebuilding else None
+        for role, what in ((Role.STARTING, "starting"), (Role.REBUILDING, "rebuilding state")):
+            names = [_name(w.partition) for w in self.workers if w.role == role]
+            if names:
+                return f"{what}: {', '.join(names)}"
+        return None
 
     def roles(self) -> str:
         """What each partition does here, e.g. 'active 0,2; standby 1' ('active' alone for an
@@ -489,7 +500,12 @@ class Service:
         while True:
             await self.reload_event.wait()
             self.reload_event.clear()
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception:  # a dead loop would ignore every later SIGHUP
+                self.metrics.reloads.labels("failed").inc()
+                log.exception("reload failed: keeping the current models")
+                self.notifier.notify("READY=1")
 
     async def reload(self) -> bool:
         """Load the models again from run_root; swap them in between batches, or keep the old."""
@@ -574,13 +590,13 @@ async def _settled(executor: ThreadPoolExecutor) -> bool:
     loop = asyncio.get_running_loop()
     try:
         await asyncio.wait_for(loop.run_in_executor(executor, _nothing), EXECUTOR_GRACE_S)
-        settled = True
     except TimeoutError:
-        settled = False
-    except RuntimeError:  # shut down already
-        settled = True
-    executor.shutdown(wait=settled, cancel_futures=True)
-    return settled
+        executor.shutdown(wait=False, cancel_futures=True)
+        return False
+    except RuntimeError:  # shut down already (a second close): never wait on it again
+        return not any(t.is_alive() for t in getattr(executor, "_threads", ()))
+    executor.shutdown(wait=True)
+    return True
 
 
 def _nothing() -> None:

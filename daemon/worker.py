@@ -44,6 +44,7 @@ SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried 
 
 
 class Role(StrEnum):
+    STARTING = "starting"  # the lease not yet tried
     STANDBY = "standby"
     REBUILDING = "rebuilding"
     ACTIVE = "active"
@@ -87,7 +88,7 @@ class PartitionWorker:
         self.warmup_bars = warmup_bars
         self.metrics = metrics
         self.clock_us = clock_us
-        self.role = Role.STANDBY
+        self.role = Role.STARTING
         # Why the partition last failed, until it makes progress again (a batch published, or
         # its pending entries drained): /healthz reports it, and the backoff keeps growing.
         self.failing: str | None = None

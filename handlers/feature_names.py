@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Names a framework makes up when it was given no names (LightGBM `Column_3`, XGBoost and
-# others `f3`): they say nothing about the order.
-_GENERIC = re.compile(r"^(Column_|f|x|feature_|col_?)\d+$", re.IGNORECASE)
+# Names a framework makes up when it was given none (LightGBM `Column_3`, XGBoost `f3`):
+# they say nothing about the order, when each is its own position.
+_GENERIC = re.compile(r"^(?:Column_|f)(\d+)$")
 
 
 def feature_names_refusal(
@@ -26,17 +27,22 @@ def feature_names_refusal(
     renamed its columns) are logged, not refused: the order of feature_list is used."""
     if embedded is None or not feature_list:
         return None
-    names = [str(n) for n in embedded]
-    if not names or all(_GENERIC.match(n) for n in names) or names == list(feature_list):
+    # LightGBM stores "ret 1d" as "ret_1d": compare with whitespace as underscores.
+    names = [_plain(str(n)) for n in embedded]
+    wanted = [_plain(n) for n in feature_list]
+    if not names or names == wanted:
         return None
     if len(names) != len(feature_list):
-        return None  # the count check that follows says it in its own words
+        return (f"the model file was trained on {len(names)} columns, model_meta.json"
+                f" feature_list has {len(feature_list)}")
+    if _made_up(names):
+        return None
     column = {name: i for i, name in enumerate(names)}
-    for i, name in enumerate(feature_list):
+    for i, name in enumerate(wanted):
         j = column.get(name)
         if j is not None and j != i:
             return (
-                f"the model file was trained with {name!r} in column {j},"
+                f"the model file was trained with {feature_list[i]!r} in column {j},"
                 f" model_meta.json feature_list has it in column {i}: its inputs would be"
                 f" swapped (the model's order: {', '.join(names)})"
             )
@@ -48,13 +54,35 @@ def feature_names_refusal(
     return None
 
 
+def _plain(name: str) -> str:
+    return re.sub(r"\s+", "_", name.strip())
+
+
+def _made_up(names: list[str]) -> bool:
+    for position, name in enumerate(names):
+        match = _GENERIC.match(name)
+        if match is None or int(match.group(1)) != position:
+            return False
+    return True
+
+
 def embedded_names(obj: Any) -> Sequence[Any] | None:
-    """The column names a LightGBM/XGBoost booster or an sklearn estimator was trained with."""
-    feature_name = getattr(obj, "feature_name", None)  # lightgbm.Booster
-    if callable(feature_name):
-        return list(feature_name())
-    names = getattr(obj, "feature_names_in_", None)  # sklearn, fitted on a DataFrame
-    if names is not None:
-        return list(names)
-    names = getattr(obj, "feature_names", None)  # xgboost.Booster
-    return list(names) if isinstance(names, list | tuple) else None
+    """The column names a LightGBM or XGBoost booster, or an sklearn estimator fitted on a
+    DataFrame, was trained with; None for anything else (a custom object's attributes of
+    the same name mean what its author meant)."""
+    try:
+        lgb, xgb = sys.modules.get("lightgbm"), sys.modules.get("xgboost")
+        if lgb is not None and isinstance(obj, lgb.Booster):
+            return list(obj.feature_name())
+        if xgb is not None and isinstance(obj, xgb.Booster):
+            return list(obj.feature_names) if obj.feature_names else None
+        sklearn_base = sys.modules.get("sklearn.base")
+        if sklearn_base is not None and isinstance(obj, sklearn_base.BaseEstimator):
+            names = getattr(obj, "feature_names_in_", None)
+            if names is not None:
+                return list(names)
+            count = getattr(obj, "n_features_in_", None)  # fitted on an unnamed array
+            return [f"f{i}" for i in range(count)] if isinstance(count, int) else None
+    except Exception:  # a name we cannot read is no reason to refuse a model
+        return None
+    return None

@@ -49,7 +49,8 @@ class PickledHandler:
         # Called one row at a time (the engine reads this) when a row's value depends on its
         # place in a batch: code that multiplies through BLAS (an sklearn MLP on float32)
         # rounds rows by their position, which would make restarts and replay differ.
-        self.row_by_row = probe and _place_dependent(self.predict, self._row_shape)
+        self.batching = _batching(self.predict, self._row_shape) if probe else INDEPENDENT
+        self.row_by_row = self.batching == PLACE_DEPENDENT
 
     @classmethod
     def load(cls, path: Path, meta: ModelMeta, *, device: str = "cpu") -> Any:
@@ -69,6 +70,10 @@ class PickledHandler:
             log.warning("%s: a row's value depends on its place in a batch (BLAS rounding):"
                         " predicted one row per call, so that restarts and replay give the"
                         " same values (slower; an ONNX export computes rows alike)", path)
+        elif handler.batching == NOT_DETERMINISTIC:
+            log.warning("%s: the model gives other values for the same rows from one call to"
+                        " the next: its outputs cannot be reproduced by a restart or replay",
+                        path)
         return handler
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -82,27 +87,28 @@ class PickledHandler:
 PROBE_ROWS = 96
 
 
-def _place_dependent(predict: Predictor, row_shape: tuple[int, ...]) -> bool:
-    """Whether rows get other values when the batch is shifted by 1 and by 6 rows (seeded
-    normal rows; a model that refuses them is taken as independent: nothing to compare).
-    A model that gives other values for the same call is not deterministic: one row per call
-    would not help it, so it is said and batched as any other."""
+INDEPENDENT, PLACE_DEPENDENT, NOT_DETERMINISTIC = "independent", "place", "random"
+
+
+def _batching(predict: Predictor, row_shape: tuple[int, ...]) -> str:
+    """PLACE_DEPENDENT when rows get other values with the batch shifted by 1 and by 6 rows
+    (seeded normal rows); NOT_DETERMINISTIC when the same call gives other values (one row
+    per call would not help: batched as any other); INDEPENDENT otherwise, or when the model
+    refuses the probe rows (nothing to compare)."""
     rows = np.random.default_rng(0).normal(size=(PROBE_ROWS, *row_shape)).astype(np.float32)
     try:
         with np.errstate(all="ignore"):
             base = np.asarray(predict(rows), dtype=np.float64)
-            if not np.array_equal(np.asarray(predict(rows), dtype=np.float64), base,
-                                  equal_nan=True):
-                log.warning("the model gives other values for the same rows from one call to"
-                            " the next: its outputs cannot be reproduced by a restart or replay")
-                return False
+            again = np.asarray(predict(rows), dtype=np.float64)
+            if not np.array_equal(again, base, equal_nan=True):
+                return NOT_DETERMINISTIC
             for shift in (1, 6):
                 moved = np.asarray(predict(np.roll(rows, shift, axis=0)), dtype=np.float64)
                 if not np.array_equal(np.roll(moved, -shift), base, equal_nan=True):
-                    return True
+                    return PLACE_DEPENDENT
     except Exception:
-        return False
-    return False
+        return INDEPENDENT
+    return INDEPENDENT
 
 
 def _closed(rows: np.ndarray) -> np.ndarray:

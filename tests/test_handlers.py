@@ -645,5 +645,42 @@ def test_a_model_that_is_not_deterministic_is_said_not_taken_for_blas_rounding(
                             predictor=mf.Misbehaving(noise=1e-9))
     with caplog.at_level("WARNING"):
         model, _ = ModelLoader(tmp_path).load_model(TARGET, "Noisy")
-    assert "other values for the same rows" in caplog.text
+    assert "model.pkl: the model gives other values for the same rows" in caplog.text
     assert "BLAS" not in caplog.text and not model.row_by_row
+
+
+def test_feature_name_edge_cases() -> None:
+    from handlers.feature_names import embedded_names, feature_names_refusal
+
+    # Made-up names only when each is its own position; others are compared.
+    assert feature_names_refusal(["Column_0", "Column_1"], ["b", "a"]) is None
+    assert feature_names_refusal(["f1", "f0"], ["f0", "f1"]) is not None
+    assert feature_names_refusal(["x2", "x1"], ["x1", "x2"]) is not None
+    # LightGBM keeps "ret 1d" as "ret_1d": the same name.
+    assert feature_names_refusal(["ret_1d", "ret_5d"], ["ret 1d", "ret_5d"]) is None
+    assert "'ret 1d' in column 1" in feature_names_refusal(["ret_5d", "ret_1d"],
+                                                          ["ret 1d", "ret_5d"])
+    # A column count that differs is said at load, not on every bar.
+    assert "trained on 4 columns" in feature_names_refusal(["f0", "f1", "f2", "f3"],
+                                                          ["a", "b", "c"])
+
+    # A custom object's attributes of those names mean what its author meant.
+    class Custom:
+        feature_names = ("b", "a")
+
+        def feature_name(self, i: int) -> str:
+            return "x"
+
+    assert embedded_names(Custom()) is None
+
+
+def test_an_sklearn_model_fitted_on_more_columns_is_refused_at_load(tmp_path: Path) -> None:
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(100, 4))
+    directory = mf.family_dir(tmp_path, TARGET, "Wide")
+    mf._dump(directory / "model.pkl", LinearRegression().fit(X, X[:, 0]))
+    mf.write_meta(directory, ["ret_1d", "ret_5d", "vol_10d"])
+    with pytest.raises(ModelLoadError, match="trained on 4 columns, model_meta.json"):
+        ModelLoader(tmp_path).load_model(TARGET, "Wide")

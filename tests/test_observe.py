@@ -153,5 +153,7 @@ async def test_healthz_and_readyz_answer_over_http() -> None:
         state["health"] = state["ready"] = None
         assert (await get("/readyz"))[0] == "HTTP/1.1 200 OK"
         assert (await get("/nope"))[0] == "HTTP/1.1 404 Not Found"
+        assert (await get("/readyzz"))[0] == "HTTP/1.1 404 Not Found"
+        assert (await get("/healthz?verbose=1"))[0] == "HTTP/1.1 200 OK"
     finally:
         await server.close()

@@ -154,7 +154,8 @@ def test_replay_refuses_an_unwritable_output_and_a_run_without_models(
     make_bars(5).to_csv(path, index=False)
     code = main(["replay", "--run", str(run_dir), "--bars", str(path),
                  "--out", str(tmp_path / "no-such-dir" / "out.jsonl")])
-    err = capsys.readouterr().err.strip().splitlines()
+    # (log lines of other tests' logging set-up aside: the error is one line)
+    err = [line for line in capsys.readouterr().err.splitlines() if "livepred: error" in line]
     assert code != 0 and len(err) == 1 and "--out" in err[0] and "no-such-dir" in err[0]
     empty = tmp_path / "empty-run"
     empty.mkdir()
@@ -294,6 +295,10 @@ def test_inspect_with_the_daemons_config_shows_what_the_daemon_would_load(
     assert set(report["targets"]["fwd"]["families"]) == {"LightGBM"}
     assert main(["inspect"]) == 2
     assert "--config" in capsys.readouterr().err
+    # Nothing the daemon would load: it would not start, and inspect says so.
+    config.write_text(f'[models]\nrun_root = "{run}"\nview = "INDIVIDUAL"\n')
+    assert main(["inspect", "--config", str(config)]) == 2
+    assert "no view=INDIVIDUAL directory" in capsys.readouterr().err
 
 
 def test_no_model_found_says_what_the_run_has(run_dir: Path, tmp_path: Path, capsys) -> None:

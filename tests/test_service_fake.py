@@ -209,10 +209,12 @@ async def test_a_second_instance_stands_by_while_the_lease_is_held(lgb_run: Path
     service = Service(settings_for(lgb_run), redis=redis)
     await service.start()
     await redis.xadd("bars", encode_bar(walk_bars(["AAA"], 1)[0]))
+    assert await service.ready() == "starting: the partition"  # the lease not yet tried
     task = asyncio.create_task(service.run())
     await asyncio.sleep(0.5)
     assert await redis.xlen("predictions") == 0
     assert service.workers[0].role == "standby"
+    assert await service.ready() is None and service.roles() == "standby"
     service.request_stop()
     assert await asyncio.wait_for(task, 10) == 0
     await redis.aclose()
