@@ -167,8 +167,8 @@ async def _run_all(url: str, run_dir: Path, plan: Plan, results: dict[str, Any])
 
     from daemon import bench_daemon, bench_limit, bench_offline
     from daemon.bench_procs import Feeder, Reader
+    from daemon.model_setup import build_engine
     from daemon.runtime import settle_heap
-    from daemon.service import build_engine
 
     prefix = f"livepred-bench:{uuid.uuid4().hex[:8]}:"
     results["key_prefix"] = prefix  # every key the run wrote is under it, deleted at the end

@@ -41,14 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import structlog
 
+    from daemon.model_setup import NoModelsError, build_engine
     from daemon.observe import configure_logging
-    from daemon.service import (
-        MetricsPortError,
-        NoModelsError,
-        RedisRefusedError,
-        Service,
-        build_engine,
-    )
+    from daemon.service import MetricsPortError, RedisRefusedError, Service
     from daemon.settings import ConfigError, load_settings
     from handlers.errors import LivepredError
 
@@ -172,7 +167,7 @@ def _print_models(engine: Any) -> None:
 
 
 def _print_refusals(engine: Any) -> None:
-    from daemon.service import unserved_selections
+    from daemon.model_setup import unserved_selections
 
     for (target, family), reason in sorted(engine.load_errors.items()):
         print(f"refused {target}/{family}: {reason}", file=sys.stderr)
@@ -225,7 +220,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                  for f in t["families"].values())
     if args.config and not loaded:
         # What `run` would say: it would not start.
-        from daemon.service import what_the_run_has
+        from daemon.model_setup import what_the_run_has
         from handlers.run import ModelLoader
 
         refused = "; ".join(f"{t}/{name}: {f['reason']}"
@@ -247,8 +242,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon.model_setup import run_id_of
     from daemon.replay import BarsFileError, read_bars, replay
-    from daemon.service import run_id_of
     from handlers.engine import InferenceEngine
     from handlers.errors import LivepredError
     from handlers.run import ModelLoader
@@ -263,7 +258,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except (BarsFileError, LivepredError, FileNotFoundError, NotADirectoryError) as exc:
         return _fail(str(exc))
     if not any(True for _ in engine.families()):
-        from daemon.service import what_the_run_has
+        from daemon.model_setup import what_the_run_has
 
         reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
         return _fail(f"--run {args.run}: no model could be loaded"

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon.service import unserved_selections
+from daemon.model_setup import unserved_selections
 from handlers.engine import InferenceEngine
 from handlers.run import ModelLoader
 

@@ -7,13 +7,19 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
+from daemon.model_setup import (
+    build_engine,
+    lost_in_swap,
+    missing_artifacts,
+    run_id_of,
+    unserved_selections,
+)
 from daemon.observe import HealthServer, Metrics, SystemdNotifier
 from daemon.partitions import partition_keys
 from daemon.preflight import EVICTION_WARNING, evicting_policy
@@ -22,19 +28,13 @@ from daemon.settings import Settings, redact_url
 from daemon.streams import StreamIO
 from daemon.waits import sleep_unless
 from daemon.worker import PartitionWorker, Role
-from handlers import tree_compiler
 from handlers.engine import InferenceEngine
-from handlers.run import ModelLoader
 
 log = structlog.get_logger("livepred.service")
 
 STOP_GRACE_S = 10.0
 EXECUTOR_GRACE_S = 3.0  # at exit, for a model call in progress to return
 HEARTBEAT_EVERY_S = 1.0
-
-
-class NoModelsError(RuntimeError):
-    """Not one family of the run could be loaded: nothing to serve."""
 
 
 class MetricsPortError(RuntimeError):
@@ -44,136 +44,6 @@ class MetricsPortError(RuntimeError):
 class RedisRefusedError(RuntimeError):
     """Redis answers but refuses the configured connection (password, ACL, database index):
     waiting will not change that."""
-
-
-def build_engine(settings: Settings) -> InferenceEngine:
-    """Load every selected family (blocking: call it off the event loop)."""
-    m = settings.models
-    tree_compiler.enabled = m.compile_trees
-    try:
-        loader = ModelLoader(
-            m.run_root,
-            allow_pickle=m.allow_pickle,
-            interval_minutes=float(m.interval_minutes),
-            device=m.device,
-        )
-    except (OSError, ValueError) as exc:
-        # A missing or unreadable run directory: one line naming the key, not a traceback.
-        raise NoModelsError(f"models.run_root = {m.run_root!r}: {exc}") from None
-    _warn_unknown_names(loader, m.view, m.targets, m.families)
-    engine = InferenceEngine(
-        loader, device=m.device, view=m.view, targets=m.targets, families=m.families
-    )
-    engine.load_all()
-    _warn_short_warmup(engine, settings.state.warmup_bars)
-    if not any(True for _ in engine.families()):
-        reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
-        filters = "".join(
-            f" with models.{key} = {list(value)!r}"
-            for key, value in (("targets", m.targets), ("families", m.families)) if value
-        )
-        raise NoModelsError(
-            f"no model could be loaded from models.run_root = {m.run_root!r}{filters}"
-            + f" ({reasons or what_the_run_has(loader, m.view)})"
-        )
-    return engine
-
-
-def what_the_run_has(loader: ModelLoader, view: str) -> str:
-    """Why nothing matched, said with what is there: the views, targets and families."""
-    targets = loader.list_available_targets()
-    if not targets:
-        return "no targets/<target>/models/view=<VIEW>/family=<Family>/ directories found"
-    views = sorted({
-        d.name.removeprefix("view=")
-        for t in targets
-        for d in loader.view_dir(t, view).parent.glob("view=*")
-        if d.is_dir()
-    })
-    if view not in views:
-        return (f"no view={view} directory (models.view); views present: "
-                f"{', '.join(views) or 'none'}")
-    families = sorted({f for t in targets for f in loader.list_available_families(t, view=view)})
-    return (f"the run has targets {', '.join(targets)} and families "
-            f"{', '.join(families) or 'none'} in view {view}")
-
-
-def _warn_unknown_names(
-    loader: ModelLoader, view: str, targets: Sequence[str], families: Sequence[str]
-) -> None:
-    """A name in models.targets / models.families that the run does not have is most likely
-    a typo: said once at start, with what the run has (the rest is served)."""
-    have = loader.list_available_targets()
-    missing = [t for t in targets if t not in have]
-    if missing:
-        log.warning("models.targets names targets the run does not have",
-                    names=missing, run_root=str(loader.run_root), targets=have)
-    if families:
-        seen = {f for t in (targets or have) if t in have
-                for f in loader.list_available_families(t, view=view)}
-        missing = [f for f in families if f not in seen]
-        if missing:
-            log.warning(f"models.families names families no target has in view={view}",
-                        names=missing, run_root=str(loader.run_root), families=sorted(seen))
-
-
-def _warn_short_warmup(engine: InferenceEngine, warmup_bars: int) -> None:
-    """A restart replays at most `warmup_bars` bars per symbol: fewer than a family's inputs
-    need, and its outputs after a restart differ from an uninterrupted run's for a while."""
-    short = {
-        f"{fam.target}/{fam.family}": fam.bars_to_ready
-        for fam in engine.families() if fam.bars_to_ready > warmup_bars
-    }
-    if short:
-        log.warning("state.warmup_bars is below what these families' inputs need: after a"
-                    " restart their outputs differ from an uninterrupted run's until each"
-                    " symbol has that many new bars", warmup_bars=warmup_bars, needs=short)
-
-
-def missing_artifacts(engine: InferenceEngine) -> list[str]:
-    """The files of the models this engine is configured to serve (its targets, families and
-    view) that the run's manifest lists and the run lacks; none without a manifest. A host
-    deployed with only its own subtree of a larger training run is complete."""
-    missing = getattr(engine.loader, "missing_artifacts", None)
-    if missing is None:
-        return []
-
-    def served(key: str) -> bool:
-        parts = key.split("/")
-        if len(parts) < 5 or parts[0] != "targets" or parts[2] != "models":
-            return False  # not a model's file (a report, the training data): not served
-        target, view, family = parts[1], parts[3], parts[4]
-        return (
-            (not engine.target_filter or target in engine.target_filter)
-            and view == f"view={engine.view}"
-            and (not engine.family_filter or family.removeprefix("family=") in engine.family_filter)
-        )
-
-    return [key for key in missing() if served(key)]
-
-
-def lost_in_swap(old: InferenceEngine, new: InferenceEngine) -> list[str]:
-    """What serves now and would not after swapping in `new`: families, and a target's `pred`
-    when the new run selects none. Logged, not refused: a deploy may mean it."""
-    lost = []
-    for target, families in old.models.items():
-        now = new.models.get(target, {})
-        for family in sorted(set(families) - set(now)):
-            why = new.load_errors.get((target, family), "not in the new run")
-            lost.append(f"{target}/{family} ({why})")
-        if now and old.selected.get(target) and not new.selected.get(target):
-            lost.append(f"{target}: pred (the new run selects no family: no"
-                        " routing_decision.json)")
-    return lost
-
-
-def unserved_selections(engine: InferenceEngine) -> dict[str, str]:
-    """Targets whose routed (selected) family is not loaded: their `pred` is always null."""
-    return {
-        target: family
-        for target, family in engine.selected.items()
-        if family is not None and family not in engine.models.get(target, {})
-    }
 
 
 def make_redis(settings: Settings) -> Any:
@@ -190,11 +60,6 @@ def make_redis(settings: Settings) -> Any:
     import redis.asyncio as aioredis
 
     return aioredis.Redis.from_url(settings.redis.url, **common)
-
-
-def run_id_of(engine: InferenceEngine) -> str:
-    loader = engine.loader
-    return str(getattr(loader, "run_id", "") or "")
 
 
 class Service:

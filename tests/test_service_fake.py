@@ -640,7 +640,7 @@ async def test_at_light_load_the_stream_is_read_once_per_batch_not_once_per_bar(
 def test_unknown_target_and_family_names_are_warned_about_once(lgb_run: Path) -> None:
     from structlog.testing import capture_logs
 
-    from daemon.service import build_engine
+    from daemon.model_setup import build_engine
 
     settings = settings_for(
         lgb_run, LIVEPRED_MODELS__TARGETS="fwd,fwd_typo", LIVEPRED_MODELS__FAMILIES="LightGBM,Nope"
@@ -658,7 +658,7 @@ def test_unknown_target_and_family_names_are_warned_about_once(lgb_run: Path) ->
     assert not [e for e in logs if e.get("log_level") == "warning"]
     engine.close()
     # Nothing left by the filters: the error line names them, not only run_root.
-    from daemon.service import NoModelsError
+    from daemon.model_setup import NoModelsError
 
     with pytest.raises(NoModelsError, match=r"models\.families = \['Nope'\]"):
         build_engine(settings_for(lgb_run, LIVEPRED_MODELS__FAMILIES="Nope"))
@@ -727,7 +727,7 @@ async def test_a_start_on_a_run_missing_files_its_manifest_lists_serves_the_rest
 def test_a_warmup_shorter_than_a_familys_inputs_need_is_warned_about(lgb_run: Path) -> None:
     from structlog.testing import capture_logs
 
-    from daemon.service import build_engine
+    from daemon.model_setup import build_engine
 
     with capture_logs() as logs:
         engine = build_engine(settings_for(lgb_run, LIVEPRED_STATE__WARMUP_BARS="10"))

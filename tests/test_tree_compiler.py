@@ -94,7 +94,7 @@ def test_compiling_can_be_switched_off(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("setting", ["true", "false"])
 def test_models_compile_trees_decides_for_the_daemon(tmp_path: Path, setting: str) -> None:
-    from daemon.service import build_engine
+    from daemon.model_setup import build_engine
     from daemon.settings import load_settings
 
     _model(tmp_path, "regression")
