@@ -301,6 +301,40 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- tail ----------------------------------------------------------------------------------
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from daemon.service import make_redis
+    from daemon.settings import ConfigError, load_settings, redact_url
+    from daemon.tail import tail
+
+    try:
+        settings = load_settings(args.config, os.environ)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    if args.count < 0:
+        return _fail(f"-n must be >= 0 (got {args.count})", EXIT_CONFIG)
+
+    async def show() -> int:
+        redis = make_redis(settings)
+        try:
+            await tail(redis, settings, sys.stdout, count=args.count, follow=args.follow,
+                       dead=args.dead)
+        except (RedisError, OSError) as exc:
+            return _fail(f"redis.url = {redact_url(settings.redis.url)!r}: {exc}")
+        finally:
+            await redis.aclose()
+        return 0
+
+    try:
+        return asyncio.run(show())
+    except KeyboardInterrupt:
+        return 0
+
+
 # ---- demo and bench -----------------------------------------------------------------------
 
 
@@ -405,6 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="as models.interval_minutes: refuse models trained on another bar interval",
     )
     inspect.set_defaults(func=cmd_inspect)
+
+    tail_cmd = sub.add_parser(
+        "tail", help="a running daemon's newest predictions (or dead letters) as JSON lines"
+    )
+    tail_cmd.add_argument("--config", "-c", metavar="PATH",
+                          help="the daemon's TOML config (its Redis, streams and partitions)")
+    tail_cmd.add_argument("-n", dest="count", type=int, default=10,
+                          help="entries shown first, newest of all partitions (default 10)")
+    tail_cmd.add_argument("--follow", "-f", action="store_true",
+                          help="then show new entries as they come (Ctrl-C ends)")
+    tail_cmd.add_argument("--dead", action="store_true",
+                          help="the dead-letter stream instead (rejected bars, with `error`)")
+    tail_cmd.set_defaults(func=cmd_tail)
 
     bench = sub.add_parser("bench", help="benchmarks against baselines (see BENCHMARKS.md)")
     bench.add_argument("--quick", action="store_true", help="short run (CI smoke test)")

@@ -1,0 +1,104 @@
+"""`livepred tail`: the newest predictions of every partition, merged in entry order and
+decoded as the wire map; then the new ones; dead letters with their msgpack data decoded."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import fakeredis
+import msgpack
+import pytest
+import redis
+
+from daemon.cli import main
+from daemon.settings import load_settings
+from daemon.tail import tail
+from daemon.wire_events import PredictionEvent, TargetResult, encode_prediction
+
+
+def _event(symbol: str, ts: int, value: float) -> PredictionEvent:
+    result = TargetResult(preds={"LightGBM": value}, selected="LightGBM", pred=value,
+                          warming={"LSTM": 3}, failed={"MLP": "non_finite_output"})
+    return PredictionEvent(symbol, ts, f"bars/{ts}-0", "run-1", 250, {"fwd": result})
+
+
+def _settings(**env: str):
+    return load_settings(None, {"LIVEPRED_STREAMS__PARTITIONS": "3", **env})
+
+
+async def test_the_newest_of_every_partition_merged_in_entry_order() -> None:
+    r = fakeredis.FakeAsyncRedis()
+    events = [_event(f"S{i}", 1000 + i, i / 10) for i in range(8)]
+    for i, event in enumerate(events):  # entry ids in this order, spread over the partitions
+        await r.xadd(f"predictions:{{{i % 3}}}", encode_prediction(event), id=f"{i + 1}-0")
+    await r.xadd("predictions:{1}", {"data": b"\x01junk"}, id="9-0")
+    out = io.StringIO()
+    assert await tail(r, _settings(), out, count=4) == 4
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["id"] for line in lines] == ["6-0", "7-0", "8-0", "9-0"]
+    for line, event in zip(lines[:3], events[5:], strict=True):
+        stream = line.pop("stream")
+        assert stream == f"predictions:{{{(int(line.pop('id')[0]) - 1) % 3}}}"
+        assert line == event.to_dict()
+    assert lines[3]["error"].startswith("not a prediction")
+    await r.aclose()
+
+
+async def test_follow_shows_what_is_published_after_it_started() -> None:
+    import asyncio
+
+    r = fakeredis.FakeAsyncRedis()
+    await r.xadd("predictions:{0}", encode_prediction(_event("OLD", 1, 0.1)), id="1-0")
+    out = io.StringIO()
+    following = asyncio.create_task(tail(
+        r, _settings(), out, count=0, follow=True,
+        stop=lambda: len(out.getvalue().splitlines()) >= 2,
+    ))
+    await asyncio.sleep(0.2)
+    await r.xadd("predictions:{1}", encode_prediction(_event("NEW", 2, 0.2)), id="2-0")
+    await r.xadd("predictions:{0}", encode_prediction(_event("NEXT", 3, 0.3)), id="3-0")
+    assert await asyncio.wait_for(following, 10) == 2
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(line["symbol"], line["stream"]) for line in lines] == [
+        ("NEW", "predictions:{1}"), ("NEXT", "predictions:{0}")
+    ]
+    await r.aclose()
+
+
+async def test_dead_letters_show_their_fields_and_decoded_data() -> None:
+    r = fakeredis.FakeAsyncRedis()
+    bar = {"symbol": "A", "ts": 5, "open": 1.0, "high": 1.0, "low": 1.0, "close": -1.0,
+           "volume": 1.0}
+    await r.xadd("bars:dead", {"data": msgpack.packb(bar), "error": "bad_value:close",
+                               "src_stream": "bars", "src_id": "7-0"})
+    await r.xadd("bars:dead", {"symbol": "B", "ts": "x", "error": "bad_value:ts",
+                               "src_stream": "bars", "src_id": "8-0"})
+    out = io.StringIO()
+    assert await tail(r, load_settings(None, {}), out, dead=True) == 2
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["data"] == bar and first["error"] == "bad_value:close"
+    assert second["ts"] == "x" and second["src_id"] == "8-0" and second["stream"] == "bars:dead"
+    await r.aclose()
+
+
+def test_the_command_reads_the_configured_streams(
+    key_prefix: str, real_redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = redis.Redis.from_url(real_redis_url)
+    output = f"{key_prefix}predictions"
+    for i in range(3):
+        client.xadd(output, encode_prediction(_event(f"S{i}", 10 + i, 1.5 + i)))
+    config = tmp_path / "livepred.toml"
+    config.write_text(f'[redis]\nurl = "{real_redis_url}"\n'
+                      f'[streams]\noutput = "{output}"\n')
+    assert main(["tail", "-c", str(config), "-n", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["symbol"] for line in lines] == ["S1", "S2"]
+    assert lines[1]["targets"]["fwd"]["preds"] == {"LightGBM": 3.5}
+    config.write_text('[redis]\nurl = "redis://127.0.0.1:1/0"\n')
+    assert main(["tail", "-c", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("livepred: error: redis.url = ")
+    client.close()
