@@ -2,16 +2,22 @@
 predictions, both with the stream naming and partition routing of CONTRACT sections 4 and 9.
 
 Both take an existing `redis.asyncio` client (plain or cluster) and never block forever.
+Redis errors (`redis.exceptions.ConnectionError`, `TimeoutError`: a restart, a dropped
+connection) propagate from `publish`, `publish_many`, `read` and `ack`; nothing is retried
+here. Call again: a reader keeps its position (a group reader takes the entries a lost
+reply delivered from its pending list), and `publish_many` says what was written.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daemon.entries import as_str, id_key
 from daemon.partitions import partition_for_symbol, partition_key
@@ -33,6 +39,7 @@ log = structlog.get_logger("livepred.client")
 
 PIPELINE_CHUNK = 1000  # XADDs per pipeline round trip
 DEFAULT_BLOCK_MS = 1000
+TRIM_CHECK_EVERY_S = 1.0  # plain readers look for a trimmed-past position this often
 
 
 def stream_keys(name: str, partitions: int = 1, cluster: bool = False) -> list[str]:
@@ -50,6 +57,10 @@ class BarPublisher:
     A bar is a `daemon.wire.Bar` or a mapping with symbol, ts, open, high, low, close, volume.
     A bar the daemon would reject raises ValueError (the reason, e.g. `bad_value:close`)
     before anything is sent. Ordering by `ts` per symbol is the feeder's job.
+
+    `maxlen` trims the input stream (`MAXLEN ~`); None (the default) never trims it. Size it
+    for the longest daemon outage: bars trimmed before the daemon read them get no
+    prediction (the daemon logs how many when it starts).
     """
 
     def __init__(
@@ -97,8 +108,8 @@ class BarPublisher:
 
     async def publish(self, bar: Bar | Mapping[str, Any]) -> str:
         """XADD one bar; returns its entry id."""
-        fields = encode_bar(bar)
         key = self.stream_for(_symbol_of(bar))
+        fields = encode_bar(bar)
         entry_id = await self.redis.xadd(key, fields, **self._trim())
         self.published += 1
         return as_str(entry_id)
@@ -107,17 +118,26 @@ class BarPublisher:
         """XADD many bars in pipelined round trips; returns their entry ids in order.
 
         Every bar is validated first: one bad bar raises ValueError and nothing is sent.
+        A Redis error (a dropped connection, a timeout) is raised with `sent` set on it: the
+        ids of the first `len(sent)` bars, known written. Resend from bar `len(sent)` on: of
+        the rest, some may have been written too, and the daemon skips a resent bar of the
+        same symbol and ts as a duplicate (resending bars before `len(sent)` would turn them
+        into out-of-order dead letters once newer bars of their symbols are in).
         """
         encoded = [(self.stream_for(_symbol_of(bar)), encode_bar(bar)) for bar in bars]
         ids: list[str] = []
         trim = self._trim()
-        for start in range(0, len(encoded), PIPELINE_CHUNK):
-            pipe = self.redis.pipeline(transaction=False)
-            for key, fields in encoded[start : start + PIPELINE_CHUNK]:
-                pipe.xadd(key, fields, **trim)
-            replies = await pipe.execute()
-            ids.extend(as_str(r) for r in replies)
-            self.published += len(replies)
+        try:
+            for start in range(0, len(encoded), PIPELINE_CHUNK):
+                pipe = self.redis.pipeline(transaction=False)
+                for key, fields in encoded[start : start + PIPELINE_CHUNK]:
+                    pipe.xadd(key, fields, **trim)
+                replies = await pipe.execute()
+                ids.extend(as_str(r) for r in replies)
+                self.published += len(replies)
+        except (RedisError, OSError) as exc:
+            exc.sent = ids  # type: ignore[union-attr]
+            raise
         return ids
 
     def _trim(self) -> dict[str, Any]:
@@ -128,6 +148,10 @@ def _symbol_of(bar: Bar | Mapping[str, Any]) -> str:
     symbol = bar.symbol if isinstance(bar, Bar) else bar.get("symbol")
     if not isinstance(symbol, str) or not symbol:
         raise ValueError("bad_value:symbol" if symbol is not None else "missing_field:symbol")
+    try:
+        symbol.encode()
+    except UnicodeEncodeError:  # a lone surrogate: not text Redis or msgpack can carry
+        raise ValueError("bad_value:symbol") from None
     return symbol
 
 
@@ -138,12 +162,17 @@ class PredictionReader:
     after ("0" = from the start); keys not given start at `start`: "$" = entries added after
     the first `read` call begins, "0" = the whole retained stream. `.last_ids` holds the
     position after the events handed out so far (by `read`, or one at a time by `async for`):
-    pass it to a new reader to resume without gaps or duplicates.
+    pass it to a new reader to resume without gaps or duplicates, as long as the output
+    stream still holds the entries after it: a reader that falls behind `streams.output_maxlen`
+    (or resumes from an old position) loses the trimmed events; that is logged and counted in
+    `.trimmed_past` (looked at once a second).
 
     Group mode (`group` and `consumer`): XREADGROUP, the group created if missing (at
     `start`, and again if Redis lost it). A restarted consumer first gets its own pending
     entries again. With `auto_ack=True` entries are acknowledged as soon as they are read (at
-    most once); with False, `ack()` acknowledges the events handed out so far (at least once).
+    most once: a fetch, up to `count` entries per partition, 100 with `async for`, is
+    acknowledged before its events are handed out, so a crash loses at most that many); with
+    False, `ack()` acknowledges the events handed out so far (at least once).
 
     `read` merges the partitions in entry-id order; `count` applies per partition. An entry
     that is not a valid prediction is skipped (counted in `.skipped`, acked in group mode).
@@ -186,10 +215,13 @@ class PredictionReader:
             raise ValueError(f"last_ids names streams this reader does not read: {unknown}")
         self.last_ids: dict[str, str] = {k: as_str(v) for k, v in (last_ids or {}).items()}
         self.skipped = 0
+        self.trimmed_past = 0  # plain mode: times the stream was found trimmed past us
+        self._trim_checked_at = -TRIM_CHECK_EVERY_S
         self._unacked: dict[str, list[str]] = {}
         self._groups_ready = False
         self._pending_after: dict[str, str] = {}  # group mode: own pending entries re-read
         self._pending_done: set[str] = set()
+        self._fetched: dict[str, str] = {}  # group mode: the newest id read, per stream
         self._next_ids: dict[str, str] = {}  # plain mode: where the next XREAD starts
         self._buffer: list[tuple[str, str, PredictionEvent | None]] = []  # read, not handed out
 
@@ -277,13 +309,14 @@ class PredictionReader:
 
     async def _read_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
         await self._resolve_start()
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._trim_checked_at + TRIM_CHECK_EVERY_S:
+            self._trim_checked_at = loop.time()
+            await self._check_trimmed()
         if self.cluster:
-            # Partitions live in different hash slots: one XREAD per key. Try without
-            # blocking first so data on any partition is returned at once.
-            rows = await self._gather_plain(count, None)
-            if rows or block_ms is None:
-                return rows
-            return await self._gather_plain(count, block_ms)
+            # Partitions live in different hash slots: one XREAD per key, all of which must
+            # return: blocked in short slices, so data on any partition is returned soon.
+            return await _sliced(lambda b: self._gather_plain(count, b), block_ms)
         reply = await self.redis.xread(dict(self._next_ids), count=count, block=block_ms)
         rows = _rows(reply)
         self._advance(rows)
@@ -311,6 +344,23 @@ class PredictionReader:
         for key in self.keys:
             self._next_ids.setdefault(key, self.last_ids[key])
 
+    async def _check_trimmed(self) -> None:
+        """Say when the output stream was trimmed past this reader's position (it fell
+        behind `streams.output_maxlen`, or resumed from an old position): the events in
+        between are gone for it. Counted in `.trimmed_past` (one per partition and time)."""
+        for key in self.keys:
+            position = self._next_ids[key]
+            if position in ("0", "0-0"):
+                continue
+            first = await self.redis.xrange(key, "-", "+", count=1)
+            if first and id_key(as_str(first[0][0])) > id_key(position):
+                self.trimmed_past += 1
+                log.warning(
+                    "the output stream was trimmed past this reader's position: the events"
+                    " between are lost to it (read faster, or raise streams.output_maxlen)",
+                    stream=key, position=position, oldest_left=as_str(first[0][0]),
+                )
+
     def _advance(self, rows: Sequence[tuple[str, str, Any]]) -> None:
         for key, entry_id, _ in rows:
             if id_key(entry_id) > id_key(self._next_ids[key]):
@@ -331,7 +381,15 @@ class PredictionReader:
 
     async def _read_group(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
         try:
-            return await self._read_group_once(count, block_ms)
+            rows = await self._read_group_once(count, block_ms)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            # The reply may be lost after Redis delivered entries to this consumer: they are
+            # in its pending list, and the next read takes them from there (after what this
+            # reader already has), as after a restart.
+            for key in self.keys:
+                self._pending_after[key] = self._fetched.get(key, "0-0")
+            self._pending_done.clear()
+            raise
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -342,7 +400,12 @@ class PredictionReader:
             self._pending_after.clear()
             self._pending_done.clear()
             self._unacked.clear()  # their entries went with the group
-            return await self._read_group_once(count, block_ms)
+            self._fetched.clear()
+            rows = await self._read_group_once(count, block_ms)
+        for key, entry_id, _ in rows:
+            if id_key(entry_id) > id_key(self._fetched.get(key, "0-0")):
+                self._fetched[key] = entry_id
+        return rows
 
     async def _read_group_once(
         self, count: int, block_ms: int | None
@@ -367,9 +430,7 @@ class PredictionReader:
                 self._pending_done.add(key)
         if not rows:
             if self.cluster:
-                rows = await self._gather_group(count, None)
-                if not rows and block_ms is not None:
-                    rows = await self._gather_group(count, block_ms)
+                rows = await _sliced(lambda b: self._gather_group(count, b), block_ms)
             else:
                 reply = await self.redis.xreadgroup(
                     self.group,
@@ -419,6 +480,27 @@ class PredictionReader:
                 )
             out.append((key, entry_id, event))
         return out
+
+
+CLUSTER_SLICE_MS = 50  # cluster reads block at most this long per round (see _sliced)
+
+
+async def _sliced(
+    read: Callable[[int | None], Awaitable[list[tuple[str, str, Any]]]], block_ms: int | None
+) -> list[tuple[str, str, Any]]:
+    """`read(None)` (no wait), then `read(slice)` until rows come or `block_ms` has passed:
+    a gather of blocking per-partition reads returns only when every one has."""
+    rows = await read(None)
+    if rows or block_ms is None:
+        return rows
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + block_ms / 1000
+    while not rows:
+        left_ms = int((deadline - loop.time()) * 1000)
+        if left_ms < 1:
+            break
+        rows = await read(min(CLUSTER_SLICE_MS, left_ms))
+    return rows
 
 
 def _decodes_responses(redis: Any) -> bool:

@@ -453,3 +453,122 @@ async def test_from_settings_uses_the_daemon_names(backend: Backend) -> None:
     keys = partition_keys(settings)
     assert publisher.keys == [k.inputs[0] for k in keys]
     assert reader.keys == [k.output for k in keys]
+
+
+# ---- failures a strategy or a feeder meets ----------------------------------------------------
+
+
+@pytest.mark.parametrize("auto_ack", [True, False])
+async def test_a_group_read_whose_reply_is_lost_hands_out_those_events_next(
+    backend: Backend, auto_ack: bool
+) -> None:
+    # Redis delivered entries to this consumer, and the reply never came (a dropped
+    # connection): they are in its pending list, and the next read takes them from there.
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    key = backend.key("predictions")
+    reader = PredictionReader(backend.redis, stream=key, group=backend.key("strategy"),
+                              consumer="c1", start="0", auto_ack=auto_ack)
+    await write_events(backend.redis, key, [make_event(f"S{i}", i) for i in range(30)])
+    got = [e.symbol for e in await reader.read(count=10, block_ms=20)]
+    real = backend.redis.xreadgroup
+    lost = {"armed": True}
+
+    async def loses_one_reply(*args: Any, **kwargs: Any) -> Any:
+        reply = await real(*args, **kwargs)
+        if lost["armed"] and ">" in str(args[2]):
+            lost["armed"] = False
+            raise RedisConnectionError("connection dropped")
+        return reply
+
+    backend.redis.xreadgroup = loses_one_reply
+    try:
+        with pytest.raises(RedisConnectionError):
+            await reader.read(count=10, block_ms=20)
+        while True:
+            events = await reader.read(count=10, block_ms=20)
+            if not events:
+                break
+            got += [e.symbol for e in events]
+            await reader.ack()
+    finally:
+        backend.redis.xreadgroup = real
+    assert got == [f"S{i}" for i in range(30)]  # every event once, in order
+
+
+async def test_a_position_the_stream_was_trimmed_past_is_said(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = backend.key("predictions")
+    await write_events(backend.redis, key, [make_event("A", 1)])
+    reader = PredictionReader(backend.redis, stream=key, start="0")
+    assert len(await reader.read(block_ms=20)) == 1
+    saved = dict(reader.last_ids)
+    await write_events(backend.redis, key, [make_event("B", t) for t in range(2, 12)])
+    await backend.redis.xtrim(key, maxlen=4, approximate=False)  # the daemon's MAXLEN
+    resumed = PredictionReader(backend.redis, stream=key, last_ids=saved)
+    assert len(await resumed.read(block_ms=20)) == 4
+    assert resumed.trimmed_past == 1
+    untouched = PredictionReader(backend.redis, stream=key, start="0")
+    await untouched.read(block_ms=20)
+    assert untouched.trimmed_past == 0
+
+
+async def test_publish_many_says_what_was_written_when_redis_fails_midway(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from daemon import client as client_module
+
+    monkeypatch.setattr(client_module, "PIPELINE_CHUNK", 10)
+    publisher = BarPublisher(backend.redis, stream=backend.key("bars"))
+    real = backend.redis.pipeline
+    calls = {"n": 0}
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        pipe = real(*args, **kwargs)
+        if calls["n"] == 3:
+            async def dropped() -> Any:
+                raise RedisConnectionError("connection dropped")
+            pipe.execute = dropped
+        return pipe
+
+    backend.redis.pipeline = pipeline
+    bars = [make_bar("A", m) for m in range(35)]
+    try:
+        with pytest.raises(RedisConnectionError) as info:
+            await publisher.publish_many(bars)
+    finally:
+        backend.redis.pipeline = real
+    sent = info.value.sent  # type: ignore[attr-defined]
+    assert len(sent) == 20
+    stored = [entry_id.decode() for entry_id, _ in await backend.redis.xrange(backend.key("bars"))]
+    assert stored == sent
+    assert len(await publisher.publish_many(bars[len(sent):])) == 15  # resend the rest
+
+
+async def test_a_symbol_that_is_not_text_is_refused_before_sending() -> None:
+    publisher = BarPublisher(fakeredis.FakeAsyncRedis())
+    with pytest.raises(ValueError, match="^bad_value:symbol$"):
+        await publisher.publish(make_bar("\udcff", 1))
+
+
+async def test_a_cluster_reader_returns_soon_when_one_partition_has_data() -> None:
+    # One blocking read per partition: the call must not wait for every one of them.
+    r = fakeredis.FakeAsyncRedis()
+    reader = PredictionReader(r, partitions=3, cluster=True, start="$")
+    await reader.position()
+
+    async def publish_later() -> None:
+        await asyncio.sleep(0.2)
+        await r.xadd("predictions:{1}", encode_prediction(make_event("A", 1)))
+
+    started = time.monotonic()
+    task = asyncio.create_task(publish_later())
+    events = await reader.read(block_ms=3000)
+    await task
+    assert [e.symbol for e in events] == ["A"]
+    assert time.monotonic() - started < 1.0
+    await r.aclose()
