@@ -323,6 +323,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
         try:
             await tail(redis, settings, sys.stdout, count=args.count, follow=args.follow,
                        dead=args.dead)
+        except BrokenPipeError:
+            raise  # the reader left (`| head`): main() ends quietly
         except (RedisError, OSError) as exc:
             return _fail(f"redis.url = {redact_url(settings.redis.url)!r}: {exc}")
         finally:

@@ -15,9 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any
 
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daemon.entries import as_str, id_key
 from daemon.partitions import partition_for_symbol, partition_key
@@ -39,7 +37,7 @@ log = structlog.get_logger("livepred.client")
 
 PIPELINE_CHUNK = 1000  # XADDs per pipeline round trip
 DEFAULT_BLOCK_MS = 1000
-TRIM_CHECK_EVERY_S = 1.0  # plain readers look for a trimmed-past position this often
+LOST_CHECK_EVERY_S = 1.0  # group readers look for entries a lost reply delivered this often
 
 
 def stream_keys(name: str, partitions: int = 1, cluster: bool = False) -> list[str]:
@@ -119,10 +117,12 @@ class BarPublisher:
 
         Every bar is validated first: one bad bar raises ValueError and nothing is sent.
         A Redis error (a dropped connection, a timeout) is raised with `sent` set on it: the
-        ids of the first `len(sent)` bars, known written. Resend from bar `len(sent)` on: of
-        the rest, some may have been written too, and the daemon skips a resent bar of the
-        same symbol and ts as a duplicate (resending bars before `len(sent)` would turn them
-        into out-of-order dead letters once newer bars of their symbols are in).
+        ids of the first `len(sent)` bars, known written. Resend from bar `len(sent)` on. Of
+        the rest, some may have been written too: a resent copy is no second prediction (the
+        daemon skips it as a duplicate when it is its symbol's newest bar, and dead-letters
+        it as `out_of_order` when a newer bar of the symbol is in). A client that retries by
+        itself (`redis.asyncio.Redis()` does; `Redis.from_url` does not) may write a round
+        trip twice without raising: the same dead letters.
         """
         encoded = [(self.stream_for(_symbol_of(bar)), encode_bar(bar)) for bar in bars]
         ids: list[str] = []
@@ -165,7 +165,7 @@ class PredictionReader:
     pass it to a new reader to resume without gaps or duplicates, as long as the output
     stream still holds the entries after it: a reader that falls behind `streams.output_maxlen`
     (or resumes from an old position) loses the trimmed events; that is logged and counted in
-    `.trimmed_past` (looked at once a second).
+    `.trimmed_past` (looked at with every read, in its round trip).
 
     Group mode (`group` and `consumer`): XREADGROUP, the group created if missing (at
     `start`, and again if Redis lost it). A restarted consumer first gets its own pending
@@ -216,12 +216,12 @@ class PredictionReader:
         self.last_ids: dict[str, str] = {k: as_str(v) for k, v in (last_ids or {}).items()}
         self.skipped = 0
         self.trimmed_past = 0  # plain mode: times the stream was found trimmed past us
-        self._trim_checked_at = -TRIM_CHECK_EVERY_S
         self._unacked: dict[str, list[str]] = {}
         self._groups_ready = False
         self._pending_after: dict[str, str] = {}  # group mode: own pending entries re-read
         self._pending_done: set[str] = set()
-        self._fetched: dict[str, str] = {}  # group mode: the newest id read, per stream
+        self._unsure = False  # group mode: a read failed; entries may be pending unseen
+        self._lost_checked_at = -LOST_CHECK_EVERY_S
         self._next_ids: dict[str, str] = {}  # plain mode: where the next XREAD starts
         self._buffer: list[tuple[str, str, PredictionEvent | None]] = []  # read, not handed out
 
@@ -309,27 +309,34 @@ class PredictionReader:
 
     async def _read_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
         await self._resolve_start()
-        loop = asyncio.get_running_loop()
-        if loop.time() >= self._trim_checked_at + TRIM_CHECK_EVERY_S:
-            self._trim_checked_at = loop.time()
-            await self._check_trimmed()
         if self.cluster:
             # Partitions live in different hash slots: one XREAD per key, all of which must
             # return: blocked in short slices, so data on any partition is returned soon.
-            return await _sliced(lambda b: self._gather_plain(count, b), block_ms)
-        reply = await self.redis.xread(dict(self._next_ids), count=count, block=block_ms)
+            return await read_in_slices(lambda b: self._gather_plain(count, b), block_ms)
+        # Each stream's oldest entry in the same round trip: whether it was trimmed past
+        # the position the read starts from.
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self.keys:
+            pipe.xrange(key, "-", "+", count=1)
+        pipe.xread(dict(self._next_ids), count=count, block=block_ms)
+        *oldest, reply = await pipe.execute()
+        self._check_trimmed(dict(zip(self.keys, oldest, strict=True)))
         rows = _rows(reply)
         self._advance(rows)
         return rows
 
     async def _gather_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
-        replies = await asyncio.gather(
-            *(
-                self.redis.xread({key: self._next_ids[key]}, count=count, block=block_ms)
-                for key in self.keys
-            )
-        )
-        rows = [row for reply in replies for row in _rows(reply)]
+        async def one(key: str) -> tuple[Any, Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xrange(key, "-", "+", count=1)
+            pipe.xread({key: self._next_ids[key]}, count=count, block=block_ms)
+            oldest, reply = await pipe.execute()
+            return oldest, reply
+
+        replies = await asyncio.gather(*(one(key) for key in self.keys))
+        self._check_trimmed({key: oldest for key, (oldest, _) in zip(self.keys, replies,
+                                                                        strict=True)})
+        rows = [row for _, reply in replies for row in _rows(reply)]
         self._advance(rows)
         return rows
 
@@ -344,15 +351,15 @@ class PredictionReader:
         for key in self.keys:
             self._next_ids.setdefault(key, self.last_ids[key])
 
-    async def _check_trimmed(self) -> None:
+    def _check_trimmed(self, oldest: Mapping[str, Any]) -> None:
         """Say when the output stream was trimmed past this reader's position (it fell
         behind `streams.output_maxlen`, or resumed from an old position): the events in
-        between are gone for it. Counted in `.trimmed_past` (one per partition and time)."""
-        for key in self.keys:
+        between are gone for it. Counted in `.trimmed_past` (one per partition and time;
+        also, rarely, when the trim took exactly the entries up to the position)."""
+        for key, first in oldest.items():
             position = self._next_ids[key]
             if position in ("0", "0-0"):
                 continue
-            first = await self.redis.xrange(key, "-", "+", count=1)
             if first and id_key(as_str(first[0][0])) > id_key(position):
                 self.trimmed_past += 1
                 log.warning(
@@ -382,14 +389,6 @@ class PredictionReader:
     async def _read_group(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
         try:
             rows = await self._read_group_once(count, block_ms)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            # The reply may be lost after Redis delivered entries to this consumer: they are
-            # in its pending list, and the next read takes them from there (after what this
-            # reader already has), as after a restart.
-            for key in self.keys:
-                self._pending_after[key] = self._fetched.get(key, "0-0")
-            self._pending_done.clear()
-            raise
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -400,11 +399,50 @@ class PredictionReader:
             self._pending_after.clear()
             self._pending_done.clear()
             self._unacked.clear()  # their entries went with the group
-            self._fetched.clear()
             rows = await self._read_group_once(count, block_ms)
-        for key, entry_id, _ in rows:
-            if id_key(entry_id) > id_key(self._fetched.get(key, "0-0")):
-                self._fetched[key] = entry_id
+        except BaseException:
+            # A reply lost (a dropped connection, a timeout, a cancelled call) after Redis
+            # delivered entries to this consumer: they are in its pending list, and the next
+            # read looks there at once.
+            self._unsure = True
+            raise
+        return rows
+
+    async def _take_lost(self, count: int) -> list[tuple[str, str, Any]]:
+        """Entries pending for this consumer that it never handed out: delivered by a read
+        whose reply was lost, or acknowledged as read when the acknowledgement failed. Looked
+        for after an error and once a second: a client that retries by itself (`Redis()`
+        does, `Redis.from_url` does not) sends a lost read again without telling."""
+        loop = asyncio.get_running_loop()
+        if not self._unsure and loop.time() < self._lost_checked_at + LOST_CHECK_EVERY_S:
+            return []
+        self._unsure, self._lost_checked_at = False, loop.time()
+        assert self.group is not None and self.consumer is not None
+        buffered: dict[str, set[str]] = {}
+        for key, entry_id, _ in self._buffer:
+            buffered.setdefault(key, set()).add(entry_id)
+        rows: list[tuple[str, str, Any]] = []
+        for key in self.keys:
+            known = set(self._unacked.get(key, ())) | buffered.get(key, set())
+            summary = await self.redis.xpending(key, self.group)
+            mine = sum(
+                int(c["pending"]) for c in summary.get("consumers") or ()
+                if as_str(c["name"]) == self.consumer
+            )
+            if mine <= len(known):
+                continue
+            pending = await self.redis.xpending_range(
+                key, self.group, min="-", max="+", count=max(count, mine),
+                consumername=self.consumer,
+            )
+            lost = [m for m in (as_str(p["message_id"]) for p in pending) if m not in known]
+            if not lost:
+                continue
+            claimed = await self.redis.xclaim(key, self.group, self.consumer, 0, lost)
+            got = [(key, as_str(entry_id), fields) for entry_id, fields in claimed]
+            log.warning("entries delivered by a read whose reply was lost: handed out now",
+                        stream=key, entries=len(got))
+            rows.extend(got)
         return rows
 
     async def _read_group_once(
@@ -428,9 +466,11 @@ class PredictionReader:
                 rows.extend(found)
             else:
                 self._pending_done.add(key)
+        if not rows and len(self._pending_done) == len(self.keys):
+            rows = await self._take_lost(count)
         if not rows:
             if self.cluster:
-                rows = await _sliced(lambda b: self._gather_group(count, b), block_ms)
+                rows = await read_in_slices(lambda b: self._gather_group(count, b), block_ms)
             else:
                 reply = await self.redis.xreadgroup(
                     self.group,
@@ -482,10 +522,10 @@ class PredictionReader:
         return out
 
 
-CLUSTER_SLICE_MS = 50  # cluster reads block at most this long per round (see _sliced)
+CLUSTER_SLICE_MS = 50  # cluster reads block at most this long per round (see read_in_slices)
 
 
-async def _sliced(
+async def read_in_slices(
     read: Callable[[int | None], Awaitable[list[tuple[str, str, Any]]]], block_ms: int | None
 ) -> list[tuple[str, str, Any]]:
     """`read(None)` (no wait), then `read(slice)` until rows come or `block_ms` has passed:

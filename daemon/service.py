@@ -55,8 +55,22 @@ def make_redis(settings: Settings) -> Any:
     }
     if settings.redis.cluster:
         from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ClusterDownError, SlotNotCoveredError
 
-        return RedisCluster.from_url(settings.redis.url, **common)
+        class Cluster(RedisCluster):  # type: ignore[misc]
+            # A command (or a transaction) is sent again inside the client only when the
+            # cluster refused it (down, a slot not covered yet): one whose connection died
+            # or timed out may have run, and sent again it would hide that from the worker,
+            # whose own retries know what a lost reply may have done (the plain client from
+            # a URL does not retry either).
+            ERRORS_ALLOW_RETRY = (ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
+
+        refusals = Retry(
+            NoBackoff(), 3, supported_errors=(ClusterDownError, SlotNotCoveredError)  # type: ignore[arg-type]
+        )
+        return Cluster.from_url(settings.redis.url, retry=refusals, **common)
     import redis.asyncio as aioredis
 
     return aioredis.Redis.from_url(settings.redis.url, **common)

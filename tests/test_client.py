@@ -458,12 +458,16 @@ async def test_from_settings_uses_the_daemon_names(backend: Backend) -> None:
 # ---- failures a strategy or a feeder meets ----------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["error", "silent_retry", "cancelled"])
 @pytest.mark.parametrize("auto_ack", [True, False])
 async def test_a_group_read_whose_reply_is_lost_hands_out_those_events_next(
-    backend: Backend, auto_ack: bool
+    backend: Backend, auto_ack: bool, how: str
 ) -> None:
-    # Redis delivered entries to this consumer, and the reply never came (a dropped
-    # connection): they are in its pending list, and the next read takes them from there.
+    # Redis delivered entries to this consumer and the reply never came: the connection
+    # dropped (an error), the client sent the read again by itself (`redis.Redis()` retries:
+    # no error at all), or the caller cancelled the read. The entries are in this consumer's
+    # pending list; the reader hands them out (at once after an error, within a second
+    # otherwise), every event exactly once.
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     key = backend.key("predictions")
@@ -478,22 +482,31 @@ async def test_a_group_read_whose_reply_is_lost_hands_out_those_events_next(
         reply = await real(*args, **kwargs)
         if lost["armed"] and ">" in str(args[2]):
             lost["armed"] = False
-            raise RedisConnectionError("connection dropped")
+            if how == "error":
+                raise RedisConnectionError("connection dropped")
+            if how == "silent_retry":
+                return await real(*args, **kwargs)  # the first reply is gone
+            await asyncio.sleep(10)  # the caller gives up first
         return reply
 
     backend.redis.xreadgroup = loses_one_reply
     try:
-        with pytest.raises(RedisConnectionError):
-            await reader.read(count=10, block_ms=20)
-        while True:
-            events = await reader.read(count=10, block_ms=20)
-            if not events:
-                break
-            got += [e.symbol for e in events]
+        if how == "error":
+            with pytest.raises(RedisConnectionError):
+                await reader.read(count=10, block_ms=20)
+        elif how == "cancelled":
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(count=10, block_ms=20), 0.2)
+        deadline = time.monotonic() + 5
+        while len(got) < 30 and time.monotonic() < deadline:
+            got += [e.symbol for e in await reader.read(count=10, block_ms=50)]
             await reader.ack()
     finally:
         backend.redis.xreadgroup = real
-    assert got == [f"S{i}" for i in range(30)]  # every event once, in order
+    assert sorted(got) == sorted(f"S{i}" for i in range(30))  # every event
+    assert len(got) == 30  # once
+    pending = await backend.redis.xpending(key, backend.key("strategy"))
+    assert pending["pending"] == 0
 
 
 async def test_a_position_the_stream_was_trimmed_past_is_said(
@@ -512,6 +525,14 @@ async def test_a_position_the_stream_was_trimmed_past_is_said(
     untouched = PredictionReader(backend.redis, stream=key, start="0")
     await untouched.read(block_ms=20)
     assert untouched.trimmed_past == 0
+    # A reader that falls behind while it reads: the trim is seen by the very next read.
+    behind = PredictionReader(backend.redis, stream=key, start="0")
+    assert len(await behind.read(count=2, block_ms=20)) == 2
+    await write_events(backend.redis, key, [make_event("C", t) for t in range(20, 30)])
+    await backend.redis.xtrim(key, maxlen=3, approximate=False)
+    assert behind.trimmed_past == 0
+    assert [e.symbol for e in await behind.read(count=2, block_ms=20)] == ["C", "C"]
+    assert behind.trimmed_past == 1
 
 
 async def test_publish_many_says_what_was_written_when_redis_fails_midway(

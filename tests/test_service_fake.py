@@ -873,3 +873,21 @@ async def test_metrics_listen_on_the_configured_host(tmp_path: Path) -> None:
     finally:
         await service.close()
         await redis.aclose()
+
+
+def test_the_cluster_client_never_sends_a_command_again_after_a_dead_connection() -> None:
+    # A read or a commit whose reply was lost may have run: sent again inside the client, the
+    # worker would not know (it reads its own pending entries after a lost read). Only the
+    # cluster's refusals (down, slot not covered: nothing ran) are retried there.
+    from redis.exceptions import ClusterDownError, ConnectionError, TimeoutError
+
+    from daemon.service import make_redis
+
+    settings = load_settings(None, {"LIVEPRED_REDIS__CLUSTER": "true",
+                                    "LIVEPRED_REDIS__URL": "redis://127.0.0.1:7000/0"})
+    client = make_redis(settings)
+    assert ConnectionError not in type(client).ERRORS_ALLOW_RETRY
+    assert TimeoutError not in type(client).ERRORS_ALLOW_RETRY
+    assert ClusterDownError in type(client).ERRORS_ALLOW_RETRY
+    supported = client.retry._supported_errors
+    assert ConnectionError not in supported and ClusterDownError in supported

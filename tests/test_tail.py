@@ -102,3 +102,75 @@ def test_the_command_reads_the_configured_streams(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("livepred: error: redis.url = ")
     client.close()
+
+
+async def test_following_keeps_entry_order_and_waits_out_an_outage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from daemon import tail as tail_module
+
+    monkeypatch.setattr(tail_module, "FOLLOW_COUNT", 3)  # partition 0 needs two reads
+    monkeypatch.setattr(tail_module, "OUTAGE_RETRY_S", 0.01)
+    r = fakeredis.FakeAsyncRedis()
+    real = r.xread
+    calls = {"n": 0}
+
+    async def restarting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:  # Redis restarting while the entries below come in
+            await asyncio.sleep(0.3)
+            raise RedisConnectionError("Connection closed by server")
+        return await real(*args, **kwargs)
+
+    r.xread = restarting
+    out, notes = io.StringIO(), io.StringIO()
+    following = asyncio.create_task(tail(
+        r, _settings(), out, count=0, follow=True, notes=notes,
+        stop=lambda: len(out.getvalue().splitlines()) >= 8,
+    ))
+    await asyncio.sleep(0.05)
+    for i, p in enumerate([0, 0, 1, 0, 0, 0, 1, 0]):
+        await r.xadd(f"predictions:{{{p}}}", encode_prediction(_event(f"S{i}", i + 1, 0.1)),
+                     id=f"{i + 10}-0")
+    assert await asyncio.wait_for(following, 10) == 8
+    ids = [json.loads(line)["id"] for line in out.getvalue().splitlines()]
+    assert ids == [f"{i + 10}-0" for i in range(8)]
+    assert "Connection closed by server; retrying" in notes.getvalue()
+    await r.aclose()
+
+
+async def test_a_partition_empty_at_the_start_is_followed_too() -> None:
+    import asyncio
+
+    r = fakeredis.FakeAsyncRedis()
+    await r.xadd("predictions:{0}", encode_prediction(_event("OLD", 1, 0.1)), id="5-0")
+    out = io.StringIO()
+    following = asyncio.create_task(tail(
+        r, _settings(), out, count=2, follow=True,
+        stop=lambda: len(out.getvalue().splitlines()) >= 2,
+    ))
+    await asyncio.sleep(0.1)
+    await r.xadd("predictions:{1}", encode_prediction(_event("NEW", 2, 0.2)), id="6-0")
+    assert await asyncio.wait_for(following, 10) == 2
+    assert [json.loads(line)["symbol"] for line in out.getvalue().splitlines()] == ["OLD", "NEW"]
+    await r.aclose()
+
+
+async def test_any_dead_letter_prints_as_strict_json() -> None:
+    r = fakeredis.FakeAsyncRedis()
+    data = msgpack.packb({b"symbol": b"A", "close": float("nan"), "ts": 5}, use_bin_type=True)
+    await r.xadd("bars:dead", {"data": data, "error": "bad_value:close", b"\xff": b"\xfe"})
+    out = io.StringIO()
+    assert await tail(r, load_settings(None, {}), out, dead=True) == 1
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    line = json.loads(out.getvalue(), parse_constant=refuse)
+    assert line["data"] == {"symbol": "A", "close": None, "ts": 5}
+    assert line["error"] == "bad_value:close"
+    await r.aclose()
