@@ -232,16 +232,23 @@ def test_inspect_says_what_is_wrong_with_the_path_and_when_a_family_is_never_rea
     assert "never (unknown feature)" in text and "always NaN: momentum_7" in text
 
 
-def test_check_warns_when_the_selected_family_cannot_load(
-    run_dir: Path, tmp_path: Path, capsys
-) -> None:
+def _copy_with_families(run_dir: Path, tmp_path: Path, **families: dict) -> Path:
+    """A copy of the test run with more LightGBM families (name=meta extras)."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     rng = np.random.default_rng(2)
     X = rng.normal(size=(200, len(FEATS)))
-    mf.write_lightgbm(run, "fwd", "Other", X, X[:, 0], FEATS)
+    for family, extra in families.items():
+        mf.write_lightgbm(run, "fwd", family, X, X[:, 0], FEATS, **extra)
+    return run
+
+
+def test_check_warns_when_the_selected_family_cannot_load(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    run = _copy_with_families(run_dir, tmp_path, Other={})
     selected = mf.family_dir(run, "fwd", "LightGBM") / "model.txt"
     selected.write_text(selected.read_text()[:2000])  # the routed family: cut short
     config = tmp_path / "livepred.toml"
@@ -270,14 +277,7 @@ def test_check_warns_when_the_selected_family_cannot_load(
 def test_inspect_with_the_daemons_config_shows_what_the_daemon_would_load(
     run_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    rng = np.random.default_rng(2)
-    X = rng.normal(size=(200, len(FEATS)))
-    mf.write_lightgbm(run, "fwd", "Hourly", X, X[:, 0], FEATS, interval_minutes=60)
-    mf.write_lightgbm(run, "fwd", "Other", X, X[:, 0], FEATS)
+    run = _copy_with_families(run_dir, tmp_path, Hourly={"interval_minutes": 60}, Other={})
     config = tmp_path / "livepred.toml"
     config.write_text(
         f'[models]\nrun_root = "{run}"\ninterval_minutes = 5\n'

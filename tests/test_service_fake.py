@@ -400,17 +400,10 @@ async def test_a_batch_computing_at_a_reload_ends_on_its_models_and_the_next_on_
     await redis.aclose()
 
 
-async def test_a_reload_during_the_rebuild_another_reload_started_serves_on_the_newest_models(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Run b reads other inputs: its swap rebuilds state. A second reload (run c, b's inputs)
-    # lands during that rebuild and retires b's models: the batch waiting for the rebuild
-    # must run on c's, not fail on b's closed ones (each family "failed", bars acknowledged).
-    run_a = _lgb_run_with(tmp_path / "a", FEATURES, "run-a", seed=1)
-    run_b = _lgb_run_with(tmp_path / "b", FEATURES_WIDER, "run-b", seed=2)
-    run_c = _lgb_run_with(tmp_path / "c", FEATURES_WIDER, "run-c", seed=3)
-    link = tmp_path / "current"
-    link.symlink_to(run_a)
+def _gate_the_second_rebuild(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """The rebuild after the start's waits: `entered` is set when it does, `release` lets it go."""
     entered, release = asyncio.Event(), asyncio.Event()
     original = worker_module.rebuild_pipeline
     rebuilds = {"n": 0}
@@ -423,10 +416,33 @@ async def test_a_reload_during_the_rebuild_another_reload_started_serves_on_the_
         return await original(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "rebuild_pipeline", gated)
+    return entered, release
+
+
+async def _started_with_a_gated_rebuild(
+    link: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Service, fakeredis.FakeAsyncRedis, asyncio.Event, asyncio.Event]:
+    """A service started on `link`, its group made, the rebuild after the start's gated."""
+    entered, release = _gate_the_second_rebuild(monkeypatch)
     redis = fakeredis.FakeAsyncRedis()
     service = Service(settings_for(link), redis=redis)
     await service.start()
     await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    return service, redis, entered, release
+
+
+async def test_a_reload_during_the_rebuild_another_reload_started_serves_on_the_newest_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run b reads other inputs: its swap rebuilds state. A second reload (run c, b's inputs)
+    # lands during that rebuild and retires b's models: the batch waiting for the rebuild
+    # must run on c's, not fail on b's closed ones (each family "failed", bars acknowledged).
+    run_a = _lgb_run_with(tmp_path / "a", FEATURES, "run-a", seed=1)
+    run_b = _lgb_run_with(tmp_path / "b", FEATURES_WIDER, "run-b", seed=2)
+    run_c = _lgb_run_with(tmp_path / "c", FEATURES_WIDER, "run-c", seed=3)
+    link = tmp_path / "current"
+    link.symlink_to(run_a)
+    service, redis, entered, release = await _started_with_a_gated_rebuild(link, monkeypatch)
     bars = walk_bars(["AAA", "BBB", "CCC"], 40, seed=5)
     first, after = bars[:60], bars[60:]
 
@@ -480,22 +496,7 @@ async def test_a_rebuild_after_a_reload_is_not_ready_and_not_a_stall(
     run_b = _lgb_run_with(tmp_path / "b", FEATURES_WIDER, "run-b", seed=2)
     link = tmp_path / "current"
     link.symlink_to(run_a)
-    entered, release = asyncio.Event(), asyncio.Event()
-    original = worker_module.rebuild_pipeline
-    rebuilds = {"n": 0}
-
-    async def gated(*args, **kwargs):
-        rebuilds["n"] += 1
-        if rebuilds["n"] == 2:  # the first is the start's
-            entered.set()
-            await release.wait()
-        return await original(*args, **kwargs)
-
-    monkeypatch.setattr(worker_module, "rebuild_pipeline", gated)
-    redis = fakeredis.FakeAsyncRedis()
-    service = Service(settings_for(link), redis=redis)
-    await service.start()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    service, redis, entered, release = await _started_with_a_gated_rebuild(link, monkeypatch)
     bars = walk_bars(["AAA", "BBB"], 30, seed=4)
     task = asyncio.create_task(service.run())
     try:

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import fakeredis
 import msgpack
 import pytest
-import redis
 
-from daemon.cli import main
 from daemon.settings import load_settings
 from daemon.tail import tail
 from daemon.wire_events import PredictionEvent, TargetResult, encode_prediction
@@ -46,62 +43,28 @@ async def test_the_newest_of_every_partition_merged_in_entry_order() -> None:
     await r.aclose()
 
 
-async def test_follow_shows_what_is_published_after_it_started() -> None:
+@pytest.mark.parametrize("count", [0, 2])
+async def test_follow_shows_what_is_published_after_it_started(count: int) -> None:
+    # With -n 0 from the end as it was; with -n 2 the newest first. Partition 1, empty at the
+    # start, is followed from its beginning.
     import asyncio
 
     r = fakeredis.FakeAsyncRedis()
     await r.xadd("predictions:{0}", encode_prediction(_event("OLD", 1, 0.1)), id="1-0")
     out = io.StringIO()
+    want = (["OLD"] if count else []) + ["NEW", "NEXT"]
     following = asyncio.create_task(tail(
-        r, _settings(), out, count=0, follow=True,
-        stop=lambda: len(out.getvalue().splitlines()) >= 2,
+        r, _settings(), out, count=count, follow=True,
+        stop=lambda: len(out.getvalue().splitlines()) >= len(want),
     ))
     await asyncio.sleep(0.2)
     await r.xadd("predictions:{1}", encode_prediction(_event("NEW", 2, 0.2)), id="2-0")
     await r.xadd("predictions:{0}", encode_prediction(_event("NEXT", 3, 0.3)), id="3-0")
-    assert await asyncio.wait_for(following, 10) == 2
+    assert await asyncio.wait_for(following, 10) == len(want)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [(line["symbol"], line["stream"]) for line in lines] == [
-        ("NEW", "predictions:{1}"), ("NEXT", "predictions:{0}")
-    ]
+    assert [line["symbol"] for line in lines] == want
+    assert lines[-2]["stream"] == "predictions:{1}"
     await r.aclose()
-
-
-async def test_dead_letters_show_their_fields_and_decoded_data() -> None:
-    r = fakeredis.FakeAsyncRedis()
-    bar = {"symbol": "A", "ts": 5, "open": 1.0, "high": 1.0, "low": 1.0, "close": -1.0,
-           "volume": 1.0}
-    await r.xadd("bars:dead", {"data": msgpack.packb(bar), "error": "bad_value:close",
-                               "src_stream": "bars", "src_id": "7-0"})
-    await r.xadd("bars:dead", {"symbol": "B", "ts": "x", "error": "bad_value:ts",
-                               "src_stream": "bars", "src_id": "8-0"})
-    out = io.StringIO()
-    assert await tail(r, load_settings(None, {}), out, dead=True) == 2
-    first, second = (json.loads(line) for line in out.getvalue().splitlines())
-    assert first["data"] == bar and first["error"] == "bad_value:close"
-    assert second["ts"] == "x" and second["src_id"] == "8-0" and second["stream"] == "bars:dead"
-    await r.aclose()
-
-
-def test_the_command_reads_the_configured_streams(
-    key_prefix: str, real_redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    client = redis.Redis.from_url(real_redis_url)
-    output = f"{key_prefix}predictions"
-    for i in range(3):
-        client.xadd(output, encode_prediction(_event(f"S{i}", 10 + i, 1.5 + i)))
-    config = tmp_path / "livepred.toml"
-    config.write_text(f'[redis]\nurl = "{real_redis_url}"\n'
-                      f'[streams]\noutput = "{output}"\n')
-    assert main(["tail", "-c", str(config), "-n", "2"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["symbol"] for line in lines] == ["S1", "S2"]
-    assert lines[1]["targets"]["fwd"]["preds"] == {"LightGBM": 3.5}
-    config.write_text('[redis]\nurl = "redis://127.0.0.1:1/0"\n')
-    assert main(["tail", "-c", str(config)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("livepred: error: redis.url = ")
-    client.close()
 
 
 async def test_following_keeps_entry_order_and_waits_out_an_outage(
@@ -140,23 +103,6 @@ async def test_following_keeps_entry_order_and_waits_out_an_outage(
     ids = [json.loads(line)["id"] for line in out.getvalue().splitlines()]
     assert ids == [f"{i + 10}-0" for i in range(8)]
     assert "Connection closed by server; retrying" in notes.getvalue()
-    await r.aclose()
-
-
-async def test_a_partition_empty_at_the_start_is_followed_too() -> None:
-    import asyncio
-
-    r = fakeredis.FakeAsyncRedis()
-    await r.xadd("predictions:{0}", encode_prediction(_event("OLD", 1, 0.1)), id="5-0")
-    out = io.StringIO()
-    following = asyncio.create_task(tail(
-        r, _settings(), out, count=2, follow=True,
-        stop=lambda: len(out.getvalue().splitlines()) >= 2,
-    ))
-    await asyncio.sleep(0.1)
-    await r.xadd("predictions:{1}", encode_prediction(_event("NEW", 2, 0.2)), id="6-0")
-    assert await asyncio.wait_for(following, 10) == 2
-    assert [json.loads(line)["symbol"] for line in out.getvalue().splitlines()] == ["OLD", "NEW"]
     await r.aclose()
 
 
