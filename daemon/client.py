@@ -221,6 +221,8 @@ class PredictionReader:
         self._pending_after: dict[str, str] = {}  # group mode: own pending entries re-read
         self._pending_done: set[str] = set()
         self._unsure = False  # group mode: a read failed; entries may be pending unseen
+        self._acking: dict[str, list[str]] = {}  # group mode: ids whose XACK is under way
+        self._stash: list[tuple[str, str, Any]] = []  # read, their auto-ack failed
         self._lost_checked_at = -LOST_CHECK_EVERY_S
         self._next_ids: dict[str, str] = {}  # plain mode: where the next XREAD starts
         self._buffer: list[tuple[str, str, PredictionEvent | None]] = []  # read, not handed out
@@ -300,9 +302,22 @@ class PredictionReader:
             return 0
         acked = 0
         pending, self._unacked = self._unacked, {}
-        for key, ids in pending.items():
-            if ids:
-                acked += int(await self.redis.xack(key, self.group, *ids))
+        self._acking = pending  # still known (not lost) while the XACKs are under way
+        try:
+            for key in list(pending):
+                ids = pending[key]
+                if ids:
+                    acked += int(await self.redis.xack(key, self.group, *ids))
+                del pending[key]
+        except BaseException:
+            # What was not acknowledged is acknowledged by the next ack() (XACK of an entry
+            # already acknowledged is a no-op): none of it is taken for lost meanwhile.
+            for key, ids in pending.items():
+                self._unacked.setdefault(key, [])[:0] = ids
+            self._unsure = True
+            raise
+        finally:
+            self._acking = {}
         return acked
 
     # ---- plain XREAD -------------------------------------------------------------------------
@@ -318,25 +333,33 @@ class PredictionReader:
         pipe = self.redis.pipeline(transaction=False)
         for key in self.keys:
             pipe.xrange(key, "-", "+", count=1)
-        pipe.xread(dict(self._next_ids), count=count, block=block_ms)
-        *oldest, reply = await pipe.execute()
-        self._check_trimmed(dict(zip(self.keys, oldest, strict=True)))
+            pipe.xrevrange(key, "+", "-", count=1)
+        ends = await pipe.execute()
+        if self._check_trimmed({
+            key: (ends[2 * i], ends[2 * i + 1]) for i, key in enumerate(self.keys)
+        }):
+            return []  # a stream was recreated: read again from its start
+        reply = await self.redis.xread(dict(self._next_ids), count=count, block=block_ms)
         rows = _rows(reply)
         self._advance(rows)
         return rows
 
     async def _gather_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
-        async def one(key: str) -> tuple[Any, Any]:
+        async def ends(key: str) -> tuple[Any, Any]:
             pipe = self.redis.pipeline(transaction=False)
             pipe.xrange(key, "-", "+", count=1)
-            pipe.xread({key: self._next_ids[key]}, count=count, block=block_ms)
-            oldest, reply = await pipe.execute()
-            return oldest, reply
+            pipe.xrevrange(key, "+", "-", count=1)
+            first, last = await pipe.execute()
+            return first, last
 
-        replies = await asyncio.gather(*(one(key) for key in self.keys))
-        self._check_trimmed({key: oldest for key, (oldest, _) in zip(self.keys, replies,
-                                                                        strict=True)})
-        rows = [row for _, reply in replies for row in _rows(reply)]
+        found = await asyncio.gather(*(ends(key) for key in self.keys))
+        if self._check_trimmed(dict(zip(self.keys, found, strict=True))):
+            return []  # a stream was recreated: read again from its start
+        replies = await asyncio.gather(*(
+            self.redis.xread({key: self._next_ids[key]}, count=count, block=block_ms)
+            for key in self.keys
+        ))
+        rows = [row for reply in replies for row in _rows(reply)]
         self._advance(rows)
         return rows
 
@@ -351,14 +374,24 @@ class PredictionReader:
         for key in self.keys:
             self._next_ids.setdefault(key, self.last_ids[key])
 
-    def _check_trimmed(self, oldest: Mapping[str, Any]) -> None:
+    def _check_trimmed(self, ends: Mapping[str, tuple[Any, Any]]) -> bool:
         """Say when the output stream was trimmed past this reader's position (it fell
-        behind `streams.output_maxlen`, or resumed from an old position): the events in
-        between are gone for it. Counted in `.trimmed_past` (one per partition and time;
-        also, rarely, when the trim took exactly the entries up to the position)."""
-        for key, first in oldest.items():
+        behind `streams.output_maxlen`, resumed from an old position, or Redis lost the
+        stream): the events in between are gone for it. Counted in `.trimmed_past` (one per
+        partition and time; also, rarely, when a trim took exactly the entries up to the
+        position). A stream whose newest entry is older than the position was recreated
+        (ids went back): it is read from its start; True then."""
+        recreated = False
+        for key, (first, last) in ends.items():
             position = self._next_ids[key]
             if position in ("0", "0-0"):
+                continue
+            if last and id_key(as_str(last[0][0])) < id_key(position):
+                log.warning("the output stream's entries are older than this reader's"
+                            " position (recreated: Redis lost its data?): read from its start",
+                            stream=key, position=position, newest=as_str(last[0][0]))
+                self._next_ids[key] = self.last_ids[key] = "0-0"
+                recreated = True
                 continue
             if first and id_key(as_str(first[0][0])) > id_key(position):
                 self.trimmed_past += 1
@@ -367,6 +400,7 @@ class PredictionReader:
                     " between are lost to it (read faster, or raise streams.output_maxlen)",
                     stream=key, position=position, oldest_left=as_str(first[0][0]),
                 )
+        return recreated
 
     def _advance(self, rows: Sequence[tuple[str, str, Any]]) -> None:
         for key, entry_id, _ in rows:
@@ -399,7 +433,11 @@ class PredictionReader:
             self._pending_after.clear()
             self._pending_done.clear()
             self._unacked.clear()  # their entries went with the group
-            rows = await self._read_group_once(count, block_ms)
+            try:
+                rows = await self._read_group_once(count, block_ms)
+            except BaseException:
+                self._unsure = True
+                raise
         except BaseException:
             # A reply lost (a dropped connection, a timeout, a cancelled call) after Redis
             # delivered entries to this consumer: they are in its pending list, and the next
@@ -410,35 +448,50 @@ class PredictionReader:
 
     async def _take_lost(self, count: int) -> list[tuple[str, str, Any]]:
         """Entries pending for this consumer that it never handed out: delivered by a read
-        whose reply was lost, or acknowledged as read when the acknowledgement failed. Looked
-        for after an error and once a second: a client that retries by itself (`Redis()`
-        does, `Redis.from_url` does not) sends a lost read again without telling."""
+        whose reply was lost. Looked for after an error (handed out before anything newer)
+        and once a second: a client that retries by itself (`Redis()` does, `Redis.from_url`
+        does not) sends a lost read again without telling, and those entries then come up
+        to a second late, after newer ones (`event.ts` per symbol tells a stale one)."""
         loop = asyncio.get_running_loop()
         if not self._unsure and loop.time() < self._lost_checked_at + LOST_CHECK_EVERY_S:
             return []
         self._unsure, self._lost_checked_at = False, loop.time()
         assert self.group is not None and self.consumer is not None
-        buffered: dict[str, set[str]] = {}
-        for key, entry_id, _ in self._buffer:
-            buffered.setdefault(key, set()).add(entry_id)
+        known: dict[str, set[str]] = {}
+        for key, entry_id, _ in [*self._buffer, *self._stash]:
+            known.setdefault(key, set()).add(entry_id)
+        for source in (self._unacked, self._acking):
+            for key, ids in source.items():
+                known.setdefault(key, set()).update(ids)
+        if self.cluster:
+            summaries = await asyncio.gather(
+                *(self.redis.xpending(key, self.group) for key in self.keys)
+            )
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in self.keys:
+                pipe.xpending(key, self.group)
+            summaries = await pipe.execute()
         rows: list[tuple[str, str, Any]] = []
-        for key in self.keys:
-            known = set(self._unacked.get(key, ())) | buffered.get(key, set())
-            summary = await self.redis.xpending(key, self.group)
+        for key, summary in zip(self.keys, summaries, strict=True):
             mine = sum(
                 int(c["pending"]) for c in summary.get("consumers") or ()
                 if as_str(c["name"]) == self.consumer
             )
-            if mine <= len(known):
+            if mine == 0:
                 continue
             pending = await self.redis.xpending_range(
-                key, self.group, min="-", max="+", count=max(count, mine),
-                consumername=self.consumer,
+                key, self.group, min="-", max="+", count=mine, consumername=self.consumer,
             )
-            lost = [m for m in (as_str(p["message_id"]) for p in pending) if m not in known]
+            lost = [p for p in pending if as_str(p["message_id"]) not in known.get(key, ())]
             if not lost:
                 continue
-            claimed = await self.redis.xclaim(key, self.group, self.consumer, 0, lost)
+            lost = lost[:count]
+            # Only while still idle as seen: one another consumer claimed meanwhile is its own.
+            idle_ms = min(int(p["time_since_delivered"]) for p in lost)
+            claimed = await self.redis.xclaim(
+                key, self.group, self.consumer, idle_ms, [as_str(p["message_id"]) for p in lost]
+            )
             got = [(key, as_str(entry_id), fields) for entry_id, fields in claimed]
             log.warning("entries delivered by a read whose reply was lost: handed out now",
                         stream=key, entries=len(got))
@@ -449,9 +502,11 @@ class PredictionReader:
         self, count: int, block_ms: int | None
     ) -> list[tuple[str, str, Any]]:
         await self._ensure_groups()
-        rows: list[tuple[str, str, Any]] = []
+        rows, self._stash = self._stash, []  # read before, their acknowledgement failed
         # After a restart, this consumer's own pending entries come first (id "0").
         for key in self.keys:
+            if rows:
+                break
             if key in self._pending_done:
                 continue
             after = self._pending_after.get(key, "0-0")
@@ -484,8 +539,14 @@ class PredictionReader:
             by_key: dict[str, list[str]] = {}
             for key, entry_id, _ in rows:
                 by_key.setdefault(key, []).append(entry_id)
-            for key, ids in by_key.items():
-                await self.redis.xack(key, self.group, *ids)
+            try:
+                for key, ids in by_key.items():
+                    await self.redis.xack(key, self.group, *ids)
+            except BaseException:
+                # Acknowledged or not (a reply lost), they were read: the next read hands
+                # them out (and acknowledges them again, a no-op if done).
+                self._stash = rows
+                raise
         return rows
 
     async def _gather_group(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:

@@ -60,11 +60,12 @@ def make_redis(settings: Settings) -> Any:
         from redis.exceptions import ClusterDownError, SlotNotCoveredError
 
         class Cluster(RedisCluster):  # type: ignore[misc]
-            # A command (or a transaction) is sent again inside the client only when the
-            # cluster refused it (down, a slot not covered yet): one whose connection died
-            # or timed out may have run, and sent again it would hide that from the worker,
-            # whose own retries know what a lost reply may have done (the plain client from
-            # a URL does not retry either).
+            # A command is sent again inside the client only when the cluster refused it
+            # (down, a slot not covered yet): one whose connection died or timed out may
+            # have run, and sent again it would hide that from the worker, whose own retries
+            # know what a lost reply may have done (the plain client from a URL does not
+            # retry either). The worker sends single commands and scripts here, never a
+            # cluster pipeline (redis-py's pipelines keep their own resending).
             ERRORS_ALLOW_RETRY = (ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
 
         refusals = Retry(

@@ -593,3 +593,90 @@ async def test_a_cluster_reader_returns_soon_when_one_partition_has_data() -> No
     assert [e.symbol for e in events] == ["A"]
     assert time.monotonic() - started < 1.0
     await r.aclose()
+
+
+async def test_acknowledging_while_a_read_looks_for_lost_entries_hands_none_out_twice(
+    backend: Backend,
+) -> None:
+    from daemon import client as client_module
+
+    key = backend.key("predictions")
+    reader = PredictionReader(backend.redis, stream=key, group=backend.key("strategy"),
+                              consumer="c1", start="0", auto_ack=False)
+    await write_events(backend.redis, key, [make_event(f"S{i}", i) for i in range(10)])
+    got = [e.symbol for e in await reader.read(count=10, block_ms=20)]
+    real = backend.redis.xack
+    acking = asyncio.Event()
+
+    async def slow_ack(*args: Any) -> Any:
+        acking.set()
+        await asyncio.sleep(0.3)
+        return await real(*args)
+
+    backend.redis.xack = slow_ack
+    reader._lost_checked_at = -client_module.LOST_CHECK_EVERY_S  # the check is due
+    try:
+        acked = asyncio.create_task(reader.ack())
+        await acking.wait()
+        got += [e.symbol for e in await reader.read(count=10, block_ms=20)]
+        assert await acked == 10
+    finally:
+        backend.redis.xack = real
+    assert got == [f"S{i}" for i in range(10)]
+
+
+async def test_an_acknowledgement_that_failed_is_made_by_the_next_ack(backend: Backend) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    key = backend.key("predictions")
+    group = backend.key("strategy")
+    reader = PredictionReader(backend.redis, stream=key, group=group, consumer="c1",
+                              start="0", auto_ack=False, partitions=2)
+    for p in (0, 1):
+        await write_events(backend.redis, f"{key}:{{{p}}}", [make_event(f"P{p}", p)])
+    got = [e.symbol for e in await reader.read(block_ms=20)]
+    real = backend.redis.xack
+
+    async def fails(*args: Any) -> Any:
+        raise RedisConnectionError("connection dropped")
+
+    backend.redis.xack = fails
+    with pytest.raises(RedisConnectionError):
+        await reader.ack()
+    backend.redis.xack = real
+    got += [e.symbol for e in await reader.read(block_ms=20)]  # nothing lost, nothing again
+    assert sorted(got) == ["P0", "P1"]
+    assert await reader.ack() == 2
+
+
+async def test_rows_whose_auto_ack_failed_are_handed_out_by_the_next_read(
+    backend: Backend,
+) -> None:
+    key = backend.key("predictions")
+    reader = PredictionReader(backend.redis, stream=key, group=backend.key("strategy"),
+                              consumer="c1", start="0", auto_ack=True)
+    await write_events(backend.redis, key, [make_event(f"S{i}", i) for i in range(5)])
+    real = backend.redis.xack
+
+    async def applied_then_cancelled(*args: Any) -> Any:
+        await real(*args)
+        raise asyncio.CancelledError  # the reply never came back to this caller
+
+    backend.redis.xack = applied_then_cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await reader.read(block_ms=20)
+    backend.redis.xack = real
+    assert [e.symbol for e in await reader.read(block_ms=20)] == [f"S{i}" for i in range(5)]
+    assert await reader.read(block_ms=20) == []
+
+
+async def test_a_stream_recreated_with_older_ids_is_read_from_its_start() -> None:
+    r = fakeredis.FakeAsyncRedis()
+    await r.xadd("predictions", encode_prediction(make_event("A", 1)), id="5000-0")
+    reader = PredictionReader(r, start="0")
+    assert len(await reader.read(block_ms=20)) == 1
+    await r.delete("predictions")  # Redis lost its data, its clock is behind
+    await r.xadd("predictions", encode_prediction(make_event("B", 2)), id="100-0")
+    assert await reader.read(block_ms=20) == []  # noticed: the position goes back
+    assert [e.symbol for e in await reader.read(block_ms=20)] == ["B"]
+    await r.aclose()
