@@ -458,6 +458,17 @@ async def test_from_settings_uses_the_daemon_names(backend: Backend) -> None:
 # ---- failures a strategy or a feeder meets ----------------------------------------------------
 
 
+async def _group_reader_over(
+    backend: Backend, events: int, *, auto_ack: bool
+) -> tuple[str, PredictionReader]:
+    """A group reader (consumer c1, from the start) over a stream of `events` events S0..."""
+    key = backend.key("predictions")
+    reader = PredictionReader(backend.redis, stream=key, group=backend.key("strategy"),
+                              consumer="c1", start="0", auto_ack=auto_ack)
+    await write_events(backend.redis, key, [make_event(f"S{i}", i) for i in range(events)])
+    return key, reader
+
+
 @pytest.mark.parametrize("how", ["error", "silent_retry", "cancelled"])
 @pytest.mark.parametrize("auto_ack", [True, False])
 async def test_a_group_read_whose_reply_is_lost_hands_out_those_events_next(
@@ -470,10 +481,7 @@ async def test_a_group_read_whose_reply_is_lost_hands_out_those_events_next(
     # otherwise), every event exactly once.
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    key = backend.key("predictions")
-    reader = PredictionReader(backend.redis, stream=key, group=backend.key("strategy"),
-                              consumer="c1", start="0", auto_ack=auto_ack)
-    await write_events(backend.redis, key, [make_event(f"S{i}", i) for i in range(30)])
+    key, reader = await _group_reader_over(backend, 30, auto_ack=auto_ack)
     got = [e.symbol for e in await reader.read(count=10, block_ms=20)]
     real = backend.redis.xreadgroup
     lost = {"armed": True}
@@ -600,10 +608,7 @@ async def test_acknowledging_while_a_read_looks_for_lost_entries_hands_none_out_
 ) -> None:
     from daemon import client as client_module
 
-    key = backend.key("predictions")
-    reader = PredictionReader(backend.redis, stream=key, group=backend.key("strategy"),
-                              consumer="c1", start="0", auto_ack=False)
-    await write_events(backend.redis, key, [make_event(f"S{i}", i) for i in range(10)])
+    key, reader = await _group_reader_over(backend, 10, auto_ack=False)
     got = [e.symbol for e in await reader.read(count=10, block_ms=20)]
     real = backend.redis.xack
     acking = asyncio.Event()
@@ -652,10 +657,7 @@ async def test_an_acknowledgement_that_failed_is_made_by_the_next_ack(backend: B
 async def test_rows_whose_auto_ack_failed_are_handed_out_by_the_next_read(
     backend: Backend,
 ) -> None:
-    key = backend.key("predictions")
-    reader = PredictionReader(backend.redis, stream=key, group=backend.key("strategy"),
-                              consumer="c1", start="0", auto_ack=True)
-    await write_events(backend.redis, key, [make_event(f"S{i}", i) for i in range(5)])
+    key, reader = await _group_reader_over(backend, 5, auto_ack=True)
     real = backend.redis.xack
 
     async def applied_then_cancelled(*args: Any) -> Any:
