@@ -216,19 +216,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         report = inspect_run(Path(run), **options)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         return _fail(str(exc))
-    loaded = any(f["status"] == "loaded" for t in report["targets"].values()
-                 for f in t["families"].values())
-    if args.config and not loaded:
-        # What `run` would say: it would not start.
-        from daemon.model_setup import what_the_run_has
-        from handlers.run import ModelLoader
-
-        refused = "; ".join(f"{t}/{name}: {f['reason']}"
-                            for t, info in report["targets"].items()
-                            for name, f in info["families"].items())
-        reason = refused or what_the_run_has(ModelLoader(Path(run)), options["view"])
-        return _fail(f"no model could be loaded from {run!r} ({reason}): the daemon would"
-                     " not start", EXIT_CONFIG)
+    if args.config and report["nothing_loaded"]:  # what `run` would say: it would not start
+        return _fail(f"no model could be loaded from {run!r} ({report['nothing_loaded']}):"
+                     " the daemon would not start", EXIT_CONFIG)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -258,11 +248,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except (BarsFileError, LivepredError, FileNotFoundError, NotADirectoryError) as exc:
         return _fail(str(exc))
     if not any(True for _ in engine.families()):
-        from daemon.model_setup import what_the_run_has
+        from daemon.model_setup import why_nothing_loaded
 
-        reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
         return _fail(f"--run {args.run}: no model could be loaded"
-                     f" ({reasons or what_the_run_has(loader, args.view)}): nothing to replay")
+                     f" ({why_nothing_loaded(engine)}): nothing to replay")
     _print_refusals(engine)
     show = sys.stderr.isatty()
 

@@ -324,44 +324,45 @@ class PredictionReader:
 
     async def _read_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
         await self._resolve_start()
+        # Each stream's oldest and newest entries first: whether it was trimmed past, or
+        # recreated behind, the position the read starts from.
+        ends = await self._per_key(_add_ends)
+        if self._check_trimmed(dict(zip(self.keys, ends, strict=True))):
+            return []  # a stream was recreated: read again from its start
         if self.cluster:
             # Partitions live in different hash slots: one XREAD per key, all of which must
             # return: blocked in short slices, so data on any partition is returned soon.
             return await read_in_slices(lambda b: self._gather_plain(count, b), block_ms)
-        # Each stream's oldest entry in the same round trip: whether it was trimmed past
-        # the position the read starts from.
-        pipe = self.redis.pipeline(transaction=False)
-        for key in self.keys:
-            pipe.xrange(key, "-", "+", count=1)
-            pipe.xrevrange(key, "+", "-", count=1)
-        ends = await pipe.execute()
-        if self._check_trimmed({
-            key: (ends[2 * i], ends[2 * i + 1]) for i, key in enumerate(self.keys)
-        }):
-            return []  # a stream was recreated: read again from its start
         reply = await self.redis.xread(dict(self._next_ids), count=count, block=block_ms)
-        rows = _rows(reply)
+        rows = stream_rows(reply)
         self._advance(rows)
         return rows
 
     async def _gather_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
-        async def ends(key: str) -> tuple[Any, Any]:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xrange(key, "-", "+", count=1)
-            pipe.xrevrange(key, "+", "-", count=1)
-            first, last = await pipe.execute()
-            return first, last
-
-        found = await asyncio.gather(*(ends(key) for key in self.keys))
-        if self._check_trimmed(dict(zip(self.keys, found, strict=True))):
-            return []  # a stream was recreated: read again from its start
         replies = await asyncio.gather(*(
             self.redis.xread({key: self._next_ids[key]}, count=count, block=block_ms)
             for key in self.keys
         ))
-        rows = [row for reply in replies for row in _rows(reply)]
+        rows = [row for reply in replies for row in stream_rows(reply)]
         self._advance(rows)
         return rows
+
+    async def _per_key(self, add: Callable[[Any, str], None]) -> list[list[Any]]:
+        """The commands `add` queues for each stream key, in one round trip (one per key in
+        cluster mode, where keys live in different slots, gathered); each key's replies."""
+        if self.cluster:
+            async def one(key: str) -> list[Any]:
+                pipe = self.redis.pipeline(transaction=False)
+                add(pipe, key)
+                return list(await pipe.execute())
+
+            return list(await asyncio.gather(*(one(key) for key in self.keys)))
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self.keys:
+            add(pipe, key)
+        replies = await pipe.execute()
+        per = len(replies) // len(self.keys)
+        return [list(replies[i * per : (i + 1) * per]) for i in range(len(self.keys))]
 
     async def _resolve_start(self) -> None:
         missing = [key for key in self.keys if key not in self.last_ids]
@@ -374,7 +375,7 @@ class PredictionReader:
         for key in self.keys:
             self._next_ids.setdefault(key, self.last_ids[key])
 
-    def _check_trimmed(self, ends: Mapping[str, tuple[Any, Any]]) -> bool:
+    def _check_trimmed(self, ends: Mapping[str, Sequence[Any]]) -> bool:
         """Say when the output stream was trimmed past this reader's position (it fell
         behind `streams.output_maxlen`, resumed from an old position, or Redis lost the
         stream): the events in between are gone for it. Counted in `.trimmed_past` (one per
@@ -463,17 +464,10 @@ class PredictionReader:
         for source in (self._unacked, self._acking):
             for key, ids in source.items():
                 known.setdefault(key, set()).update(ids)
-        if self.cluster:
-            summaries = await asyncio.gather(
-                *(self.redis.xpending(key, self.group) for key in self.keys)
-            )
-        else:
-            pipe = self.redis.pipeline(transaction=False)
-            for key in self.keys:
-                pipe.xpending(key, self.group)
-            summaries = await pipe.execute()
+        group = self.group
+        summaries = await self._per_key(lambda pipe, key: pipe.xpending(key, group))
         rows: list[tuple[str, str, Any]] = []
-        for key, summary in zip(self.keys, summaries, strict=True):
+        for key, (summary,) in zip(self.keys, summaries, strict=True):
             mine = sum(
                 int(c["pending"]) for c in summary.get("consumers") or ()
                 if as_str(c["name"]) == self.consumer
@@ -515,7 +509,7 @@ class PredictionReader:
             )
             # An entry deleted since its delivery comes back without fields: it is
             # returned (skipped when decoded) so that it gets acknowledged too.
-            found = _rows(reply)
+            found = stream_rows(reply)
             if found:
                 self._pending_after[key] = found[-1][1]
                 rows.extend(found)
@@ -534,7 +528,7 @@ class PredictionReader:
                     count=count,
                     block=block_ms,
                 )
-                rows = _rows(reply)
+                rows = stream_rows(reply)
         if self.auto_ack:  # at most once: acknowledged as read
             by_key: dict[str, list[str]] = {}
             for key, entry_id, _ in rows:
@@ -558,7 +552,7 @@ class PredictionReader:
                 for key in self.keys
             )
         )
-        return [row for reply in replies for row in _rows(reply)]
+        return [row for reply in replies for row in stream_rows(reply)]
 
     # ---- decoding ------------------------------------------------------------------------
 
@@ -613,7 +607,12 @@ def _decodes_responses(redis: Any) -> bool:
     return bool(isinstance(kwargs, dict) and kwargs.get("decode_responses"))
 
 
-def _rows(reply: Any) -> list[tuple[str, str, Any]]:
+def _add_ends(pipe: Any, key: str) -> None:
+    pipe.xrange(key, "-", "+", count=1)
+    pipe.xrevrange(key, "+", "-", count=1)
+
+
+def stream_rows(reply: Any) -> list[tuple[str, str, Any]]:
     """(stream, entry id, fields) from an XREAD/XREADGROUP reply (RESP2 list or RESP3 dict)."""
     if not reply:
         return []

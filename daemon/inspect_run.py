@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon.model_setup import unserved_selections
+from daemon.model_setup import unserved_selections, why_nothing_loaded
 from handlers.engine import InferenceEngine
 from handlers.run import ModelLoader
 
@@ -69,6 +69,7 @@ def inspect_run(
             "selected": engine.selected.get(target),
             "families": dict(sorted(found.items())),
         }
+    nothing = None if any(True for _ in engine.families()) else why_nothing_loaded(engine)
     warnings = [
         f"{target}: its selected family {family} (routing_decision.json) is not loaded:"
         " every output's `pred` will be null"
@@ -82,6 +83,7 @@ def inspect_run(
         "feature_union": list(engine.input_spec.feature_names),
         "targets": report,
         "warnings": warnings,
+        "nothing_loaded": nothing,  # None, or why no family loaded (the daemon would not start)
         # Listed in manifest.json, absent from the run: the daemon refuses a reload to it.
         "missing_artifacts": loader.missing_artifacts(),
     }

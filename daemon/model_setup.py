@@ -39,16 +39,21 @@ def build_engine(settings: Settings) -> InferenceEngine:
     engine.load_all()
     _warn_short_warmup(engine, settings.state.warmup_bars)
     if not any(True for _ in engine.families()):
-        reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
         filters = "".join(
             f" with models.{key} = {list(value)!r}"
             for key, value in (("targets", m.targets), ("families", m.families)) if value
         )
         raise NoModelsError(
             f"no model could be loaded from models.run_root = {m.run_root!r}{filters}"
-            + f" ({reasons or what_the_run_has(loader, m.view)})"
+            + f" ({why_nothing_loaded(engine)})"
         )
     return engine
+
+
+def why_nothing_loaded(engine: InferenceEngine) -> str:
+    """For an engine with no family: each refusal, or else what the run has."""
+    reasons = "; ".join(f"{t}/{f}: {r}" for (t, f), r in sorted(engine.load_errors.items()))
+    return reasons or what_the_run_has(engine.loader, engine.view)
 
 
 def what_the_run_has(loader: ModelLoader, view: str) -> str:

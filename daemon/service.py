@@ -107,7 +107,6 @@ class Service:
         # Reloads load and retire models here, off the computing thread (and off asyncio's
         # default executor, which asyncio.run waits for without end at exit).
         self.loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepred-load")
-        self.stuck_threads: list[str] = []
         self.workers: list[PartitionWorker] = []
         self.health_server: HealthServer | None = None
         self.redis_ok = True
@@ -278,7 +277,6 @@ class Service:
         if stuck:
             # A model call (or load) that has not returned: the process leaves without it
             # (cli), and without closing the models it may be inside.
-            self.stuck_threads = stuck
             log.error(f"a model call did not finish within {EXECUTOR_GRACE_S:.0f} s of the"
                       " stop: leaving without it", threads=stuck)
         elif self.engine is not None:

@@ -14,7 +14,7 @@ import msgpack
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from daemon.client import read_in_slices, stream_keys
+from daemon.client import read_in_slices, stream_keys, stream_rows
 from daemon.entries import as_str, id_key
 from daemon.settings import Settings
 from daemon.wire_events import decode_prediction
@@ -83,12 +83,7 @@ async def _read_after(
             ))
         else:
             replies = [await redis.xread(dict(after), count=FOLLOW_COUNT, block=block_ms)]
-        return [
-            (as_str(stream), as_str(entry_id), fields)
-            for reply in replies
-            for stream, entries in _streams(reply)
-            for entry_id, fields in entries
-        ]
+        return [row for reply in replies for row in stream_rows(reply)]
 
     got = await (read_in_slices(read, FOLLOW_BLOCK_MS) if cluster else read(FOLLOW_BLOCK_MS))
     per_stream: dict[str, list[str]] = {}
@@ -98,12 +93,6 @@ async def _read_after(
     limit = min((id_key(i) for i in full), default=None)
     rows = sorted((id_key(entry_id), key, entry_id, fields) for key, entry_id, fields in got)
     return [row for row in rows if limit is None or row[0] <= limit]
-
-
-def _streams(reply: Any) -> list[tuple[Any, Any]]:
-    if not reply:
-        return []
-    return list(reply.items()) if isinstance(reply, dict) else list(reply)
 
 
 def _print(out: TextIO, key: str, entry_id: str, body: Mapping[str, Any]) -> None:
