@@ -349,6 +349,11 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     handler.livepred = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(numeric)
+    # Python warnings (a framework's deprecation or load notice) as log records too: printed
+    # raw they would put lines that are not JSON into a JSON log.
+    # (Off first: on again, captureWarnings does nothing once it holds a previous hook.)
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

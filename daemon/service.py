@@ -460,6 +460,7 @@ class Service:
                 features=len(fam.meta.feature_list),
                 window=fam.meta.window,
                 **({} if fam.compiled is None else {"compiled": fam.compiled}),
+                **({} if fam.device is None else {"device": fam.device}),
             )
 
 

@@ -46,6 +46,12 @@ class LoadedFamily:
         return str(getattr(self.model, "format_name", type(self.model).__name__))
 
     @property
+    def device(self) -> str | None:
+        """The device a torch model runs on (None: a handler that does not say)."""
+        value = getattr(self.model, "device", None)
+        return value if isinstance(value, str) else None
+
+    @property
     def compiled(self) -> bool | None:
         """Whether a tree model predicts through its native-code build (None: not a tree)."""
         value = getattr(self.model, "compiled", None)

@@ -54,6 +54,11 @@ class KerasModelHandler:
     def _call(self, x: tf.Tensor) -> tf.Tensor:
         return self._model(x, training=False)
 
+    @property
+    def device(self) -> str:
+        """The TensorFlow device the model runs on ("/CPU:0", "/GPU:0")."""
+        return self._device_name
+
     @classmethod
     def load(cls, path: Path, meta: ModelMeta, *, device: str = "cpu") -> KerasModelHandler:
         configure_tensorflow()  # before keras runs any TF op

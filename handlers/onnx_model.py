@@ -82,6 +82,11 @@ class OnnxModelHandler:
         session = ort.InferenceSession(str(path), options, providers=providers_for(device))
         return cls(session, meta)
 
+    @property
+    def device(self) -> str:
+        """The execution provider that runs the model first ("CPUExecutionProvider", ...)."""
+        return str(self._session.get_providers()[0]) if self._session is not None else "closed"
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         rows = check_batch(batch, self._row_shape).astype(self._input_dtype, copy=False)
         count = rows.shape[0]

@@ -99,6 +99,11 @@ class SavedModelHandler:
         self.fixed_batch = fixed_batch_for(params, meta.sequence_length or 1)
         self.predict(np.zeros((1, *self._row_shape), dtype=np.float32))  # fail at load, not later
 
+    @property
+    def device(self) -> str:
+        """The TensorFlow device the model runs on ("/CPU:0", "/GPU:0")."""
+        return self._device_name
+
     @classmethod
     def load(cls, path: Path, meta: ModelMeta, *, device: str = "cpu") -> SavedModelHandler:
         configure_tensorflow()

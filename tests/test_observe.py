@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,22 @@ def test_logging_to_a_closed_pipe_loses_the_line_not_the_caller(
     structlog.get_logger("livepred.test").warning("redis unavailable, retrying", delay_s=0.1)
     structlog.get_logger("livepred.test").error("partition failed", exc_info=ValueError("x"))
     logging.getLogger("livepred.models").warning("a stdlib record from the model side")
+
+
+def test_a_python_warning_is_one_json_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A framework's UserWarning at model load was printed raw (two lines, not JSON) into the
+    # daemon's JSON log.
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        configure_logging("info", "json")
+        warnings.warn("the given buffer is not writable", UserWarning, stacklevel=1)
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    record = json.loads(lines[0])
+    assert record["logger"] == "py.warnings" and record["level"] == "warning"
+    assert "UserWarning: the given buffer is not writable" in record["event"]
 
 
 # ---- the metrics of a serving daemon (fakeredis) ------------------------------------------
