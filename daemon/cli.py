@@ -13,8 +13,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-EXIT_CONFIG = 2
-EXIT_FAILURE = 1
+from daemon.cli_common import EXIT_CONFIG, EXIT_FAILURE
+from daemon.cli_common import fail as _fail
+from daemon.cli_common import print_refusals as _print_refusals
+
 EXIT_THREADS_GRACE_S = 2.0
 
 
@@ -23,11 +25,6 @@ def _version() -> str:
         return version("livepred")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def _fail(message: str, code: int = EXIT_FAILURE) -> int:
-    print(f"livepred: error: {message}", file=sys.stderr)
-    return code
 
 
 # ---- run ----------------------------------------------------------------------------------
@@ -166,16 +163,6 @@ def _print_models(engine: Any) -> None:
     _print_refusals(engine)
 
 
-def _print_refusals(engine: Any) -> None:
-    from daemon.model_setup import unserved_selections
-
-    for (target, family), reason in sorted(engine.load_errors.items()):
-        print(f"refused {target}/{family}: {reason}", file=sys.stderr)
-    for target, family in sorted(unserved_selections(engine).items()):
-        print(f"warning: {target}: its selected family {family} (routing_decision.json) is not"
-              " loaded: every output's `pred` will be null", file=sys.stderr)
-
-
 # ---- inspect ------------------------------------------------------------------------------
 
 
@@ -225,68 +212,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from daemon.inspect_run import render
 
         render(report)
-    return 0
-
-
-# ---- replay -------------------------------------------------------------------------------
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from daemon.model_setup import run_id_of
-    from daemon.replay import BarsFileError, read_bars, replay
-    from handlers.engine import InferenceEngine
-    from handlers.errors import LivepredError
-    from handlers.run import ModelLoader
-
-    bars_path = Path(args.bars)
-    try:
-        frame = read_bars(bars_path)
-        loader = ModelLoader(
-            args.run, allow_pickle=not args.no_pickle, interval_minutes=args.interval_minutes
-        )
-        engine = InferenceEngine(loader, view=args.view).load_all()
-    except (BarsFileError, LivepredError, FileNotFoundError, NotADirectoryError) as exc:
-        return _fail(str(exc))
-    if not any(True for _ in engine.families()):
-        from daemon.model_setup import why_nothing_loaded
-
-        return _fail(f"--run {args.run}: no model could be loaded"
-                     f" ({why_nothing_loaded(engine)}): nothing to replay")
-    _print_refusals(engine)
-    show = sys.stderr.isatty()
-
-    def progress(rows: int) -> None:
-        if show:
-            print(f"\r{rows}/{len(frame)} rows", end="", file=sys.stderr, flush=True)
-
-    out_path = Path(args.out)
-    try:
-        out = out_path.open("w")
-    except OSError as exc:
-        return _fail(f"--out {out_path}: cannot write: {exc.strerror or exc}")
-    with out:
-        counts = replay(
-            engine,
-            frame,
-            out,
-            source=bars_path.name,
-            ttl_s=args.ttl_s,
-            with_features=args.with_features,
-            run_id=run_id_of(engine),
-            progress=progress,
-        )
-    if show:
-        print(file=sys.stderr)
-    rejected = sum(counts.rejected.values())
-    print(
-        f"{counts.predictions} predictions from {counts.rows} rows "
-        f"({rejected} rejected, {counts.duplicates} duplicates) -> {out_path}",
-        file=sys.stderr,
-    )
-    for reason, n in counts.rejected.most_common():
-        first = counts.first_rejected[reason]
-        print(f"  rejected {reason}: {n} row(s), the first {bars_path.name}/{first}",
-              file=sys.stderr)
+    if report["nothing_loaded"]:  # after the report, which shows what the run has
+        return _fail(f"no model could be loaded from {run!r} ({report['nothing_loaded']})",
+                     EXIT_CONFIG)
     return 0
 
 
@@ -400,19 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7, help="seed of the run and the feeder")
     demo.set_defaults(func=cmd_demo)
 
-    replay = sub.add_parser("replay", help="offline: bars file through the same engine, no Redis")
-    replay.add_argument("--run", required=True, help="training run directory")
-    replay.add_argument("--bars", required=True, help="bars file (.csv or .parquet)")
-    replay.add_argument("--out", required=True, help="output JSON Lines file")
-    replay.add_argument("--with-features", action="store_true", help="add each bar's features")
-    replay.add_argument("--view", default="CROSS_SECTIONAL")
-    replay.add_argument("--ttl-s", type=float, default=900.0, help="state.symbol_ttl_s")
-    replay.add_argument("--no-pickle", action="store_true", help="refuse pickled models")
-    replay.add_argument(
-        "--interval-minutes", type=float, default=0.0,
-        help="as models.interval_minutes: refuse models trained on another bar interval",
-    )
-    replay.set_defaults(func=cmd_replay)
+    from daemon.replay_cmd import add_parser as add_replay_parser
+
+    add_replay_parser(sub)
 
     inspect = sub.add_parser("inspect", help="describe a training run: targets, families, refusals")
     inspect.add_argument(

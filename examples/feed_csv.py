@@ -22,7 +22,7 @@ import pandas as pd
 import redis.asyncio as aioredis
 
 from daemon.client import BarPublisher
-from daemon.replay import epoch_ms
+from daemon.bars_file import epoch_ms
 from daemon.wire import BAR_FIELDS, encode_bar
 
 CHUNK_ROWS = 1000

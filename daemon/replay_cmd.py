@@ -1,0 +1,225 @@
+"""`livepred replay` on the command line: its options (or the daemon's config), the output
+file (written whole or not at all), and the summary that says what replay saw."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from daemon.cli_common import EXIT_CONFIG, EXIT_INTERRUPTED
+from daemon.cli_common import fail as _fail
+from daemon.cli_common import print_refusals as _print_refusals
+from daemon.replay import ReplayCounts
+
+DEFAULT_TTL_S = 900.0
+# Epoch milliseconds of bars from 1973 to 5138: outside, the unit is probably not ms.
+PLAUSIBLE_MS = (1e11, 1e14)
+
+
+class ReplayUsageError(ValueError):
+    """A bad option or config: one line, exit 2."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOptions:
+    run: str
+    view: str
+    targets: tuple[str, ...]
+    families: tuple[str, ...]
+    allow_pickle: bool
+    interval_minutes: float
+    compile_trees: bool
+    device: str
+    ttl_s: float
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    replay = sub.add_parser(
+        "replay", help="offline: bars file through the same engine, no Redis",
+        description="Bars from a file through the daemon's state and engine, no Redis: one "
+        "JSON line per accepted bar. Options default to the daemon's config (--config), "
+        "else to the daemon's defaults; an option given here wins.",
+    )
+    replay.add_argument("--run", help="training run directory (default with --config: its "
+                        "models.run_root)")
+    replay.add_argument("--bars", required=True,
+                        help="bars file: .csv (.csv.gz, ...) or .parquet, rows in arrival order")
+    replay.add_argument("--out", required=True,
+                        help="output JSON Lines file, written whole or not at all; - = stdout")
+    replay.add_argument("--config", "-c", metavar="PATH",
+                        help="the daemon's TOML config: models.* and state.symbol_ttl_s")
+    replay.add_argument("--with-features", action="store_true",
+                        help="add each bar's features (NaN as null)")
+    replay.add_argument("--view", help="models.view (default CROSS_SECTIONAL)")
+    replay.add_argument("--ttl-s", type=float,
+                        help=f"state.symbol_ttl_s, seconds >= 1 (default {DEFAULT_TTL_S:g})")
+    replay.add_argument("--no-pickle", action="store_true", help="refuse pickled models")
+    replay.add_argument(
+        "--interval-minutes", type=float,
+        help="models.interval_minutes: refuse models trained on another bar interval",
+    )
+    replay.set_defaults(func=cmd_replay)
+
+
+def options_from(args: argparse.Namespace) -> ReplayOptions:
+    """The daemon's settings (its config and LIVEPRED_* environment) under the options."""
+    from daemon.settings import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config, os.environ) if args.config else None
+    except ConfigError as exc:
+        raise ReplayUsageError(str(exc)) from None
+    m = settings.models if settings is not None else None
+    run = args.run or (str(m.run_root) if m is not None else None)
+    if run is None:
+        raise ReplayUsageError("replay needs --run RUN, or --config PATH (its models.run_root)")
+    ttl_s = args.ttl_s if args.ttl_s is not None else (
+        float(settings.state.symbol_ttl_s) if settings is not None else DEFAULT_TTL_S)
+    if not (math.isfinite(ttl_s) and ttl_s >= 1):
+        raise ReplayUsageError(f"--ttl-s must be a number of seconds >= 1 (got {ttl_s:g})")
+    interval = args.interval_minutes if args.interval_minutes is not None else (
+        float(m.interval_minutes) if m is not None else 0.0)
+    if not (math.isfinite(interval) and interval >= 0):
+        raise ReplayUsageError(f"--interval-minutes must be >= 0 (got {interval:g})")
+    return ReplayOptions(
+        run=run,
+        view=args.view or (m.view if m is not None else "CROSS_SECTIONAL"),
+        targets=tuple(m.targets) if m is not None else (),
+        families=tuple(m.families) if m is not None else (),
+        allow_pickle=not args.no_pickle and (m.allow_pickle if m is not None else True),
+        interval_minutes=interval,
+        compile_trees=m.compile_trees if m is not None else True,
+        device=m.device if m is not None else "cpu",
+        ttl_s=ttl_s,
+    )
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon.bars_file import BarsFileError, open_bars
+    from daemon.model_setup import run_id_of
+    from daemon.replay import replay
+    from handlers.errors import LivepredError
+
+    try:
+        options = options_from(args)
+    except ReplayUsageError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    bars_path = Path(args.bars)
+    if args.out != "-" and _same_file(bars_path, Path(args.out)):
+        return _fail(f"--out {args.out} is the bars file itself: choose another output file",
+                     EXIT_CONFIG)
+    try:
+        bars = open_bars(bars_path)
+        engine = _load_engine(options)
+    except (BarsFileError, LivepredError, FileNotFoundError, NotADirectoryError) as exc:
+        return _fail(str(exc))
+    if not any(True for _ in engine.families()):
+        from daemon.model_setup import why_nothing_loaded
+
+        return _fail(f"--run {options.run}: no model could be loaded"
+                     f" ({why_nothing_loaded(engine)}): nothing to replay")
+    _print_refusals(engine)
+    show = sys.stderr.isatty()
+    total = f"/{bars.total_rows}" if bars.total_rows is not None else ""
+
+    def progress(rows: int) -> None:
+        if show:
+            print(f"\r{rows}{total} rows", end="", file=sys.stderr, flush=True)
+
+    seen = ReplayCounts()
+    try:
+        with _output(args.out) as out:
+            seen = replay(engine, bars, out, source=bars_path.name, ttl_s=options.ttl_s,
+                          with_features=args.with_features, run_id=run_id_of(engine),
+                          progress=progress)
+    except KeyboardInterrupt:
+        if show:
+            print(file=sys.stderr)
+        return _fail(f"interrupted: --out {args.out} not written", EXIT_INTERRUPTED)
+    except BarsFileError as exc:
+        return _fail(f"{exc} (--out {args.out} not written)")
+    except OSError as exc:
+        return _fail(f"--out {args.out}: cannot write: {exc.strerror or exc}")
+    if show:
+        print(file=sys.stderr)
+    _summarise(seen, bars_path.name, args.out, options.ttl_s)
+    if seen.rows and not seen.predictions and not seen.duplicates:
+        return _fail(f"no row of {bars_path} was accepted (reasons above)")
+    return 0
+
+
+def _load_engine(options: ReplayOptions):  # type: ignore[no-untyped-def]
+    from handlers import tree_compiler
+    from handlers.engine import InferenceEngine
+    from handlers.run import ModelLoader
+
+    tree_compiler.enabled = options.compile_trees
+    loader = ModelLoader(options.run, allow_pickle=options.allow_pickle,
+                         interval_minutes=options.interval_minutes, device=options.device)
+    return InferenceEngine(loader, device=options.device, view=options.view,
+                           targets=list(options.targets),
+                           families=list(options.families)).load_all()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _output(out: str) -> Iterator[TextIO]:
+    """stdout for "-"; a regular file is written beside itself and renamed into place once
+    complete, so an interrupted or failed replay never leaves a file that looks finished
+    (and never empties the one there before). A device, pipe or link is written as it is."""
+    if out == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        with path.open("w") as fh:
+            yield fh
+        return
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("w") as fh:
+            yield fh
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _summarise(seen: ReplayCounts, source: str, out: str, ttl_s: float) -> None:
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    rejected = sum(seen.rejected.values())
+    say(f"{seen.predictions} predictions from {seen.rows} rows ({rejected} rejected, "
+        f"{seen.duplicates} duplicates) -> {out}")
+    for reason, n in seen.rejected.most_common():
+        say(f"  rejected {reason}: {n} row(s), the first {source}/{seen.first_rejected[reason]}")
+    if seen.resets or seen.evicted:
+        say(f"  state: {seen.resets} reset(s) of a symbol after a gap over the TTL "
+            f"({ttl_s:g} s), {seen.evicted} symbol(s) evicted as stale")
+    if seen.behind:
+        say(f"warning: {seen.behind} row(s) came more than the TTL ({ttl_s:g} s) behind the "
+            f"newest bar before them, the first {source}/{seen.first_behind}: replay takes rows "
+            "in arrival order, as the daemon does, and drops the state of symbols that far "
+            "behind; is the file sorted by symbol rather than by time, or is one symbol's "
+            "clock ahead of the others?")
+    newest = seen.newest_ts
+    if newest is not None and not PLAUSIBLE_MS[0] <= newest <= PLAUSIBLE_MS[1]:
+        unit = "seconds" if newest < PLAUSIBLE_MS[0] else "microseconds or nanoseconds"
+        say(f"warning: the newest ts is {newest}: epoch {unit}? ts must be epoch milliseconds "
+            "(the TTL and the features' bar gaps are counted in them)")
