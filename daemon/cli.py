@@ -83,6 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         if not starting.done():
+            service.notifier.notify("STOPPING=1")
             starting.cancel()
             await asyncio.wait([starting])
             structlog.get_logger("livepred").warning("stopped while starting: models not loaded")
@@ -201,7 +202,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return _fail("inspect needs a training run directory, or --config PATH", EXIT_CONFIG)
     try:
         report = inspect_run(Path(run), **options)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a run missing, or not readable by this user
         return _fail(str(exc))
     if args.config and report["nothing_loaded"]:  # what `run` would say: it would not start
         return _fail(f"no model could be loaded from {run!r} ({report['nothing_loaded']}):"
@@ -222,8 +223,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from redis.exceptions import RedisError
-
+    from daemon.redis_faults import UNAVAILABLE
     from daemon.service import make_redis
     from daemon.settings import ConfigError, load_settings, redact_url
     from daemon.tail import tail
@@ -242,7 +242,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                        dead=args.dead)
         except BrokenPipeError:
             raise  # the reader left (`| head`): main() ends quietly
-        except (RedisError, OSError) as exc:
+        except UNAVAILABLE as exc:
             return _fail(f"redis.url = {redact_url(settings.redis.url)!r}: {exc}")
         finally:
             await redis.aclose()

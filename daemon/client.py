@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from daemon.entries import as_str, id_key
 from daemon.partitions import partition_for_symbol, partition_key
+from daemon.redis_faults import UNAVAILABLE
 from daemon.settings import Settings
 from daemon.wire import Bar, encode_bar
 from daemon.wire_events import PredictionEvent, decode_prediction
@@ -135,8 +136,8 @@ class BarPublisher:
                 replies = await pipe.execute()
                 ids.extend(as_str(r) for r in replies)
                 self.published += len(replies)
-        except (RedisError, OSError) as exc:
-            exc.sent = ids  # type: ignore[union-attr]
+        except UNAVAILABLE as exc:
+            exc.sent = ids  # type: ignore[union-attr,attr-defined]
             raise
         return ids
 

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
 
+from daemon.redis_faults import UNAVAILABLE
 from daemon.streams import StreamIO
 from daemon.waits import sleep_unless
 
@@ -139,7 +139,7 @@ class PartitionLease:
                 ok = await self.io.renew_lease(self.token, self.lease_ms)
                 if not ok:
                     ok = await self.reclaim()
-            except (RedisError, OSError):
+            except UNAVAILABLE:
                 continue  # unknown until Redis answers
             if ok:
                 self._held_at = max(self._held_at, started)
@@ -148,7 +148,7 @@ class PartitionLease:
                     try:
                         if await self.io.handback_requested():
                             self.handback.set()
-                    except (RedisError, OSError):
+                    except UNAVAILABLE:
                         pass
             else:
                 self._mark_lost()

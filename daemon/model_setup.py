@@ -32,11 +32,14 @@ def build_engine(settings: Settings) -> InferenceEngine:
     except (OSError, ValueError) as exc:
         # A missing or unreadable run directory: one line naming the key, not a traceback.
         raise NoModelsError(f"models.run_root = {m.run_root!r}: {exc}") from None
-    _warn_unknown_names(loader, m.view, m.targets, m.families)
     engine = InferenceEngine(
         loader, device=m.device, view=m.view, targets=m.targets, families=m.families
     )
-    engine.load_all()
+    try:
+        _warn_unknown_names(loader, m.view, m.targets, m.families)
+        engine.load_all()
+    except OSError as exc:  # e.g. <run_root>/targets not readable by this user
+        raise NoModelsError(f"models.run_root = {m.run_root!r}: {exc}") from None
     _warn_short_warmup(engine, settings.state.warmup_bars)
     if not any(True for _ in engine.families()):
         filters = "".join(

@@ -273,26 +273,33 @@ class HealthServer:
 
 
 class SystemdNotifier:
-    """sd_notify over the $NOTIFY_SOCKET datagram socket; a no-op outside systemd."""
+    """sd_notify over the $NOTIFY_SOCKET datagram socket; a no-op outside systemd. Each
+    message is sent to the address (as sd_notify does), so a socket made anew at the same
+    path still gets them."""
 
     def __init__(self, address: str | None) -> None:
         self.address = address
+        self._target = ("\0" + address[1:] if address.startswith("@") else address) if address else None
         self._sock: socket.socket | None = None
-        if address:
-            addr = "\0" + address[1:] if address.startswith("@") else address
+        self._warned = False
+        if self._target is not None:
             try:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._sock.connect(addr)
             except OSError as exc:
                 log.warning("systemd notify socket unusable", error=str(exc))
                 self._sock = None
 
     def notify(self, message: str) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.send(message.encode())
-            except OSError:
-                pass
+        if self._sock is None or self._target is None:
+            return
+        try:
+            self._sock.sendto(message.encode(), self._target)
+            self._warned = False
+        except OSError as exc:
+            if not self._warned:  # once per run of failures, not once a second
+                self._warned = True
+                log.warning("systemd notify socket unusable", address=self.address,
+                            error=str(exc))
 
     def close(self) -> None:
         if self._sock is not None:

@@ -8,10 +8,11 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from daemon.entries import as_str
 from daemon.partitions import partition_keys
+from daemon.redis_faults import UNAVAILABLE, refuses_the_config
 from daemon.settings import Settings, redact_url
 
 TIMEOUT_S = 5.0
@@ -30,11 +31,11 @@ async def check_redis(redis: Any, settings: Settings) -> RedisCheck:
     report = RedisCheck()
     try:
         info = await asyncio.wait_for(redis.info("server"), timeout=TIMEOUT_S)
-    except (AuthenticationError, AuthorizationError, ResponseError) as exc:  # or a db index
-        report.problems.append(f"redis.url = {url!r}: Redis refused it: {exc}")
-        return report
-    except (RedisError, OSError, TimeoutError) as exc:
-        report.unreachable = f"redis.url = {url!r}: no answer: {exc or type(exc).__name__}"
+    except UNAVAILABLE as exc:
+        if refuses_the_config(exc):  # a password, an ACL, a database index
+            report.problems.append(f"redis.url = {url!r}: Redis refused it: {exc}")
+        else:  # down, or a passing state (BUSY, LOADING, MASTERDOWN): retried by `run`
+            report.unreachable = f"redis.url = {url!r}: no answer: {exc or type(exc).__name__}"
         return report
     report.lines.append(f"redis   {url}: Redis {_version(info)}")
     policy = await evicting_policy(redis)
@@ -49,7 +50,7 @@ async def check_redis(redis: Any, settings: Settings) -> RedisCheck:
                               (keys.dead_letter, "streams.dead_letter")):
                 await _stream(redis, key, role, report)
             await _lease(redis, keys.lease_key, report)
-    except (RedisError, OSError, TimeoutError) as exc:
+    except UNAVAILABLE as exc:
         report.problems.append(f"redis.url = {url!r}: a read failed: {exc}")
     return report
 

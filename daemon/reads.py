@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daemon.entries import EntryBatch
@@ -21,7 +21,10 @@ from daemon.lease import PartitionLease
 from daemon.streams import StreamIO
 from daemon.waits import Backoff
 
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# No answer: a dropped connection, a time-out, or a cluster none of whose nodes answers (the
+# cluster client's RedisClusterException is not a RedisError).
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, RedisClusterException, ConnectionError,
+             OSError)
 
 
 class PartitionReader:

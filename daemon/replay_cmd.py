@@ -118,7 +118,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         bars = open_bars(bars_path)
         engine = _load_engine(options)
-    except (BarsFileError, LivepredError, FileNotFoundError, NotADirectoryError) as exc:
+    except (BarsFileError, LivepredError, OSError) as exc:  # OSError: a run not readable
         return _fail(str(exc))
     if not any(True for _ in engine.families()):
         from daemon.model_setup import why_nothing_loaded

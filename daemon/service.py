@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from daemon.model_setup import (
     build_engine,
@@ -23,6 +22,7 @@ from daemon.model_setup import (
 from daemon.observe import HealthServer, Metrics, SystemdNotifier
 from daemon.partitions import partition_keys
 from daemon.preflight import EVICTION_WARNING, evicting_policy
+from daemon.redis_faults import UNAVAILABLE, refuses_the_config
 from daemon.runtime import settle_heap
 from daemon.settings import Settings, redact_url
 from daemon.streams import StreamIO
@@ -110,6 +110,7 @@ class Service:
         self.workers: list[PartitionWorker] = []
         self.health_server: HealthServer | None = None
         self.redis_ok = True
+        self.reload_problem: str | None = None  # why the last reload kept the models
         self._started = False
 
     # ---- control -------------------------------------------------------------------------
@@ -193,13 +194,16 @@ class Service:
         wrong password, an ACL, a database index the server does not have) is the config."""
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=5.0)
-        except (AuthenticationError, AuthorizationError, ResponseError) as exc:
-            raise RedisRefusedError(
-                f"redis.url = {redact_url(self.settings.redis.url)!r}: Redis refused it: {exc}"
-            ) from None
-        except (RedisError, OSError, TimeoutError) as exc:
+        except UNAVAILABLE as exc:
+            if refuses_the_config(exc):
+                raise RedisRefusedError(
+                    f"redis.url = {redact_url(self.settings.redis.url)!r}: Redis refused it:"
+                    f" {exc}"
+                ) from None
+            # Down, or a passing state (BUSY, LOADING, MASTERDOWN, a cluster still forming).
             log.warning("redis unavailable at start, retrying while serving",
-                        url=redact_url(self.settings.redis.url), error=str(exc))
+                        url=redact_url(self.settings.redis.url),
+                        error=str(exc) or type(exc).__name__)
             return
         policy = await evicting_policy(self.redis)
         if policy is not None:
@@ -211,9 +215,10 @@ class Service:
         tasks = [asyncio.create_task(w.run(self.stop_event)) for w in self.workers]
         background = [
             asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._watchdog_loop()),
             asyncio.create_task(self._reload_loop()),
         ]
-        self.notifier.notify("READY=1\nSTATUS=serving")
+        self.notifier.notify(f"READY=1\nSTATUS={self.status()}")
         s = self.settings
         log.info(
             "livepred running",
@@ -258,7 +263,7 @@ class Service:
                     log.error("worker failed", error=repr(t.exception()))
             try:  # no instance claims to be alive for the key's last seconds
                 await asyncio.wait_for(self.redis.delete(self._heartbeat_key()), timeout=1.0)
-            except (RedisError, OSError, TimeoutError):
+            except UNAVAILABLE:
                 pass  # it expires by itself
             await self.close()
         return code
@@ -269,7 +274,7 @@ class Service:
         if self._owns_redis and self.redis is not None:
             try:
                 await self.redis.aclose()
-            except (RedisError, OSError):
+            except UNAVAILABLE:
                 pass
         executors = {"compute": self.executor, "reload": self.loads}
         settled = await asyncio.gather(*(_settled(ex) for ex in executors.values()))
@@ -289,6 +294,8 @@ class Service:
         return f"{self.settings.streams.group}:heartbeat:{self.consumer}"
 
     async def _heartbeat_loop(self) -> None:
+        """The heartbeat key and the lag gauge: Redis calls, which may wait out a socket
+        time-out, so the watchdog has its own loop."""
         key = self._heartbeat_key()
         last_lag = 0.0
         while not self.stop_event.is_set():
@@ -298,8 +305,15 @@ class Service:
                 if time.monotonic() - last_lag > 5:
                     last_lag = time.monotonic()
                     await self._update_lag()
-            except (RedisError, OSError):
+            except UNAVAILABLE:
                 self.redis_ok = False
+            await sleep_unless(self.stop_event, HEARTBEAT_EVERY_S)
+
+    async def _watchdog_loop(self) -> None:
+        """Every second, no Redis call: WATCHDOG=1 unless a worker is stalled, STATUS= when
+        what the instance does changes, the symbols gauge."""
+        status = ""
+        while not self.stop_event.is_set():
             for w in self.workers:
                 if w.role in (Role.ACTIVE, Role.REBUILDING) and w.pipeline is not None:
                     # (rebuilding after a reload: the state served until then)
@@ -311,7 +325,20 @@ class Service:
             # withholds it; /healthz still reports Redis.
             if self.stalled() is None:
                 self.notifier.notify("WATCHDOG=1")
+            now = self.status()
+            if now != status:
+                status = now
+                self.notifier.notify(f"STATUS={now}")
             await sleep_unless(self.stop_event, HEARTBEAT_EVERY_S)
+
+    def status(self) -> str:
+        """One line for `systemctl status`: each partition's role, Redis, the last reload."""
+        parts = [self.roles() or "no partition"]
+        if not self.redis_ok:
+            parts.append("redis unreachable")
+        if self.reload_problem is not None:
+            parts.append(f"last reload failed: {self.reload_problem}")
+        return "; ".join(parts)[:400]
 
     async def _update_lag(self) -> None:
         for w in self.workers:
@@ -329,7 +356,7 @@ class Service:
             return "starting: loading models"
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=1.0)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except UNAVAILABLE as exc:
             return f"redis unreachable: {exc}"
         return self.stalled() or self.failing()
 
@@ -383,11 +410,18 @@ class Service:
             except Exception:  # a dead loop would ignore every later SIGHUP
                 self.metrics.reloads.labels("failed").inc()
                 log.exception("reload failed: keeping the current models")
-                self.notifier.notify("READY=1")
+                self._reloaded("an internal error (see the log)")
+
+    def _reloaded(self, problem: str | None) -> None:
+        """The reload is over (`problem`: why it kept the current models)."""
+        self.reload_problem = None if problem is None else " ".join(problem.split())[:200]
+        if not self.stop_event.is_set():  # not READY=1 after STOPPING=1
+            self.notifier.notify(f"READY=1\nSTATUS={self.status()}")
 
     async def reload(self) -> bool:
         """Load the models again from run_root; swap them in between batches, or keep the old."""
-        self.notifier.notify("RELOADING=1")
+        # MONOTONIC_USEC: what systemd >= 253 expects with Type=notify-reload.
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         log.info("reloading models", run_root=self.settings.models.run_root)
         loop = asyncio.get_running_loop()
         try:
@@ -395,7 +429,7 @@ class Service:
         except Exception as exc:
             self.metrics.reloads.labels("failed").inc()
             log.error("reload failed: keeping the current models", error=str(exc))
-            self.notifier.notify("READY=1")
+            self._reloaded(str(exc))
             return False
         old = self.engine
         missing = missing_artifacts(engine)
@@ -406,7 +440,7 @@ class Service:
                       " (a partial copy?); keeping the current models",
                       missing=missing[:20], count=len(missing))
             await loop.run_in_executor(self.loads, _retire, engine)
-            self.notifier.notify("READY=1")
+            self._reloaded(f"{len(missing)} file(s) of manifest.json missing")
             return False
         # Targets whose `pred` has a value now and would be null after the swap: the new
         # run selects a family that does not load (the same one, or another).
@@ -423,7 +457,7 @@ class Service:
             log.error("reload refused: the new run's selected families do not load;"
                       " keeping the current models", families=reasons)
             await loop.run_in_executor(self.loads, _retire, engine)
-            self.notifier.notify("READY=1")
+            self._reloaded("its selected families do not load: " + ", ".join(sorted(reasons)))
             return False
         if old is not None:
             for what in lost_in_swap(old, engine):
@@ -432,7 +466,7 @@ class Service:
         self.engine = engine
         self.metrics.reloads.labels("ok").inc()
         log.info("models reloaded", run=run_id_of(engine))
-        self.notifier.notify("READY=1")
+        self._reloaded(None)
         # Close the old models after the batch that may still use them has finished (same
         # executor), then settle the heap around the new ones.
         asyncio.get_running_loop().run_in_executor(self.executor, _retire, old)

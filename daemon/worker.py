@@ -29,6 +29,7 @@ from daemon.overlap import Steps, serve_overlapped
 from daemon.pipeline import Pipeline
 from daemon.reads import TRANSIENT, PartitionReader
 from daemon.rebuild import rebuild_pipeline
+from daemon.redis_faults import UNAVAILABLE
 from daemon.streams import ALREADY_COMMITTED, LEASE_LOST, StreamIO
 from daemon.waits import Backoff, sleep_unless
 from handlers.engine import InferenceEngine
@@ -168,7 +169,7 @@ class PartitionWorker:
             self._set_role(Role.STOPPED)
             try:
                 await asyncio.wait_for(self.lease.release(), timeout=1.0)
-            except (RedisError, OSError, TimeoutError):
+            except UNAVAILABLE:
                 pass  # the lease expires by itself
 
     def _failed(self, exc: BaseException, backoff: Backoff) -> float:

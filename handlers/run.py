@@ -342,7 +342,12 @@ def _name(value: str) -> str:
 def _child_dirs(directory: Path) -> list[str]:
     if not directory.is_dir():
         return []
-    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        return sorted(
+            p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+    except OSError as exc:  # not readable by this user: said in one line, with the path
+        raise OSError(f"{directory}: cannot list it: {exc.strerror or exc}") from None
 
 
 def _one_line(exc: BaseException) -> str:

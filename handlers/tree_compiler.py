@@ -76,16 +76,35 @@ def _library(model_file: Path, loader: str, treelite: object, tl2cgen: object) -
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
     version = getattr(tl2cgen, "__version__", "0")
     name = f"{digest}-tl2cgen{version}-q.so"
-    for folder in (cache_dir(), Path(tempfile.gettempdir()) / "livepred-trees"):
+    # The library is loaded into this process: only from a folder (and a file) this user
+    # owns and nobody else may write, never a shared one where another user could plant it.
+    private_tmp = Path(tempfile.gettempdir()) / f"livepred-trees-{os.geteuid()}"
+    for folder in (cache_dir(), private_tmp):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if not _only_ours(folder):
+            log.warning("not using %s for compiled tree models: another user owns it or may"
+                        " write to it", folder)
+            continue
         target = folder / name
-        if target.exists():
+        if target.exists() and _only_ours(target):
             return target
         try:
-            folder.mkdir(parents=True, exist_ok=True)
             return _build(model_file, loader, target, treelite, tl2cgen)
         except PermissionError:
             continue
-    raise PermissionError("no writable cache directory for compiled tree models")
+    raise PermissionError("no writable cache directory of this user for compiled tree models")
+
+
+def _only_ours(path: Path) -> bool:
+    """Owned by this user, writable by no other (group or others)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def _build(model_file: Path, loader: str, target: Path, treelite: object, tl2cgen: object) -> Path:

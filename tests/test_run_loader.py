@@ -498,3 +498,36 @@ def test_microbench_after_pause_times_calls_that_follow_a_pause() -> None:
     assert (gaps >= microbench.PAUSE_S + 0.001).all()
     # the median of the calls' own durations (3 x 4 ms, 3 x 1 ms, 3 x 2 ms): ~2 ms
     assert 1800 < us < 3500
+
+
+def test_a_run_directory_this_user_cannot_list_is_one_line_and_a_config_error(
+    run_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `<run_root>/targets` not readable by the daemon's user (a deploy with the wrong mode):
+    # a 45-line traceback and exit 1, which systemd restarts in a loop. Now one line naming
+    # the directory; `run` exits 2 (a restart cannot fix it). Root reads any directory, so
+    # the refusal is made by patching the listing.
+    from daemon.cli import main
+    from daemon.model_setup import NoModelsError, build_engine
+    from daemon.settings import load_settings
+
+    real = Path.iterdir
+
+    def refused(self: Path):  # type: ignore[no-untyped-def]
+        if self.name == "targets":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    settings = load_settings(None, {"LIVEPRED_MODELS__RUN_ROOT": str(run_root)})
+    with pytest.raises(NoModelsError, match=r"targets: cannot list it: Permission denied"):
+        build_engine(settings)
+    bars = tmp_path / "bars.csv"
+    bars.write_text("symbol,ts,open,high,low,close,volume\nA,60000,1,1,1,1,1\n")
+    for argv in (["inspect", str(run_root)],
+                 ["replay", "--run", str(run_root), "--bars", str(bars), "--out",
+                  str(tmp_path / "o.jsonl")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "targets: cannot list it: Permission denied" in err[0], err

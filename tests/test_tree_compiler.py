@@ -129,3 +129,35 @@ def test_a_model_with_categorical_splits_stays_with_lightgbm(tmp_path: Path) -> 
     forced = compiled_predictor(path, "lightgbm", handler._native, 8)
     if forced is not None:
         assert not np.array_equal(forced(rows), want)
+
+
+def test_a_library_someone_else_could_have_planted_is_never_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The library is dlopen()ed into the daemon: a cache folder another user may write to
+    # (the shared /tmp fallback was one) would run their code. Only a folder and a file this
+    # user owns and nobody else may write are trusted.
+    import hashlib
+    import os
+    import tempfile
+
+    import tl2cgen
+    import treelite
+
+    path, _ = _model(tmp_path, "regression")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    shared = tmp_path / "cache" / "livepred" / "trees"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    planted = shared / f"{digest}-tl2cgen{tl2cgen.__version__}-q.so"
+    planted.write_bytes(b"not a library")
+    library = tree_compiler._library(path, "lightgbm", treelite, tl2cgen)
+    assert library.parent == tmp_path / "tmp" / f"livepred-trees-{os.geteuid()}"
+    assert planted.read_bytes() == b"not a library"
+    # A folder of ours, but a file others may write: built anew over it, not loaded.
+    shared.chmod(0o700)
+    planted.chmod(0o666)
+    assert tree_compiler._library(path, "lightgbm", treelite, tl2cgen) == planted
+    assert planted.read_bytes() != b"not a library" and not planted.stat().st_mode & 0o022

@@ -1,0 +1,222 @@
+"""What systemd sees (fakeredis): the watchdog beats whatever Redis does (hung, or a cluster
+client's own exception), STATUS says what the instance does, a passing Redis state at start
+is retried rather than taken for the config, and notifications survive a new socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import numpy as np
+import pytest
+from redis.exceptions import (
+    AuthenticationError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
+
+from daemon.observe import SystemdNotifier
+from daemon.redis_faults import refuses_the_config
+from daemon.service import RedisRefusedError, Service
+from daemon.settings import load_settings
+from tests import daemon_harness as h
+from tests import model_factory as mf
+
+pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs unix sockets")
+
+
+@pytest.fixture(scope="module")
+def lgb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("notify_run")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, len(h.FEATURES)))
+    mf.write_lightgbm(root, "fwd", "LightGBM", X, X[:, 0], h.FEATURES)
+    mf.write_manifest(root, run_id="notify")
+    return root
+
+
+class Listener:
+    """systemd's side of $NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="lpn")  # a socket path must stay short
+        self.address = os.path.join(self.directory, "notify")
+        self.received: list[str] = []
+        self.sock = self._bind()
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(self.address)
+        sock.setblocking(False)
+        return sock
+
+    def rebind(self) -> None:
+        """The socket made anew at the same path (as after a restart of its owner)."""
+        self.sock.close()
+        os.unlink(self.address)
+        self.sock = self._bind()
+
+    def collect(self) -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.received.extend(self.sock.recv(4096).decode().splitlines())
+        return self.received
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    box = Listener()
+    yield box
+    box.close()
+
+
+def _service(run: Path, redis: Any, address: str | None) -> Service:
+    environ = {"LIVEPRED_MODELS__RUN_ROOT": str(run), "LIVEPRED_METRICS__PORT": "0",
+               "LIVEPRED_STREAMS__BLOCK_MS": "10", "LIVEPRED_STREAMS__CONSUMER": "sd"}
+    return Service(load_settings(None, environ), redis=redis, notify_socket=address)
+
+
+async def _until(predicate: Any, timeout_s: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", ["hangs", "cluster"])
+async def test_the_watchdog_beats_while_redis_hangs_or_the_cluster_client_raises(
+    lgb_run: Path, listener: Listener, fault: str
+) -> None:
+    # The watchdog waited for the heartbeat's SET: a Redis that does not answer held it for
+    # the socket time-out (block_ms + 5 s, longer than WatchdogSec with a long block_ms). And
+    # the cluster client's RedisClusterException, which is no RedisError, ended the loop:
+    # no WATCHDOG=1 ever again, systemd's SIGABRT 30 s after any cluster blip.
+    redis = fakeredis.FakeAsyncRedis()
+    service = _service(lgb_run, redis, listener.address)
+    await service.start()
+    task = asyncio.create_task(service.run())
+    try:
+        await _until(lambda: "WATCHDOG=1" in listener.collect(), 10, "WATCHDOG=1")
+        real_set, real_ping = redis.set, redis.ping
+
+        async def hung(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(3600)
+
+        async def no_node(*args: Any, **kwargs: Any) -> Any:
+            raise RedisClusterException("Redis Cluster cannot be connected")
+
+        broken = hung if fault == "hangs" else no_node
+        redis.set = broken  # type: ignore[method-assign]
+        redis.ping = broken  # type: ignore[method-assign]
+        await asyncio.sleep(1.2)
+        listener.received.clear()
+        await asyncio.sleep(3.2)
+        assert listener.collect().count("WATCHDOG=1") >= 2, listener.received
+        health = await asyncio.wait_for(service.health(), 5)
+        assert health is not None and health.startswith("redis unreachable"), health
+        if fault == "cluster":
+            await _until(lambda: any("redis unreachable" in m for m in listener.collect()),
+                         5, "STATUS= with redis unreachable")
+        redis.set, redis.ping = real_set, real_ping  # type: ignore[method-assign]
+        await _until(lambda: service.redis_ok, 10, "the heartbeat to come back")
+        assert task.done() is False
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await redis.aclose()
+
+
+async def test_status_says_the_role_and_a_failed_reload(
+    lgb_run: Path, listener: Listener, tmp_path: Path
+) -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    service = _service(lgb_run, redis, listener.address)
+    await service.start()
+    task = asyncio.create_task(service.run())
+    try:
+        await _until(lambda: "STATUS=active" in listener.collect(), 10, "STATUS=active")
+        good = service.settings
+        service.settings = _with_run_root(good, tmp_path / "gone")  # a deploy gone wrong
+        assert await service.reload() is False
+        statuses = [m for m in listener.collect() if m.startswith("STATUS=")]
+        assert "last reload failed" in statuses[-1] and "gone" in statuses[-1], statuses
+        reloading = listener.received.index(next(m for m in listener.received
+                                                 if m.startswith("RELOADING=1")))
+        assert listener.received[reloading + 1].startswith("MONOTONIC_USEC=")
+        assert "READY=1" in listener.received[reloading:]
+        service.settings = good
+        assert await service.reload() is True
+        assert listener.collect()[-1] == "STATUS=active"
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await redis.aclose()
+    assert "STOPPING=1" in listener.collect()
+
+
+def _with_run_root(settings: Any, run_root: Path) -> Any:
+    models = settings.models.model_copy(update={"run_root": run_root})
+    return settings.model_copy(update={"models": models})
+
+
+def test_notifications_reach_a_socket_made_anew_at_the_same_path(listener: Listener) -> None:
+    notifier = SystemdNotifier(listener.address)
+    notifier.notify("READY=1")
+    listener.collect()
+    listener.rebind()
+    notifier.notify("WATCHDOG=1")
+    assert listener.collect() == ["READY=1", "WATCHDOG=1"]
+    notifier.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "config"),
+    [
+        (ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL"),
+         False),
+        (ResponseError("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set"
+                       " to 'no'."), False),
+        (SlotNotCoveredError("slot 0 is not covered by the cluster"), False),
+        (RedisClusterException("Redis Cluster cannot be connected"), False),
+        (AuthenticationError("invalid username-password pair"), True),
+        (ResponseError("WRONGPASS invalid username-password pair or user is disabled."), True),
+        (ResponseError("NOPERM this user has no permissions to run the 'ping' command"), True),
+        (ResponseError("DB index is out of range"), True),
+    ],
+)
+async def test_a_passing_redis_state_at_start_is_retried_not_taken_for_the_config(
+    lgb_run: Path, error: Exception, config: bool
+) -> None:
+    # BUSY or MASTERDOWN at start exited 2, which the unit does not restart
+    # (RestartPreventExitStatus=2): a Redis blip left the service failed for good.
+    assert refuses_the_config(error) is config
+    redis = fakeredis.FakeAsyncRedis()
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    redis.ping = refused  # type: ignore[method-assign]
+    service = _service(lgb_run, redis, None)
+    try:
+        if config:
+            with pytest.raises(RedisRefusedError, match="Redis refused it"):
+                await service._check_redis()
+        else:
+            await service._check_redis()  # warned, then retried while serving
+    finally:
+        await service.close()
+        await redis.aclose()
