@@ -20,6 +20,7 @@ from daemon.entries import EntryBatch
 from daemon.lease import PartitionLease
 from daemon.streams import StreamIO
 from daemon.waits import Backoff
+from handlers.errors import short_error
 
 # No answer: a dropped connection, a time-out, or a cluster none of whose nodes answers (the
 # cluster client's RedisClusterException is not a RedisError).
@@ -81,7 +82,7 @@ class PartitionReader:
                 self.progressed()  # waiting on Redis, not hung
                 delay = backoff.next_s()
                 self.metrics.redis_error()
-                self._log.warning("read failed, retrying", error=str(exc), delay_s=delay)
+                self._log.warning("read failed, retrying", error=short_error(exc), delay_s=delay)
                 await asyncio.sleep(delay)
 
     async def _read_lost(self) -> tuple[EntryBatch, int] | None:

@@ -145,7 +145,7 @@ class PartitionWorker:
                     # One line when it starts, then one every UNREACHABLE_LOG_EVERY_S.
                     if first or time.monotonic() - unreachable_logged > UNREACHABLE_LOG_EVERY_S:
                         unreachable_logged = time.monotonic()
-                        self._log.warning("redis unavailable, retrying", error=str(exc),
+                        self._log.warning("redis unavailable, retrying", error=short_error(exc),
                                           delay_s=round(delay, 3))
                     await sleep_unless(stop, delay)
                 except Exception as exc:
@@ -408,7 +408,7 @@ class PartitionWorker:
                 self.last_progress_s = time.monotonic()  # waiting on Redis, not hung
                 delay = backoff.next_s()
                 self.metrics.redis_error()
-                self._log.warning("commit failed, retrying", error=str(exc), delay_s=delay)
+                self._log.warning("commit failed, retrying", error=short_error(exc), delay_s=delay)
                 await asyncio.sleep(delay)
                 continue
             if result == LEASE_LOST:
