@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -163,9 +164,16 @@ def _load_engine(options: ReplayOptions):  # type: ignore[no-untyped-def]
     tree_compiler.enabled = options.compile_trees
     loader = ModelLoader(options.run, allow_pickle=options.allow_pickle,
                          interval_minutes=options.interval_minutes, device=options.device)
-    return InferenceEngine(loader, device=options.device, view=options.view,
-                           targets=list(options.targets),
-                           families=list(options.families)).load_all()
+    engine = InferenceEngine(loader, device=options.device, view=options.view,
+                             targets=list(options.targets), families=list(options.families))
+    # Each refusal is said once, by print_refusals: not also as the engine's log line.
+    engine_log = logging.getLogger("handlers.engine")
+    level = engine_log.level
+    engine_log.setLevel(logging.ERROR)
+    try:
+        return engine.load_all()
+    finally:
+        engine_log.setLevel(level)
 
 
 def _same_file(a: Path, b: Path) -> bool:
