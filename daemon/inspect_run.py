@@ -93,13 +93,20 @@ def render(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import os
+    import sys
+
+    # Piped (a file, less, a ticket): wide enough that a refusal's reason and its fix are
+    # not cut at 80 columns; a terminal's own width otherwise.
+    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    console = Console(width=wide)
     console.print(f"[bold]run[/] {report['run_id']}  ({report['run_root']}, view {report['view']})")
     for target, info in report["targets"].items():
         selected = info["selected"] or "none"
         table = Table(title=f"target {target}  selected: {selected}", title_justify="left")
-        for col in ("family", "status", "handler", "input", "ready after", "features / reason"):
+        for col in ("family", "status", "handler", "input", "ready after"):
             table.add_column(col)
+        table.add_column("features / reason", overflow="fold")  # whole, never cut with "…"
         for family, f in info["families"].items():
             if f["status"] == "refused":
                 table.add_row(family, "[red]refused[/]", "", "", "", f["reason"])
