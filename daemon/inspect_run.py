@@ -90,11 +90,11 @@ def inspect_run(
 
 
 def render(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     import os
     import sys
+
+    from rich.console import Console
+    from rich.table import Table
 
     # Piped (a file, less, a ticket): wide enough that a refusal's reason and its fix are
     # not cut at 80 columns; a terminal's own width otherwise.

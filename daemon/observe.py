@@ -285,6 +285,9 @@ class SystemdNotifier:
         if self._target is not None:
             try:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                # Never blocks the event loop: a reader that does not drain the socket
+                # (its queue full) loses a message, the loop goes on.
+                self._sock.setblocking(False)
             except OSError as exc:
                 log.warning("systemd notify socket unusable", error=str(exc))
                 self._sock = None

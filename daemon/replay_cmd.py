@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     replay.add_argument("--bars", required=True,
                         help="bars file: .csv (.csv.gz, ...) or .parquet, rows in arrival order")
     replay.add_argument("--out", required=True,
-                        help="output JSON Lines file, written whole or not at all; - = stdout")
+                        help="output JSON Lines file, written whole or not at all (a file in a "
+                        "folder this user can write); - = stdout")
     replay.add_argument("--config", "-c", metavar="PATH",
                         help="the daemon's TOML config: models.* and state.symbol_ttl_s")
     replay.add_argument("--with-features", action="store_true",
@@ -135,19 +137,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"\r{rows}{total} rows", end="", file=sys.stderr, flush=True)
 
     seen = ReplayCounts()
+    output = Output(args.out)
     try:
-        with _output(args.out) as out:
+        with output.open() as out:
             seen = replay(engine, bars, out, source=bars_path.name, ttl_s=options.ttl_s,
                           with_features=args.with_features, run_id=run_id_of(engine),
                           progress=progress)
     except KeyboardInterrupt:
         if show:
             print(file=sys.stderr)
-        return _fail(f"interrupted: --out {args.out} not written", EXIT_INTERRUPTED)
+        return _fail(f"interrupted: --out {args.out} {output.unfinished()}", EXIT_INTERRUPTED)
     except BarsFileError as exc:
-        return _fail(f"{exc} (--out {args.out} not written)")
+        return _fail(f"{exc} (--out {args.out} {output.unfinished()})")
     except OSError as exc:
-        return _fail(f"--out {args.out}: cannot write: {exc.strerror or exc}")
+        return _fail(f"--out {args.out}: cannot write: {exc.strerror or exc}"
+                     f" ({output.unfinished()})")
     if show:
         print(file=sys.stderr)
     _summarise(seen, bars_path.name, args.out, options.ttl_s)
@@ -183,29 +187,52 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _output(out: str) -> Iterator[TextIO]:
-    """stdout for "-"; a regular file is written beside itself and renamed into place once
-    complete, so an interrupted or failed replay never leaves a file that looks finished
-    (and never empties the one there before). A device, pipe or link is written as it is."""
-    if out == "-":
-        yield sys.stdout
-        sys.stdout.flush()
-        return
-    path = Path(out)
-    if path.is_dir():
-        raise IsADirectoryError(21, "is a directory")
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        with path.open("w") as fh:
-            yield fh
-        return
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("w") as fh:
-            yield fh
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+class Output:
+    """Where replay writes. `whole`: a file written beside itself and renamed into place
+    once complete, so an interrupted or failed replay leaves the previous one as it was;
+    else written as it goes (stdout, a device or pipe, a file in a folder this user may
+    not create files in)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.whole = False
+        self.in_place = False  # being written as it goes
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[TextIO]:
+        if self.out == "-":
+            yield sys.stdout
+            sys.stdout.flush()
+            return
+        path = Path(self.out)
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        target = path.resolve() if path.is_symlink() else path  # a link: its file, beside it
+        if target.exists() and not target.is_file():
+            with path.open("w") as fh:
+                self.in_place = True
+                yield fh
+            return
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            fh = partial.open("w")
+        except OSError:  # a folder this user cannot create files in: the file as it is
+            with path.open("w") as fh:
+                self.in_place = True
+                yield fh
+            return
+        self.whole = True
+        try:
+            with fh:
+                if target.exists():
+                    shutil.copymode(target, partial)
+                yield fh
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def unfinished(self) -> str:
+        return "holds part of the output" if self.in_place else "not written"
 
 
 def _summarise(seen: ReplayCounts, source: str, out: str, ttl_s: float) -> None:

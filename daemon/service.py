@@ -22,6 +22,7 @@ from daemon.model_setup import (
 from daemon.observe import HealthServer, Metrics, SystemdNotifier
 from daemon.partitions import partition_keys
 from daemon.preflight import EVICTION_WARNING, evicting_policy
+from daemon.reads import TRANSIENT
 from daemon.redis_faults import UNAVAILABLE, refuses_the_config
 from daemon.runtime import settle_heap
 from daemon.settings import Settings, redact_url
@@ -29,6 +30,7 @@ from daemon.streams import StreamIO
 from daemon.waits import sleep_unless
 from daemon.worker import PartitionWorker, Role
 from handlers.engine import InferenceEngine
+from handlers.errors import short_error
 
 log = structlog.get_logger("livepred.service")
 
@@ -298,6 +300,7 @@ class Service:
         time-out, so the watchdog has its own loop."""
         key = self._heartbeat_key()
         last_lag = 0.0
+        said = ""
         while not self.stop_event.is_set():
             try:
                 await self.redis.set(key, str(int(time.time() * 1000)), ex=10)
@@ -305,8 +308,15 @@ class Service:
                 if time.monotonic() - last_lag > 5:
                     last_lag = time.monotonic()
                     await self._update_lag()
-            except UNAVAILABLE:
+            except TRANSIENT:  # no answer: what /healthz and STATUS= say
                 self.redis_ok = False
+            except Exception as exc:  # an error reply (OOM, an ACL), or a bug: this loop
+                # must not end silently; said once, not once a second
+                if short_error(exc) != said:
+                    said = short_error(exc)
+                    log.warning("heartbeat failed", error=said)
+            else:
+                said = ""
             await sleep_unless(self.stop_event, HEARTBEAT_EVERY_S)
 
     async def _watchdog_loop(self) -> None:

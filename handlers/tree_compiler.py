@@ -84,7 +84,7 @@ def _library(model_file: Path, loader: str, treelite: object, tl2cgen: object) -
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError:
             continue
-        if not _only_ours(folder):
+        if not _only_ours(folder) and not _tighten(folder):
             log.warning("not using %s for compiled tree models: another user owns it or may"
                         " write to it", folder)
             continue
@@ -96,6 +96,18 @@ def _library(model_file: Path, loader: str, treelite: object, tl2cgen: object) -
         except PermissionError:
             continue
     raise PermissionError("no writable cache directory of this user for compiled tree models")
+
+
+def _tighten(folder: Path) -> bool:
+    """A folder of ours that others may write to (made under umask 002): made ours alone."""
+    try:
+        st = folder.stat()
+        if st.st_uid != os.geteuid() or folder.is_symlink():
+            return False
+        folder.chmod(st.st_mode & 0o755)
+    except OSError:
+        return False
+    return _only_ours(folder)
 
 
 def _only_ours(path: Path) -> bool:
@@ -127,6 +139,7 @@ def _build(model_file: Path, loader: str, target: Path, treelite: object, tl2cge
             )
         if chatter.getvalue().strip():
             log.debug("tl2cgen: %s", chatter.getvalue().strip())
+        os.chmod(partial, 0o700)  # whatever the umask: a library nobody else may change
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):

@@ -329,3 +329,29 @@ def test_inspect_of_a_view_with_nothing_says_so_and_fails(
     assert main(["inspect", str(run_dir), "--view", "NOPE"]) == 2
     err = capsys.readouterr().err
     assert "no model could be loaded" in err and "CROSS_SECTIONAL" in err
+
+
+def test_an_output_link_is_written_whole_beside_its_file(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `--out latest.jsonl` a link to the real file: replaced whole through the link (which
+    # stays a link), and left as it was when the replay fails.
+    good = tmp_path / "good.csv"
+    bars(20).to_csv(good, index=False)
+    real = tmp_path / "real.jsonl"
+    real.write_text("previous\n")
+    real.chmod(0o640)
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(real)
+    assert replay(run_dir, good, link) == 0
+    assert link.is_symlink() and len(lines(real)) == 60 and real.stat().st_mode & 0o777 == 0o640
+    ragged = tmp_path / "ragged.csv"
+    text = bars(30).to_csv(index=False).splitlines()
+    text[70] += ",x"
+    ragged.write_text("\n".join(text) + "\n")
+    monkeypatch.setattr(bars_file, "READ_ROWS", 16)
+    before = real.read_text()
+    assert replay(run_dir, ragged, link) == 1
+    assert "(--out" in capsys.readouterr().err and real.read_text() == before
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []

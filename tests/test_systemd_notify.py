@@ -183,19 +183,35 @@ def test_notifications_reach_a_socket_made_anew_at_the_same_path(listener: Liste
     notifier.close()
 
 
+def _reply(text: str) -> Exception:
+    """The exception redis-py makes of an error reply (it strips the code of some)."""
+    from redis._parsers.base import BaseParser
+
+    return BaseParser.parse_error(text)
+
+
 @pytest.mark.parametrize(
     ("error", "config"),
     [
-        (ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL"),
-         False),
-        (ResponseError("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set"
-                       " to 'no'."), False),
+        (_reply("BUSY Redis is busy running a script. You can only call SCRIPT KILL"), False),
+        (_reply("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to"
+                " 'no'."), False),
+        (_reply("LOADING Redis is loading the dataset in memory"), False),
+        (_reply("READONLY You can't write against a read only replica."), False),
+        (_reply("OOM command not allowed when used memory > 'maxmemory'."), False),
         (SlotNotCoveredError("slot 0 is not covered by the cluster"), False),
-        (RedisClusterException("Redis Cluster cannot be connected"), False),
+        (RedisClusterException("Redis Cluster cannot be connected. Please provide at least"
+                               " one reachable node: Timeout connecting to server"), False),
+        (_reply("WRONGPASS invalid username-password pair or user is disabled."), True),
+        (_reply("NOAUTH Authentication required."), True),
+        (_reply("NOPERM this user has no permissions to run the 'ping' command"), True),
+        (_reply("ERR DB index is out of range"), True),
+        (_reply("ERR unknown command 'ping', with args beginning with: "), True),
+        (_reply("ERR SELECT is not allowed in cluster mode"), True),
+        (RedisClusterException("Redis Cluster cannot be connected. Please provide at least"
+                               " one reachable node: Cluster mode is not enabled on this"
+                               " node"), True),
         (AuthenticationError("invalid username-password pair"), True),
-        (ResponseError("WRONGPASS invalid username-password pair or user is disabled."), True),
-        (ResponseError("NOPERM this user has no permissions to run the 'ping' command"), True),
-        (ResponseError("DB index is out of range"), True),
     ],
 )
 async def test_a_passing_redis_state_at_start_is_retried_not_taken_for_the_config(
@@ -220,3 +236,53 @@ async def test_a_passing_redis_state_at_start_is_retried_not_taken_for_the_confi
     finally:
         await service.close()
         await redis.aclose()
+
+
+async def test_the_heartbeat_outlives_an_error_that_is_not_an_outage(
+    lgb_run: Path, listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An error reply or a bug in the lag gauge ended the heartbeat loop silently (its key
+    # and `redis_ok` frozen); a reply error was also taken for "redis unreachable".
+    redis = fakeredis.FakeAsyncRedis()
+    service = _service(lgb_run, redis, listener.address)
+    await service.start()
+    monkeypatch.setattr("daemon.service.HEARTBEAT_EVERY_S", 0.05)
+
+    async def broken() -> None:
+        raise KeyError("lag")
+
+    service._update_lag = broken  # type: ignore[method-assign]
+    beats = 0
+    real_set = redis.set
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal beats
+        beats += 1
+        if beats % 2 == 0:
+            raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        return await real_set(*args, **kwargs)
+
+    redis.set = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(service.run())
+    try:
+        await _until(lambda: beats >= 8, 10, "the heartbeat to go on")
+        assert service.redis_ok
+        assert "redis unreachable" not in service.status()
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await redis.aclose()
+
+
+def test_a_notify_socket_nobody_drains_never_blocks(listener: Listener) -> None:
+    # The socket's queue full (its reader stalled): sendto on a blocking socket waited for
+    # ever, inside the event loop. The message is lost instead.
+    import time
+
+    notifier = SystemdNotifier(listener.address)
+    started = time.monotonic()
+    for _ in range(5000):
+        notifier.notify("WATCHDOG=1")
+    assert time.monotonic() - started < 5
+    assert 0 < len(listener.collect()) < 5000
+    notifier.close()

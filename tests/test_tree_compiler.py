@@ -144,20 +144,48 @@ def test_a_library_someone_else_could_have_planted_is_never_loaded(
     import tl2cgen
     import treelite
 
+    if os.geteuid() != 0:
+        pytest.skip("planting a file as another user needs root")
+    nobody = 65534
     path, _ = _model(tmp_path, "regression")
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     shared = tmp_path / "cache" / "livepred" / "trees"
     shared.mkdir(parents=True)
-    shared.chmod(0o777)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     planted = shared / f"{digest}-tl2cgen{tl2cgen.__version__}-q.so"
     planted.write_bytes(b"not a library")
+    os.chown(planted, nobody, nobody)
+    # Another user's folder: not used at all, the library goes to this user's private one.
+    os.chown(shared, nobody, nobody)
     library = tree_compiler._library(path, "lightgbm", treelite, tl2cgen)
     assert library.parent == tmp_path / "tmp" / f"livepred-trees-{os.geteuid()}"
     assert planted.read_bytes() == b"not a library"
-    # A folder of ours, but a file others may write: built anew over it, not loaded.
-    shared.chmod(0o700)
-    planted.chmod(0o666)
+    # A folder of ours that others could write (0777): tightened, and the file in it that
+    # another user owns is built anew over, not loaded.
+    os.chown(shared, os.geteuid(), os.getegid())
+    shared.chmod(0o777)
     assert tree_compiler._library(path, "lightgbm", treelite, tl2cgen) == planted
-    assert planted.read_bytes() != b"not a library" and not planted.stat().st_mode & 0o022
+    assert planted.read_bytes() != b"not a library" and planted.stat().st_uid == os.geteuid()
+    assert not shared.stat().st_mode & 0o022
+
+
+def test_under_umask_002_the_library_is_still_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gcc's output under umask 002 is group-writable: rejected as untrusted, it was compiled
+    # again at every load; a cache folder made under that umask was skipped for /tmp.
+    import os
+
+    path, meta = _model(tmp_path, "regression")
+    old = os.umask(0o002)
+    try:
+        (tmp_path / "cache" / "livepred" / "trees").mkdir(parents=True, mode=0o775)
+        assert LightGBMBoosterHandler.load(path, meta).compiled
+        libraries = list((tmp_path / "cache").rglob("*.so"))
+        assert len(libraries) == 1 and not libraries[0].stat().st_mode & 0o022
+        built = libraries[0].stat().st_mtime_ns
+        assert LightGBMBoosterHandler.load(path, meta).compiled
+        assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.so")] == [built]
+    finally:
+        os.umask(old)
