@@ -10,12 +10,11 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import fakeredis
-import numpy as np
 import pytest
 from redis.exceptions import (
     AuthenticationError,
@@ -29,19 +28,13 @@ from daemon.redis_faults import refuses_the_config
 from daemon.service import RedisRefusedError, Service
 from daemon.settings import load_settings
 from tests import daemon_harness as h
-from tests import model_factory as mf
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs unix sockets")
 
 
 @pytest.fixture(scope="module")
 def lgb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("notify_run")
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(300, len(h.FEATURES)))
-    mf.write_lightgbm(root, "fwd", "LightGBM", X, X[:, 0], h.FEATURES)
-    mf.write_manifest(root, run_id="notify")
-    return root
+    return h.write_lightgbm_run(tmp_path_factory.mktemp("notify_run"), "fwd", "notify")
 
 
 class Listener:
@@ -89,6 +82,25 @@ def _service(run: Path, redis: Any, address: str | None) -> Service:
     return Service(load_settings(None, environ), redis=redis, notify_socket=address)
 
 
+@contextlib.asynccontextmanager
+async def serving(run: Path, address: str,
+                  prepare: Any = None) -> AsyncIterator[tuple[Service, Any, asyncio.Task]]:
+    """A started, running service on fakeredis (`prepare(service, redis)` before it runs);
+    stopped, exit 0, afterwards."""
+    redis = fakeredis.FakeAsyncRedis()
+    service = _service(run, redis, address)
+    await service.start()
+    if prepare is not None:
+        prepare(service, redis)
+    task = asyncio.create_task(service.run())
+    try:
+        yield service, redis, task
+    finally:
+        service.request_stop()
+        assert await asyncio.wait_for(task, 15) == 0
+        await redis.aclose()
+
+
 async def _until(predicate: Any, timeout_s: float, what: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -105,11 +117,7 @@ async def test_the_watchdog_beats_while_redis_hangs_or_the_cluster_client_raises
     # the socket time-out (block_ms + 5 s, longer than WatchdogSec with a long block_ms). And
     # the cluster client's RedisClusterException, which is no RedisError, ended the loop:
     # no WATCHDOG=1 ever again, systemd's SIGABRT 30 s after any cluster blip.
-    redis = fakeredis.FakeAsyncRedis()
-    service = _service(lgb_run, redis, listener.address)
-    await service.start()
-    task = asyncio.create_task(service.run())
-    try:
+    async with serving(lgb_run, listener.address) as (service, redis, task):
         await _until(lambda: "WATCHDOG=1" in listener.collect(), 10, "WATCHDOG=1")
         real_set, real_ping = redis.set, redis.ping
 
@@ -134,20 +142,12 @@ async def test_the_watchdog_beats_while_redis_hangs_or_the_cluster_client_raises
         redis.set, redis.ping = real_set, real_ping  # type: ignore[method-assign]
         await _until(lambda: service.redis_ok, 10, "the heartbeat to come back")
         assert task.done() is False
-    finally:
-        service.request_stop()
-        assert await asyncio.wait_for(task, 15) == 0
-        await redis.aclose()
 
 
 async def test_status_says_the_role_and_a_failed_reload(
     lgb_run: Path, listener: Listener, tmp_path: Path
 ) -> None:
-    redis = fakeredis.FakeAsyncRedis()
-    service = _service(lgb_run, redis, listener.address)
-    await service.start()
-    task = asyncio.create_task(service.run())
-    try:
+    async with serving(lgb_run, listener.address) as (service, _, _):
         await _until(lambda: "STATUS=active" in listener.collect(), 10, "STATUS=active")
         good = service.settings
         service.settings = _with_run_root(good, tmp_path / "gone")  # a deploy gone wrong
@@ -161,10 +161,6 @@ async def test_status_says_the_role_and_a_failed_reload(
         service.settings = good
         assert await service.reload() is True
         assert listener.collect()[-1] == "STATUS=active"
-    finally:
-        service.request_stop()
-        assert await asyncio.wait_for(task, 15) == 0
-        await redis.aclose()
     assert "STOPPING=1" in listener.collect()
 
 
@@ -243,35 +239,29 @@ async def test_the_heartbeat_outlives_an_error_that_is_not_an_outage(
 ) -> None:
     # An error reply or a bug in the lag gauge ended the heartbeat loop silently (its key
     # and `redis_ok` frozen); a reply error was also taken for "redis unreachable".
-    redis = fakeredis.FakeAsyncRedis()
-    service = _service(lgb_run, redis, listener.address)
-    await service.start()
     monkeypatch.setattr("daemon.service.HEARTBEAT_EVERY_S", 0.05)
+    beats = 0
 
     async def broken() -> None:
         raise KeyError("lag")
 
-    service._update_lag = broken  # type: ignore[method-assign]
-    beats = 0
-    real_set = redis.set
+    def prepare(service: Service, redis: Any) -> None:
+        real_set = redis.set
 
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal beats
-        beats += 1
-        if beats % 2 == 0:
-            raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
-        return await real_set(*args, **kwargs)
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal beats
+            beats += 1
+            if beats % 2 == 0:
+                raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+            return await real_set(*args, **kwargs)
 
-    redis.set = counted  # type: ignore[method-assign]
-    task = asyncio.create_task(service.run())
-    try:
+        service._update_lag = broken  # type: ignore[method-assign]
+        redis.set = counted
+
+    async with serving(lgb_run, listener.address, prepare) as (service, _, _):
         await _until(lambda: beats >= 8, 10, "the heartbeat to go on")
         assert service.redis_ok
         assert "redis unreachable" not in service.status()
-    finally:
-        service.request_stop()
-        assert await asyncio.wait_for(task, 15) == 0
-        await redis.aclose()
 
 
 def test_a_notify_socket_nobody_drains_never_blocks(listener: Listener) -> None:
