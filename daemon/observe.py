@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import structlog
@@ -295,8 +296,19 @@ class SystemdNotifier:
     def notify(self, message: str) -> None:
         if self._sock is None or self._target is None:
             return
+        # READY=1 lost would fail the start (TimeoutStartSec), STOPPING=1 or RELOADING=1 the
+        # state systemd shows: those wait up to a second for room in a full queue (PID 1
+        # busy); WATCHDOG=1 and STATUS= come again in a second anyway.
+        tries = 100 if message.startswith(("READY=", "STOPPING=", "RELOADING=")) else 1
         try:
-            self._sock.sendto(message.encode(), self._target)
+            for attempt in range(tries):
+                try:
+                    self._sock.sendto(message.encode(), self._target)
+                    break
+                except BlockingIOError:
+                    if attempt == tries - 1:
+                        raise
+                    time.sleep(0.01)
             self._warned = False
         except OSError as exc:
             if not self._warned:  # once per run of failures, not once a second

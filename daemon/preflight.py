@@ -29,14 +29,19 @@ async def check_redis(redis: Any, settings: Settings) -> RedisCheck:
     """Look at the server and at this instance's keys (its owned partitions)."""
     url = redact_url(settings.redis.url)
     report = RedisCheck()
-    try:
-        info = await asyncio.wait_for(redis.info("server"), timeout=TIMEOUT_S)
+    try:  # the daemon's own first question (`run` stops on a refusal of it, see service)
+        await asyncio.wait_for(redis.ping(), timeout=TIMEOUT_S)
     except UNAVAILABLE as exc:
         if refuses_the_config(exc):  # a password, an ACL, a database index
             report.problems.append(f"redis.url = {url!r}: Redis refused it: {exc}")
         else:  # down, or a passing state (BUSY, LOADING, MASTERDOWN): retried by `run`
-            report.unreachable = f"redis.url = {url!r}: no answer: {exc or type(exc).__name__}"
+            said = str(exc) or type(exc).__name__
+            report.unreachable = f"redis.url = {url!r}: no answer: {said}"
         return report
+    try:  # the version only: a user without INFO is a valid least-privilege deploy
+        info = await asyncio.wait_for(redis.info("server"), timeout=TIMEOUT_S)
+    except UNAVAILABLE:
+        info = {}
     report.lines.append(f"redis   {url}: Redis {_version(info)}")
     policy = await evicting_policy(redis)
     if policy is not None:

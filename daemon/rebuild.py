@@ -32,9 +32,11 @@ async def rebuild_pipeline(
     executor: Executor,
     warmup_bars: int,
     check: Callable[[], None] = lambda: None,
+    progressed: Callable[[], None] | None = None,
 ) -> int:
     """Apply every input stream's history up to its last acknowledged entry to `pipeline`;
-    returns the bars applied. `check` runs after each chunk read (it raises to give up)."""
+    returns the bars applied. `check` runs after each chunk read (it raises to give up);
+    `progressed` after each chunk read or applied (the worker's stall clock)."""
     loop = asyncio.get_running_loop()
     total = 0
     for stream in io.inputs:
@@ -51,6 +53,8 @@ async def rebuild_pipeline(
                 executor, select_recent, ids, fields, stream, per_symbol, warmup_bars
             )
             check()
+            if progressed is not None:
+                progressed()
         if decoding is not None:
             kept.append(await decoding)
         if len(io.inputs) == 1:  # several streams are replayed one after the other
@@ -62,4 +66,6 @@ async def rebuild_pipeline(
                 executor, warm_from_columns, pipeline, history.window(i, i + REBUILD_CHUNK),
                 clock[i : i + REBUILD_CHUNK],
             )
+            if progressed is not None:
+                progressed()
     return total

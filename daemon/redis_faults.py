@@ -19,9 +19,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 # Error replies that waiting does not change, as redis-py leaves their text (it strips the
 # code of those it has a class for): the database index, a renamed command, SELECT on a
-# cluster, and a cluster client pointed at a server that is no cluster.
+# cluster, a cluster client pointed at a server with cluster support disabled.
 _CONFIG_TEXTS = ("DB INDEX", "UNKNOWN COMMAND", "NOT ALLOWED IN CLUSTER MODE",
-                 "CLUSTER MODE IS NOT ENABLED", "WRONGPASS", "NOAUTH", "NOPERM")
+                 "CLUSTER SUPPORT DISABLED", "WRONGPASS", "NOAUTH", "NOPERM")
 
 
 def refuses_the_config(exc: BaseException) -> bool:
@@ -29,10 +29,24 @@ def refuses_the_config(exc: BaseException) -> bool:
     database index the server does not have, a renamed command, cluster = true against a
     plain server), as opposed to a passing state: BUSY (another client's script),
     MASTERDOWN or LOADING (a replica resyncing, a restart), READONLY (a failover), a
-    cluster none of whose nodes answers yet."""
-    if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
-        return True
-    if isinstance(exc, ResponseError | RedisClusterException):
-        text = str(exc).upper()
-        return any(words in text for words in _CONFIG_TEXTS)
+    cluster none of whose nodes answers yet. The cluster client wraps the reply it got in
+    its own "cannot be connected ... Cluster mode is not enabled" whatever the reply was
+    (a BUSY seed node too): the reply it wraps decides."""
+    for link in _chain(exc):
+        if isinstance(link, AuthenticationError | AuthorizationError | NoPermissionError):
+            return True
+        if isinstance(link, ResponseError):
+            text = str(link).upper()
+            if any(words in text for words in _CONFIG_TEXTS):
+                return True
     return False
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from or during, innermost last."""
+    seen: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in seen and len(seen) < 16:
+        seen.append(link)
+        link = link.__cause__ or link.__context__
+    return seen

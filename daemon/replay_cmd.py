@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -187,6 +188,16 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _keep_owner_and_mode(original: Path, replacement: Path) -> None:
+    shutil.copymode(original, replacement)
+    st = original.stat()
+    if st.st_uid != os.geteuid() or st.st_gid != os.getegid():
+        try:  # root replacing another user's file: theirs still
+            os.chown(replacement, st.st_uid, st.st_gid)
+        except PermissionError:
+            pass
+
+
 class Output:
     """Where replay writes. `whole`: a file written beside itself and renamed into place
     once complete, so an interrupted or failed replay leaves the previous one as it was;
@@ -207,16 +218,22 @@ class Output:
         path = Path(self.out)
         if path.is_dir():
             raise IsADirectoryError(21, "is a directory")
-        target = path.resolve() if path.is_symlink() else path  # a link: its file, beside it
-        if target.exists() and not target.is_file():
+        try:  # a link: its file, replaced beside it
+            target = Path(os.path.realpath(path, strict=False)) if path.is_symlink() else path
+        except (OSError, RuntimeError):  # a loop of links: said by the open below
+            target = path
+        if target.is_symlink() or target.exists() and not target.is_file():
+            # a link left unresolved (a loop: the open says so), a device, a pipe
             with path.open("w") as fh:
                 self.in_place = True
                 yield fh
             return
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        # A short name (the output's may be near the 255-byte limit), this process's own.
+        tag = hashlib.sha256(target.name.encode()).hexdigest()[:12]
+        partial = target.with_name(f".livepred-{tag}-{os.getpid()}.partial")
         try:
             fh = partial.open("w")
-        except OSError:  # a folder this user cannot create files in: the file as it is
+        except PermissionError:  # a folder this user cannot create files in: in place
             with path.open("w") as fh:
                 self.in_place = True
                 yield fh
@@ -225,7 +242,7 @@ class Output:
         try:
             with fh:
                 if target.exists():
-                    shutil.copymode(target, partial)
+                    _keep_owner_and_mode(target, partial)
                 yield fh
             os.replace(partial, target)
         finally:

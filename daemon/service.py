@@ -396,11 +396,14 @@ class Service:
         )
 
     def stalled(self) -> str | None:
-        """The first active partition whose worker made no progress for too long, or None."""
+        """The first partition serving or rebuilding state whose worker made no progress
+        for too long, or None. A rebuild progresses chunk by chunk (each read or applied), so
+        a long one is not a stall; one hung inside a chunk is."""
         stall_s = max(10.0, 50 * self.settings.streams.block_ms / 1000)
         now = time.monotonic()
         for w in self.workers:
-            if w.role == Role.ACTIVE and now - w.last_progress_s > stall_s:
+            if (w.role in (Role.ACTIVE, Role.REBUILDING)
+                    and now - w.last_progress_s > stall_s):
                 return f"{_name(w.partition)} stalled for {now - w.last_progress_s:.0f}s"
         return None
 

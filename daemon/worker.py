@@ -238,7 +238,7 @@ class PartitionWorker:
         pipeline = Pipeline(self.engine(), ttl_s=self.ttl_s)
         total = await rebuild_pipeline(
             self.io, pipeline, executor=self.executor, warmup_bars=self.warmup_bars,
-            check=self.lease.check,
+            check=self.lease.check, progressed=self._progressed,
         )
         self.pipeline = pipeline
         elapsed = time.perf_counter() - started

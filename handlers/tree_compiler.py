@@ -78,15 +78,22 @@ def _library(model_file: Path, loader: str, treelite: object, tl2cgen: object) -
     name = f"{digest}-tl2cgen{version}-q.so"
     # The library is loaded into this process: only from a folder (and a file) this user
     # owns and nobody else may write, never a shared one where another user could plant it.
+    # Its own folders too (`livepred/trees` in the cache; in /tmp, whose sticky bit keeps
+    # others from renaming it, one folder): another user able to write one of them could
+    # swap the folder between the check and the load.
+    cache = cache_dir()
     private_tmp = Path(tempfile.gettempdir()) / f"livepred-trees-{os.geteuid()}"
-    for folder in (cache_dir(), private_tmp):
+    for folder, own in ((cache, (cache.parent, cache)), (private_tmp, (private_tmp,))):
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            own[0].parent.mkdir(parents=True, exist_ok=True)  # the user's cache root
+            for level in own:
+                level.mkdir(mode=0o700, exist_ok=True)
         except OSError:
             continue
-        if not _only_ours(folder) and not _tighten(folder):
+        untrusted = [level for level in own if not _only_ours(level) and not _tighten(level)]
+        if untrusted:
             log.warning("not using %s for compiled tree models: another user owns it or may"
-                        " write to it", folder)
+                        " write to it", untrusted[0])
             continue
         target = folder / name
         if target.exists() and _only_ours(target):

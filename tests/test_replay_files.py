@@ -355,3 +355,22 @@ def test_an_output_link_is_written_whole_beside_its_file(
     assert replay(run_dir, ragged, link) == 1
     assert "(--out" in capsys.readouterr().err and real.read_text() == before
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_odd_output_paths(run_dir: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    # A loop of links: one line, nothing replaced. A name near the 255-byte limit: its
+    # partial file's name must still fit. A dangling link: its file made.
+    path = tmp_path / "bars.csv"
+    bars(5).to_csv(path, index=False)
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    assert replay(run_dir, path, tmp_path / "loop1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "symbolic links" in err[0], err
+    assert (tmp_path / "loop1").is_symlink()
+    long = tmp_path / ("x" * 245 + ".jsonl")
+    assert replay(run_dir, path, long) == 0 and len(lines(long)) == 15
+    (tmp_path / "dangling").symlink_to("made.jsonl")
+    assert replay(run_dir, path, tmp_path / "dangling") == 0
+    assert (tmp_path / "dangling").is_symlink() and len(lines(tmp_path / "made.jsonl")) == 15

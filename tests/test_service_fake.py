@@ -199,6 +199,38 @@ async def test_restart_rebuilds_state_from_acknowledged_history(lgb_run: Path) -
     await redis.aclose()
 
 
+async def test_a_rebuild_counts_each_chunk_as_progress(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stall clock (the watchdog) covers a rebuild too: each chunk read or applied moves
+    # it, so a long rebuild is not taken for a hung one.
+    from daemon import rebuild as rebuild_module
+    from daemon.worker import PartitionWorker
+
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB"], 40, seed=9)
+    for b in bars:
+        await redis.xadd("bars", encode_bar(b))
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+    await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars)))
+    monkeypatch.setattr(rebuild_module, "REBUILD_CHUNK", 7)
+    calls: list[str] = []
+    real = PartitionWorker._progressed
+
+    def counted(self: PartitionWorker) -> None:
+        calls.append(str(self.role))
+        real(self)
+
+    monkeypatch.setattr(PartitionWorker, "_progressed", counted)
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+    await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars)))
+    assert calls.count("rebuilding") >= len(bars) // 7
+    await redis.aclose()
+
+
 async def _xlen_at_least(r, n: int) -> bool:
     return await r.xlen("predictions") >= n
 
@@ -491,7 +523,8 @@ async def test_a_rebuild_after_a_reload_is_not_ready_and_not_a_stall(
 ) -> None:
     # A reload whose models read other inputs rebuilds state between batches: a long one
     # (100k symbols) must show as "rebuilding" in /readyz, not as a stalled loop whose
-    # withheld watchdog gets the process killed, and the stall clock starts anew after it.
+    # withheld watchdog gets the process killed (unless no chunk of it progresses), and the
+    # stall clock starts anew after it.
     run_a = _lgb_run_with(tmp_path / "a", FEATURES, "run-a", seed=1)
     run_b = _lgb_run_with(tmp_path / "b", FEATURES_WIDER, "run-b", seed=2)
     link = tmp_path / "current"
@@ -514,7 +547,11 @@ async def test_a_rebuild_after_a_reload_is_not_ready_and_not_a_stall(
             await redis.xadd("bars", encode_bar(b))
         await asyncio.wait_for(entered.wait(), 10)
         worker = service.workers[0]
-        worker.last_progress_s -= 1000  # as if the rebuild had run for 1,000 s
+        # A rebuild counts each chunk it reads or applies as progress: a long one is no
+        # stall, one with no chunk done for 1,000 s is hung (the watchdog is withheld).
+        worker.last_progress_s -= 1000
+        assert service.stalled() == "the partition stalled for 1000s"
+        worker._progressed()  # a chunk done
         assert service.stalled() is None
         assert await service.health() is None
         assert await service.ready() == "rebuilding state: the partition"

@@ -186,6 +186,22 @@ def _reply(text: str) -> Exception:
     return BaseParser.parse_error(text)
 
 
+def _wrapped(reply: Exception) -> Exception:
+    """As redis-py's cluster client raises a seed node's error reply (checked on 8.1)."""
+    try:
+        try:
+            raise reply
+        except Exception as exc:
+            raise RedisClusterException(str(exc)) from exc
+    except RedisClusterException as inner:
+        try:
+            raise RedisClusterException(
+                "Redis Cluster cannot be connected. Please provide at least one reachable"
+                " node: Cluster mode is not enabled on this node") from inner
+        except RedisClusterException as outer:
+            return outer
+
+
 @pytest.mark.parametrize(
     ("error", "config"),
     [
@@ -204,9 +220,12 @@ def _reply(text: str) -> Exception:
         (_reply("ERR DB index is out of range"), True),
         (_reply("ERR unknown command 'ping', with args beginning with: "), True),
         (_reply("ERR SELECT is not allowed in cluster mode"), True),
-        (RedisClusterException("Redis Cluster cannot be connected. Please provide at least"
-                               " one reachable node: Cluster mode is not enabled on this"
-                               " node"), True),
+        # The cluster client wraps whatever the seed node replied in "Cluster mode is not
+        # enabled": a BUSY seed is waited for, a plain server or a bad password is not.
+        (_wrapped(_reply("BUSY Redis is busy running a script.")), False),
+        (_wrapped(_reply("ERR This instance has cluster support disabled")), True),
+        (_wrapped(_reply("WRONGPASS invalid username-password pair or user is disabled.")),
+         True),
         (AuthenticationError("invalid username-password pair"), True),
     ],
 )
@@ -275,4 +294,20 @@ def test_a_notify_socket_nobody_drains_never_blocks(listener: Listener) -> None:
         notifier.notify("WATCHDOG=1")
     assert time.monotonic() - started < 5
     assert 0 < len(listener.collect()) < 5000
+    notifier.close()
+
+
+def test_ready_waits_for_room_in_a_full_queue(listener: Listener) -> None:
+    # PID 1 busy (boot, daemon-reload): its queue full, READY=1 dropped would fail the start
+    # after TimeoutStartSec. It waits a little for room; a watchdog beat does not.
+    import threading
+    import time
+
+    notifier = SystemdNotifier(listener.address)
+    for _ in range(5000):
+        notifier.notify("WATCHDOG=1")  # fills the queue, dropping the rest
+    threading.Timer(0.3, listener.collect).start()  # systemd reads again
+    notifier.notify("READY=1")
+    time.sleep(0.1)
+    assert "READY=1" in listener.collect()
     notifier.close()

@@ -184,6 +184,8 @@ def test_under_umask_002_the_library_is_still_reused(
         assert LightGBMBoosterHandler.load(path, meta).compiled
         libraries = list((tmp_path / "cache").rglob("*.so"))
         assert len(libraries) == 1 and not libraries[0].stat().st_mode & 0o022
+        for folder in (tmp_path / "cache" / "livepred", tmp_path / "cache" / "livepred" / "trees"):
+            assert not folder.stat().st_mode & 0o022, folder  # made ours alone
         built = libraries[0].stat().st_mtime_ns
         assert LightGBMBoosterHandler.load(path, meta).compiled
         assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.so")] == [built]
