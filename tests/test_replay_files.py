@@ -48,6 +48,12 @@ def bars(n: int = 30, symbols: tuple[str, ...] = ("AAA", "BBB", "CCC"), seed: in
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def said(err: str) -> list[str]:
+    """The command's own lines on stderr: not the JSON log lines of a logging set up by an
+    earlier test in the same process."""
+    return [line for line in err.strip().splitlines() if not line.startswith("{")]
+
+
 def replay(run: Path, path: Path, out: Path, *extra: str) -> int:
     return main(["replay", "--run", str(run), "--bars", str(path), "--out", str(out), *extra])
 
@@ -75,7 +81,7 @@ def test_a_row_with_more_cells_than_the_header_is_an_error_naming_it(
     path.write_text("\n".join(text) + "\n")
     out = tmp_path / "out.jsonl"
     assert replay(run_dir, path, out) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = said(capsys.readouterr().err)
     assert err[-1].startswith("livepred: error: ") and "row 2 (line 4)" in err[-1], err
     assert "not written" in err[-1] and not out.exists()
 
@@ -167,7 +173,7 @@ def test_a_date_column_and_duplicate_columns_are_said_in_one_line(
     path = tmp_path / "both.parquet"
     both.to_parquet(path)
     assert replay(run_dir, path, tmp_path / "o2.jsonl") == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = said(capsys.readouterr().err)
     assert len(err) == 1 and "columns 'close' and 'Close' are both close" in err[0]
 
 
@@ -294,7 +300,7 @@ def test_a_bad_ttl_is_one_line(run_dir: Path, tmp_path: Path,
     path = tmp_path / "bars.csv"
     bars(3).to_csv(path, index=False)
     assert replay(run_dir, path, tmp_path / "o.jsonl", "--ttl-s", ttl) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = said(capsys.readouterr().err)
     assert len(err) == 1 and "--ttl-s must be a number of seconds >= 1" in err[0]
 
 
@@ -366,7 +372,7 @@ def test_odd_output_paths(run_dir: Path, tmp_path: Path,
     (tmp_path / "loop1").symlink_to("loop2")
     (tmp_path / "loop2").symlink_to("loop1")
     assert replay(run_dir, path, tmp_path / "loop1") == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = said(capsys.readouterr().err)
     assert len(err) == 1 and "symbolic links" in err[0], err
     assert (tmp_path / "loop1").is_symlink()
     long = tmp_path / ("x" * 245 + ".jsonl")

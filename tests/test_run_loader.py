@@ -55,6 +55,12 @@ def run_root(template: Path, tmp_path: Path) -> Path:
     return root
 
 
+def said(err: str) -> list[str]:
+    """The command's own lines on stderr: not the JSON log lines of a logging set up by an
+    earlier test in the same process."""
+    return [line for line in err.strip().splitlines() if not line.startswith("{")]
+
+
 def fam(root: Path, family: str, target: str = "ret_1d") -> Path:
     return root / "targets" / target / "models" / "view=CROSS_SECTIONAL" / f"family={family}"
 
@@ -529,5 +535,5 @@ def test_a_run_directory_this_user_cannot_list_is_one_line_and_a_config_error(
                  ["replay", "--run", str(run_root), "--bars", str(bars), "--out",
                   str(tmp_path / "o.jsonl")]):
         assert main(argv) == 1
-        err = capsys.readouterr().err.strip().splitlines()
+        err = said(capsys.readouterr().err)
         assert len(err) == 1 and "targets: cannot list it: Permission denied" in err[0], err
