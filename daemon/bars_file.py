@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from daemon.wire import Bar, Rejection, decode_bar
+from handlers.errors import short_error
 
 BAR_COLUMNS = ("symbol", "ts", "open", "high", "low", "close", "volume")
 NUMBER_COLUMNS = frozenset(BAR_COLUMNS[1:])
@@ -72,7 +73,7 @@ class BarsFile:
                 f"{self.path}: a line from row {first_row} on has more cells than the header"
             ) from None
         except Exception as exc:  # a malformed line further down the file
-            raise BarsFileError(f"{self.path}: cannot read: {_one_line(exc)}") from None
+            raise BarsFileError(f"{self.path}: cannot read: {short_error(exc)}") from None
 
     def _check_spare(self, frame: pd.DataFrame, first_row: int) -> None:
         filled = (frame[self._spare] != "").to_numpy().any(axis=1)
@@ -118,7 +119,7 @@ def open_bars(path: Path) -> BarsFile:
     except BarsFileError:
         raise
     except Exception as exc:
-        raise BarsFileError(f"{path}: cannot read: {_one_line(exc)}") from None
+        raise BarsFileError(f"{path}: cannot read: {short_error(exc)}") from None
     raise BarsFileError(f"{path}: expected a .csv (or .csv.gz) or .parquet file")
 
 
@@ -206,8 +207,3 @@ def _plain(value: Any, name: str) -> Any:
 
 def _text(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

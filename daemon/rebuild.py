@@ -32,7 +32,7 @@ async def rebuild_pipeline(
     executor: Executor,
     warmup_bars: int,
     check: Callable[[], None] = lambda: None,
-    progressed: Callable[[], None] | None = None,
+    progressed: Callable[[], None] = lambda: None,
 ) -> int:
     """Apply every input stream's history up to its last acknowledged entry to `pipeline`;
     returns the bars applied. `check` runs after each chunk read (it raises to give up);
@@ -53,8 +53,7 @@ async def rebuild_pipeline(
                 executor, select_recent, ids, fields, stream, per_symbol, warmup_bars
             )
             check()
-            if progressed is not None:
-                progressed()
+            progressed()
         if decoding is not None:
             kept.append(await decoding)
         if len(io.inputs) == 1:  # several streams are replayed one after the other
@@ -66,6 +65,5 @@ async def rebuild_pipeline(
                 executor, warm_from_columns, pipeline, history.window(i, i + REBUILD_CHUNK),
                 clock[i : i + REBUILD_CHUNK],
             )
-            if progressed is not None:
-                progressed()
+            progressed()
     return total

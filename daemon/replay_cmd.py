@@ -199,14 +199,13 @@ def _keep_owner_and_mode(original: Path, replacement: Path) -> None:
 
 
 class Output:
-    """Where replay writes. `whole`: a file written beside itself and renamed into place
-    once complete, so an interrupted or failed replay leaves the previous one as it was;
-    else written as it goes (stdout, a device or pipe, a file in a folder this user may
-    not create files in)."""
+    """Where replay writes. A file is written beside itself and renamed into place once
+    complete, so an interrupted or failed replay leaves the previous one as it was; stdout,
+    a device or pipe, or a file in a folder this user may not create files in is written as
+    it goes (`in_place`)."""
 
     def __init__(self, out: str) -> None:
         self.out = out
-        self.whole = False
         self.in_place = False  # being written as it goes
 
     @contextlib.contextmanager
@@ -238,7 +237,6 @@ class Output:
                 self.in_place = True
                 yield fh
             return
-        self.whole = True
         try:
             with fh:
                 if target.exists():
