@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
+from redis.exceptions import RedisError
 
 from daemon.model_setup import (
     build_engine,
@@ -112,6 +113,7 @@ class Service:
         self.workers: list[PartitionWorker] = []
         self.health_server: HealthServer | None = None
         self.redis_ok = True
+        self.redis_refusal: str | None = None  # the heartbeat's error reply (OOM, BUSY, ...)
         self.reload_problem: str | None = None  # why the last reload kept the models
         self._started = False
 
@@ -304,14 +306,16 @@ class Service:
         while not self.stop_event.is_set():
             try:
                 await self.redis.set(key, str(int(time.time() * 1000)), ex=10)
-                self.redis_ok = True
+                self.redis_ok, self.redis_refusal = True, None
                 if time.monotonic() - last_lag > 5:
                     last_lag = time.monotonic()
                     await self._update_lag()
             except TRANSIENT:  # no answer: what /healthz and STATUS= say
                 self.redis_ok = False
-            except Exception as exc:  # an error reply (OOM, an ACL), or a bug: this loop
-                # must not end silently; said once, not once a second
+            except Exception as exc:  # an error reply (OOM, BUSY, MASTERDOWN, an ACL), or a
+                # bug: this loop must not end silently; said once, not once a second
+                if isinstance(exc, RedisError):
+                    self.redis_ok, self.redis_refusal = True, short_error(exc)
                 if short_error(exc) != said:
                     said = short_error(exc)
                     log.warning("heartbeat failed", error=said)
@@ -342,10 +346,17 @@ class Service:
             await sleep_unless(self.stop_event, HEARTBEAT_EVERY_S)
 
     def status(self) -> str:
-        """One line for `systemctl status`: each partition's role, Redis, the last reload."""
+        """One line for `systemctl status`: each partition's role, then what /healthz would
+        say is wrong (Redis unreachable or refusing, a partition stalled or failing), the last
+        reload's failure."""
         parts = [self.roles() or "no partition"]
         if not self.redis_ok:
             parts.append("redis unreachable")
+        elif self.redis_refusal is not None:
+            parts.append(f"redis refuses: {self.redis_refusal}")
+        for problem in (self.stalled(), self.failing()):
+            if problem is not None:
+                parts.append(problem)
         if self.reload_problem is not None:
             parts.append(f"last reload failed: {self.reload_problem}")
         return "; ".join(parts)[:400]
@@ -366,8 +377,10 @@ class Service:
             return "starting: loading models"
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=1.0)
-        except UNAVAILABLE as exc:
+        except TRANSIENT as exc:
             return f"redis unreachable: {exc}"
+        except UNAVAILABLE as exc:  # an error reply: BUSY, MASTERDOWN, an ACL
+            return f"redis refuses: {short_error(exc)}"
         return self.stalled() or self.failing()
 
     async def ready(self) -> str | None:

@@ -283,6 +283,42 @@ async def test_the_heartbeat_outlives_an_error_that_is_not_an_outage(
         assert "redis unreachable" not in service.status()
 
 
+async def test_status_and_healthz_say_the_same_of_a_redis_that_refuses(
+    lgb_run: Path, listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # BUSY (another client's script) or MASTERDOWN: /healthz said "redis unreachable", STATUS=
+    # said nothing (the heartbeat only logged the reply). Both now say Redis refuses, and
+    # STATUS= drops it once Redis answers again.
+    monkeypatch.setattr("daemon.service.HEARTBEAT_EVERY_S", 0.05)
+    busy = {"on": False}
+    text = "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE."
+
+    def prepare(service: Service, redis: Any) -> None:
+        real_set, real_ping = redis.set, redis.ping
+
+        def refusing(real: Any) -> Any:
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                if busy["on"]:
+                    raise ResponseError(text)
+                return await real(*args, **kwargs)
+            return call
+
+        redis.set, redis.ping = refusing(real_set), refusing(real_ping)
+
+    async with serving(lgb_run, listener.address, prepare) as (service, _, _):
+        await _until(lambda: "STATUS=active" in listener.collect(), 10, "STATUS=active")
+        busy["on"] = True
+        await _until(lambda: any("redis refuses" in m and "BUSY" in m
+                                 for m in listener.collect()), 5, "STATUS= saying BUSY")
+        health = await service.health()
+        assert health is not None and health.startswith("redis refuses") and "BUSY" in health
+        assert "unreachable" not in health
+        busy["on"] = False
+        listener.received.clear()
+        await _until(lambda: "STATUS=active" in listener.collect(), 5, "STATUS= back to active")
+        assert await service.health() is None
+
+
 def test_a_notify_socket_nobody_drains_never_blocks(listener: Listener) -> None:
     # The socket's queue full (its reader stalled): sendto on a blocking socket waited for
     # ever, inside the event loop. The message is lost instead.

@@ -171,6 +171,7 @@ async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
         await _until(service.health, 5, "no failure reported")
         problem = await service.health()
         assert problem is not None and "failing" in problem and "OOM" in problem
+        assert "failing" in service.status() and "OOM" in service.status()  # STATUS= too
         # More refusals than MAX_DELIVERIES: Redis's refusals are not the entries' fault, so
         # they must not end as poison. Backing off: not a tight restart loop.
         started = asyncio.get_running_loop().time()
@@ -183,6 +184,7 @@ async def test_a_write_that_keeps_failing_shows_in_health_and_backs_off(
         full["on"] = False
         await _until(lambda: _settled(redis, len(bars)), 25, "not recovered")
         assert await service.health() is None
+        assert "failing" not in service.status()
         outputs = [decode_prediction(f) for _, f in await redis.xrange("predictions")]
         assert len({o.src for o in outputs}) == len(outputs) == len(bars)
         assert await redis.xlen("bars:dead") == 0
