@@ -168,40 +168,23 @@ def _print_models(engine: Any) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from daemon.cli_common import UsageError, model_choice, settings_of
     from daemon.inspect_run import inspect_run
+    from handlers import tree_compiler
 
-    options: dict[str, Any] = {
-        "view": args.view or "CROSS_SECTIONAL",
-        "allow_pickle": not args.no_pickle,
-        "interval_minutes": args.interval_minutes if args.interval_minutes is not None else 0.0,
-    }
-    run = args.run
-    if args.config:
-        # What the daemon with this config would load: its run_root, view, filters, checks.
-        from daemon.settings import ConfigError, load_settings
-        from handlers import tree_compiler
-
-        try:
-            settings = load_settings(args.config, os.environ)
-        except ConfigError as exc:
-            return _fail(str(exc), EXIT_CONFIG)
-        m = settings.models
-        tree_compiler.enabled = m.compile_trees
-        run = run or m.run_root
-        options = {
-            "view": args.view or m.view,
-            "allow_pickle": m.allow_pickle and not args.no_pickle,
-            "interval_minutes": (
-                args.interval_minutes if args.interval_minutes is not None
-                else float(m.interval_minutes)
-            ),
-            "targets": m.targets,
-            "families": m.families,
-        }
-    elif run is None:
-        return _fail("inspect needs a training run directory, or --config PATH", EXIT_CONFIG)
     try:
-        report = inspect_run(Path(run), **options)
+        # With --config: what the daemon with it would load (run_root, view, filters, checks).
+        m = model_choice(args, settings_of(args))
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    if m.run is None:
+        return _fail("inspect needs a training run directory, or --config PATH", EXIT_CONFIG)
+    tree_compiler.enabled = m.compile_trees
+    run = m.run
+    try:
+        report = inspect_run(Path(run), view=m.view, allow_pickle=m.allow_pickle,
+                             interval_minutes=m.interval_minutes, targets=m.targets,
+                             families=m.families)
     except (OSError, ValueError) as exc:  # a run missing, or not readable by this user
         return _fail(str(exc))
     if args.config and report["nothing_loaded"]:  # what `run` would say: it would not start

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from daemon.cli_common import EXIT_CONFIG, EXIT_INTERRUPTED
+from daemon.cli_common import (
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    ModelChoice,
+    UsageError,
+    model_choice,
+    settings_of,
+)
 from daemon.cli_common import fail as _fail
 from daemon.cli_common import print_refusals as _print_refusals
 from daemon.replay import ReplayCounts
@@ -26,20 +33,10 @@ DEFAULT_TTL_S = 900.0
 PLAUSIBLE_MS = (1e11, 1e14)
 
 
-class ReplayUsageError(ValueError):
-    """A bad option or config: one line, exit 2."""
-
-
 @dataclass(frozen=True, slots=True)
 class ReplayOptions:
+    models: ModelChoice
     run: str
-    view: str
-    targets: tuple[str, ...]
-    families: tuple[str, ...]
-    allow_pickle: bool
-    interval_minutes: float
-    compile_trees: bool
-    device: str
     ttl_s: float
 
 
@@ -74,35 +71,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def options_from(args: argparse.Namespace) -> ReplayOptions:
     """The daemon's settings (its config and LIVEPRED_* environment) under the options."""
-    from daemon.settings import ConfigError, load_settings
-
-    try:
-        settings = load_settings(args.config, os.environ) if args.config else None
-    except ConfigError as exc:
-        raise ReplayUsageError(str(exc)) from None
-    m = settings.models if settings is not None else None
-    run = args.run or (str(m.run_root) if m is not None else None)
-    if run is None:
-        raise ReplayUsageError("replay needs --run RUN, or --config PATH (its models.run_root)")
+    settings = settings_of(args)
+    models = model_choice(args, settings)
+    if models.run is None:
+        raise UsageError("replay needs --run RUN, or --config PATH (its models.run_root)")
     ttl_s = args.ttl_s if args.ttl_s is not None else (
         float(settings.state.symbol_ttl_s) if settings is not None else DEFAULT_TTL_S)
     if not (math.isfinite(ttl_s) and ttl_s >= 1):
-        raise ReplayUsageError(f"--ttl-s must be a number of seconds >= 1 (got {ttl_s:g})")
-    interval = args.interval_minutes if args.interval_minutes is not None else (
-        float(m.interval_minutes) if m is not None else 0.0)
-    if not (math.isfinite(interval) and interval >= 0):
-        raise ReplayUsageError(f"--interval-minutes must be >= 0 (got {interval:g})")
-    return ReplayOptions(
-        run=run,
-        view=args.view or (m.view if m is not None else "CROSS_SECTIONAL"),
-        targets=tuple(m.targets) if m is not None else (),
-        families=tuple(m.families) if m is not None else (),
-        allow_pickle=not args.no_pickle and (m.allow_pickle if m is not None else True),
-        interval_minutes=interval,
-        compile_trees=m.compile_trees if m is not None else True,
-        device=m.device if m is not None else "cpu",
-        ttl_s=ttl_s,
-    )
+        raise UsageError(f"--ttl-s must be a number of seconds >= 1 (got {ttl_s:g})")
+    return ReplayOptions(models=models, run=models.run, ttl_s=ttl_s)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -113,7 +90,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     try:
         options = options_from(args)
-    except ReplayUsageError as exc:
+    except UsageError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     bars_path = Path(args.bars)
     if args.out != "-" and _same_file(bars_path, Path(args.out)):
@@ -166,11 +143,12 @@ def _load_engine(options: ReplayOptions):  # type: ignore[no-untyped-def]
     from handlers.engine import InferenceEngine
     from handlers.run import ModelLoader
 
-    tree_compiler.enabled = options.compile_trees
-    loader = ModelLoader(options.run, allow_pickle=options.allow_pickle,
-                         interval_minutes=options.interval_minutes, device=options.device)
-    engine = InferenceEngine(loader, device=options.device, view=options.view,
-                             targets=list(options.targets), families=list(options.families))
+    m = options.models
+    tree_compiler.enabled = m.compile_trees
+    loader = ModelLoader(options.run, allow_pickle=m.allow_pickle,
+                         interval_minutes=m.interval_minutes, device=m.device)
+    engine = InferenceEngine(loader, device=m.device, view=m.view,
+                             targets=list(m.targets), families=list(m.families))
     # Each refusal is said once, by print_refusals: not also as the engine's log line.
     engine_log = logging.getLogger("handlers.engine")
     level = engine_log.level
