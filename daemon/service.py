@@ -38,6 +38,7 @@ log = structlog.get_logger("livepred.service")
 STOP_GRACE_S = 10.0
 EXECUTOR_GRACE_S = 3.0  # at exit, for a model call in progress to return
 HEARTBEAT_EVERY_S = 1.0
+STALL_MIN_S = 10.0  # no progress for this long (or 50 reads' block_ms) is a stall
 
 
 class MetricsPortError(RuntimeError):
@@ -412,7 +413,7 @@ class Service:
         """The first partition serving or rebuilding state whose worker made no progress
         for too long, or None. A rebuild progresses chunk by chunk (each read or applied), so
         a long one is not a stall; one hung inside a chunk is."""
-        stall_s = max(10.0, 50 * self.settings.streams.block_ms / 1000)
+        stall_s = max(STALL_MIN_S, 50 * self.settings.streams.block_ms / 1000)
         now = time.monotonic()
         for w in self.workers:
             if (w.role in (Role.ACTIVE, Role.REBUILDING)

@@ -139,6 +139,9 @@ class PartitionWorker:
                     self.pipeline = None
                     self._set_role(Role.STANDBY)
                 except TRANSIENT as exc:
+                    # Waiting for Redis is not a hang: the stall clock (the watchdog) goes
+                    # on, whatever the role was (a rebuild or the pending drain cut short).
+                    self._progressed()
                     first = self.failing is None
                     delay = self._failed(exc, unreachable)
                     self.metrics.redis_error()

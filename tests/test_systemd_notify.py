@@ -22,11 +22,14 @@ from redis.exceptions import (
     ResponseError,
     SlotNotCoveredError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from daemon.observe import SystemdNotifier
 from daemon.redis_faults import refuses_the_config
 from daemon.service import RedisRefusedError, Service
 from daemon.settings import load_settings
+from daemon.streams import StreamIO
+from daemon.worker import Role
 from tests import daemon_harness as h
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs unix sockets")
@@ -142,6 +145,52 @@ async def test_the_watchdog_beats_while_redis_hangs_or_the_cluster_client_raises
         redis.set, redis.ping = real_set, real_ping  # type: ignore[method-assign]
         await _until(lambda: service.redis_ok, 10, "the heartbeat to come back")
         assert task.done() is False
+
+
+@pytest.mark.parametrize("where", ["rebuild", "pending"])
+async def test_the_watchdog_beats_through_an_outage_that_starts_in_a_rebuild_or_the_pending(
+    lgb_run: Path, listener: Listener, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # The worker retried the outage with its role left at REBUILDING (or ACTIVE, the pending
+    # entries not drained) and its stall clock stopped: after the stall time no WATCHDOG=1,
+    # and systemd killed a daemon that was only waiting for Redis (CONTRACT section 5).
+    monkeypatch.setattr("daemon.service.STALL_MIN_S", 3.0)  # above the 2 s retry cap
+    down = {"on": False}
+    method = "history_boundary" if where == "rebuild" else "most_deliveries_pending"
+    real_step = getattr(StreamIO, method)
+
+    async def outage_begins(self: StreamIO, *args: Any, **kwargs: Any) -> Any:
+        if not down["at"]:
+            down["on"] = down["at"] = True
+        if down["on"]:
+            raise RedisConnectionError("Connection refused")
+        return await real_step(self, *args, **kwargs)
+
+    down["at"] = False
+    monkeypatch.setattr(StreamIO, method, outage_begins)
+
+    def prepare(service: Service, redis: Any) -> None:
+        real = redis.execute_command
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if down["on"]:
+                raise RedisConnectionError("Connection refused")
+            return await real(*args, **kwargs)
+
+        redis.execute_command = call
+
+    async with serving(lgb_run, listener.address, prepare) as (service, _, _):
+        await _until(lambda: down["on"], 10, "the outage to begin")
+        await asyncio.sleep(4)  # more than the stall time
+        listener.collect()
+        listener.received.clear()
+        for _ in range(6):
+            assert service.stalled() is None, service.stalled()
+            await asyncio.sleep(0.25)
+        assert "WATCHDOG=1" in listener.collect(), listener.received
+        down["on"] = False
+        await _until(lambda: service.workers[0].role == Role.ACTIVE
+                     and service.workers[0].failing is None, 15, "serving again")
 
 
 async def test_status_says_the_role_and_a_failed_reload(
