@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -118,12 +119,15 @@ def _tighten(folder: Path) -> bool:
 
 
 def _only_ours(path: Path) -> bool:
-    """Owned by this user, writable by no other (group or others)."""
+    """Owned by this user, writable by no other (group or others), and not a link: a link
+    another user made (in /tmp) to a folder of ours passed the owner check through it, and
+    its maker could point it elsewhere between the check and the load."""
     try:
-        st = path.stat()
+        st = path.lstat()
     except OSError:
         return False
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    return (st.st_uid == os.geteuid() and not st.st_mode & 0o022
+            and not stat.S_ISLNK(st.st_mode))
 
 
 def _build(model_file: Path, loader: str, target: Path, treelite: object, tl2cgen: object) -> Path:

@@ -170,6 +170,37 @@ def test_a_library_someone_else_could_have_planted_is_never_loaded(
     assert not shared.stat().st_mode & 0o022
 
 
+def test_a_link_another_user_made_to_a_folder_of_ours_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The /tmp fallback's name made a link by another user, to a folder this user owns: the
+    # owner check followed it and passed, and the link's maker could point it at their own
+    # folder between the check and the load.
+    import os
+    import tempfile
+
+    import tl2cgen
+    import treelite
+
+    if os.geteuid() != 0:
+        pytest.skip("making a link as another user needs root")
+    nobody = 65534
+    path, _ = _model(tmp_path, "regression")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    theirs = tmp_path / "cache" / "livepred"
+    theirs.mkdir(parents=True)
+    os.chown(theirs, nobody, nobody)  # the cache unusable: the /tmp fallback is tried
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o700)
+    link = tmp_path / "tmp" / f"livepred-trees-{os.geteuid()}"
+    link.symlink_to(ours)
+    os.lchown(link, nobody, nobody)
+    with pytest.raises(PermissionError):
+        tree_compiler._library(path, "lightgbm", treelite, tl2cgen)
+    assert list(ours.iterdir()) == []
+
+
 def test_under_umask_002_the_library_is_still_reused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
