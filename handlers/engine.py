@@ -16,7 +16,7 @@ from handlers.errors import InferenceError, ModelLoadError, model_faults, short_
 from handlers.features import parse_feature, warmup_bars
 from handlers.meta import ModelMeta
 from handlers.registry import padded_chunks
-from handlers.sequences import FEATURES, RAW, SequenceSpec, zscore
+from handlers.sequences import FEATURES, RAW, SequenceSpec, to_float32, zscore
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class InferenceEngine:
         if fam.sequence is not None:
             return inputs.sequences[fam.sequence]
         cols = self._columns[(fam.target, fam.family)]
-        return inputs.features[:, cols].astype(np.float32)
+        return to_float32(inputs.features[:, cols])
 
     def _predict_family(
         self, fam: LoadedFamily, inputs: BatchInputs, n: int, spec: InputSpec
@@ -312,7 +312,7 @@ class InferenceEngine:
             seq = fam.sequence
             if seq is not None and seq.kind == RAW and seq.normalization == "zscore":
                 x = zscore(x)
-            x = x.astype(np.float32, copy=False)
+            x = to_float32(x)
             if fam.needs_finite and not np.isfinite(x).all():
                 raise InferenceError(family, symbol, "inputs not finite yet (warming)")
             value = float(_predict_padded(fam.model, x)[0])

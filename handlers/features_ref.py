@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
+from handlers.sequences import to_float32
+
 log = logging.getLogger("livepred.features")
 
 DEFAULT_FEATURES: tuple[str, ...] = (
@@ -282,7 +284,7 @@ class FeatureBuilder:
         tail = max((spec.warmup_bars for spec in specs if spec is not None), default=1) + 1
         values = np.asarray(close, dtype=np.float64)[-tail:] if len(close) > tail else close
         frame = exact_reference_frame(values, self.feature_list)
-        return frame.iloc[-1].to_numpy(dtype=np.float64).astype(np.float32)
+        return to_float32(frame.iloc[-1].to_numpy(dtype=np.float64))
 
     def build_features_pandas(self, prices_df: pd.DataFrame | pd.Series) -> np.ndarray:
         """`build_features` from the pandas reference frame (the seed's per-event recompute)."""
@@ -290,7 +292,7 @@ class FeatureBuilder:
         if len(close) == 0:
             return np.full(len(self.feature_list), np.nan, dtype=np.float32)
         frame = reference_frame(close, self.feature_list)
-        return frame.iloc[-1].to_numpy(dtype=np.float64).astype(np.float32)
+        return to_float32(frame.iloc[-1].to_numpy(dtype=np.float64))
 
 
 def build_features_from_prices(

@@ -79,7 +79,8 @@ class SequenceBuffers:
     def push(self, slots: np.ndarray, rows: np.ndarray) -> None:
         """Append one row per slot. `slots` must be unique within a call."""
         heads = self._head[slots]
-        self._data[slots, heads] = rows
+        with np.errstate(over="ignore"):  # into float32 buffers: beyond its range is +-inf
+            self._data[slots, heads] = rows
         self._head[slots] = (heads + 1) % self.spec.length
 
     def gather(self, slots: np.ndarray) -> np.ndarray:
@@ -93,17 +94,27 @@ class SequenceBuffers:
         window = flat.take(rows, axis=0).reshape(len(slots), length, width)
         if self.spec.kind == RAW and self.spec.normalization == "zscore":
             window = zscore(window)
-        return window.astype(np.float32, copy=False)
+        return to_float32(window)
 
 
 def zscore(window: np.ndarray) -> np.ndarray:
     """Per channel over the window (axis 1), population std; a zero std gives 0."""
-    mean = window.mean(axis=1, keepdims=True)
-    centred = window - mean
-    std = np.sqrt((centred * centred).mean(axis=1, keepdims=True))
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = window.mean(axis=1, keepdims=True)
+        centred = window - mean
+        std = np.sqrt((centred * centred).mean(axis=1, keepdims=True))
     # A constant channel must give exactly 0, not rounding noise over a tiny std.
     flat = (window.max(axis=1, keepdims=True) == window.min(axis=1, keepdims=True)) | (std == 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(flat, 0.0, centred / np.where(flat, 1.0, std))
-    # A window that still has missing rows stays NaN (not ready), never a fake 0.
-    return np.where(np.isnan(window).any(axis=1, keepdims=True), np.nan, out)
+    # A window that still has missing rows stays NaN (not ready), never a fake 0; so does one
+    # whose spread overflows float64 (a price near 1e300): not a window of zeros.
+    unusable = np.isnan(window).any(axis=1, keepdims=True) | ~np.isfinite(std)
+    return np.where(unusable, np.nan, out)
+
+
+def to_float32(values: np.ndarray) -> np.ndarray:
+    """The models' float32 input. A value beyond float32's range (an extreme bar's return)
+    becomes +-inf, a non-finite input like any other: no RuntimeWarning for each batch."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.float32, copy=False)
