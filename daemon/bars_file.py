@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import decimal
 import math
-import warnings
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ import msgpack
 import numpy as np
 import pandas as pd
 
-from daemon.wire import Bar, Rejection, decode_bar
+from daemon.wire import DECODE_ERROR, Bar, Rejection, decode_bar
 from handlers.errors import short_error
 
 BAR_COLUMNS = ("symbol", "ts", "open", "high", "low", "close", "volume")
@@ -25,6 +25,11 @@ READ_ROWS = 65_536
 SPARE_CELLS = 4  # cells past a CSV header read to say which row has them (empty: a trailing ,)
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zip")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+# pandas' error for a line with more cells than the header and the spare ones together
+_LONGER_LINE = re.compile(r"Expected \d+ fields in line (\d+), saw \d+")
+# a datetime column's unit (pandas: s, ms, us or ns) against milliseconds
+_MS_PER_TICK = {"s": 1000, "ms": 1}
+_TICKS_PER_MS = {"us": 1000, "ns": 1_000_000}
 
 
 class BarsFileError(ValueError):
@@ -48,11 +53,12 @@ class BarsFile:
         self._text = text
         self._chunks = chunks
         self._spare = list(spare)  # a CSV's columns past its header: empty or an error
+        self._width = len(header.columns)
         self._normalise(header)  # a missing column is said before any output is written
 
     def chunks(self) -> Iterator[BarsChunk]:
         first_row = 0
-        while (frame := self._next(first_row)) is not None:
+        while (frame := self._next()) is not None:
             if self._spare:
                 self._check_spare(frame, first_row)
                 frame = frame.drop(columns=self._spare)
@@ -60,19 +66,17 @@ class BarsFile:
             yield BarsChunk(frame, first_row, self._text)
             first_row += len(frame)
 
-    def _next(self, first_row: int) -> pd.DataFrame | None:
+    def _next(self) -> pd.DataFrame | None:
         try:
-            with warnings.catch_warnings():
-                # pandas' "this leads to a loss of data": a line with cells to spare
-                warnings.simplefilter("error", pd.errors.ParserWarning)
-                return next(self._chunks, None)
+            return next(self._chunks, None)
         except BarsFileError:
             raise
-        except pd.errors.ParserWarning:
-            raise BarsFileError(
-                f"{self.path}: a line from row {first_row} on has more cells than the header"
-            ) from None
         except Exception as exc:  # a malformed line further down the file
+            if (longer := _LONGER_LINE.search(str(exc))) and self._spare:
+                raise BarsFileError(
+                    f"{self.path}: line {longer[1]} has more cells than the header's"
+                    f" {self._width}"
+                ) from None
             raise BarsFileError(f"{self.path}: cannot read: {short_error(exc)}") from None
 
     def _check_spare(self, frame: pd.DataFrame, first_row: int) -> None:
@@ -128,15 +132,33 @@ def _open_csv(path: Path) -> BarsFile:
     # (`XADD bars * symbol AAPL ts ... close 101.5`): one bad cell rejects its row, not its
     # column. A line with more cells than the header is an error (pandas would otherwise
     # shift the columns under an index), a trailing delimiter on every line is not.
-    options: dict[str, Any] = {"dtype": str, "keep_default_na": False, "index_col": False}
+    # The header is the first row pandas reads (blank lines before it skipped), its cells as
+    # written: not renamed, so a column named twice is said, not read as `close.1`.
+    options: dict[str, Any] = {"dtype": str, "keep_default_na": False, "index_col": False,
+                               "header": None}
     try:
-        header = pd.read_csv(path, nrows=0, **options)
+        first = pd.read_csv(path, nrows=1, **options)
     except pd.errors.EmptyDataError:
         raise BarsFileError(f"{path}: empty file, not even a header") from None
+    names = [str(cell) for cell in first.iloc[0].tolist()] if len(first) else []
+    if not names:
+        raise BarsFileError(f"{path}: empty file, not even a header")
     spare = [f"livepred:spare:{i}" for i in range(SPARE_CELLS)]
-    reader = pd.read_csv(path, header=None, skiprows=1, names=[*header.columns, *spare],
+    reader = pd.read_csv(path, names=[f"livepred:cell:{i}" for i in range(len(names))] + spare,
                          chunksize=READ_ROWS, **options)
-    return BarsFile(path, header, iter(reader), text=True, total_rows=None, spare=spare)
+    header = pd.DataFrame(columns=names)
+    return BarsFile(path, header, _after_header(reader, [*names, *spare]), text=True,
+                    total_rows=None, spare=spare)
+
+
+def _after_header(reader: Iterator[pd.DataFrame], names: list[str]) -> Iterator[pd.DataFrame]:
+    """The rows under the header (the first row read, the same lines skipped as the header
+    read skipped), under the header's names."""
+    for number, frame in enumerate(reader):
+        if number == 0:
+            frame = frame.iloc[1:].reset_index(drop=True)
+        frame.columns = names
+        yield frame
 
 
 def _open_parquet(path: Path) -> BarsFile:
@@ -152,11 +174,23 @@ def _open_parquet(path: Path) -> BarsFile:
 
 def epoch_ms(stamps: pd.Series) -> pd.Series:
     """A datetime column (a training set's usual bar time; naive = UTC) as epoch
-    milliseconds: int64, or float with NaN where a time is missing (that row is rejected)."""
-    if stamps.dt.tz is None:
-        stamps = stamps.dt.tz_localize("UTC")
-    ms = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ms")
-    return ms.astype("int64") if not ms.isna().any() else ms.astype("float64")
+    milliseconds: int64, or float with NaN where a time is missing or beyond int64
+    milliseconds (that row is rejected). Counted in the column's own unit, never through
+    nanoseconds, whose range ends in 2262."""
+    if stamps.dt.tz is not None:
+        stamps = stamps.dt.tz_convert("UTC").dt.tz_localize(None)
+    values = stamps.to_numpy()
+    unit, _ = np.datetime_data(values.dtype)  # pandas' units: s, ms, us, ns
+    ticks = values.view("int64")
+    missing = np.isnat(values)
+    if (ms_per_tick := _MS_PER_TICK.get(unit)) is not None:
+        missing |= np.abs(ticks) > np.iinfo(np.int64).max // ms_per_tick
+        ms = np.where(missing, 0, ticks) * ms_per_tick
+    else:
+        ms = np.floor_divide(ticks, _TICKS_PER_MS[unit])
+    if missing.any():
+        return pd.Series(np.where(missing, np.nan, ms.astype("float64")), index=stamps.index)
+    return pd.Series(ms, index=stamps.index, dtype="int64")
 
 
 def iter_items(chunk: BarsChunk, source: str) -> Iterator[Bar | Rejection]:
@@ -177,14 +211,20 @@ def iter_items(chunk: BarsChunk, source: str) -> Iterator[Bar | Rejection]:
             continue
         values = {name: v for name, value in zip(BAR_COLUMNS, row, strict=True)
                   if (v := _plain(value, name)) is not None}
+        yield _typed_bar(values, source, entry_id)
+
+
+def _typed_bar(values: dict[str, Any], source: str, entry_id: str) -> Bar | Rejection:
+    try:
         if isinstance(values.get("symbol"), str) and any(
             isinstance(values.get(name), str) for name in NUMBER_COLUMNS
         ):
-            texts = {name.encode(): _text(v).encode("utf-8", "surrogateescape")
+            texts = {name.encode(): v if isinstance(v, bytes) else _text(v).encode()
                      for name, v in values.items()}
-            yield decode_bar(texts, source, entry_id)
-            continue
-        yield decode_bar({b"data": msgpack.packb(values, use_bin_type=True)}, source, entry_id)
+            return decode_bar(texts, source, entry_id)
+        return decode_bar({b"data": msgpack.packb(values, use_bin_type=True)}, source, entry_id)
+    except (ValueError, TypeError, OverflowError):  # a value no stream entry could carry
+        return Rejection(DECODE_ERROR, values, source, entry_id)
 
 
 def _plain(value: Any, name: str) -> Any:
@@ -200,8 +240,11 @@ def _plain(value: Any, name: str) -> Any:
         return value
     if isinstance(value, decimal.Decimal):
         return float(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, bytes):  # binary: its text if UTF-8, else as it is (`bad_value:<column>`)
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
     return str(value)  # a date, a list, ...: `bad_value:<column>`
 
 

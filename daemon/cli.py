@@ -131,7 +131,7 @@ def _leave_without_stuck_threads(code: int) -> None:
 def _check_redis(settings: Any) -> int:
     """--check: the Redis side (reachable, credentials, key types); 0 when all is well."""
     from daemon.preflight import check_redis
-    from daemon.service import make_redis
+    from daemon.redis_client import make_redis
 
     async def look() -> Any:
         redis = make_redis(settings)
@@ -206,8 +206,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    from daemon.redis_client import make_redis
     from daemon.redis_faults import UNAVAILABLE
-    from daemon.service import make_redis
     from daemon.settings import ConfigError, load_settings, redact_url
     from daemon.tail import tail
 
@@ -224,7 +224,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
             await tail(redis, settings, sys.stdout, count=args.count, follow=args.follow,
                        dead=args.dead)
         except BrokenPipeError:
-            raise  # the reader left (`| head`): main() ends quietly
+            raise  # an OSError too, but no Redis one: the reader left (below)
         except UNAVAILABLE as exc:
             return _fail(f"redis.url = {redact_url(settings.redis.url)!r}: {exc}")
         finally:
@@ -234,6 +234,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(show())
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # the reader left (`| head -1`): the way a follower ends
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 

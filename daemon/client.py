@@ -6,23 +6,28 @@ Redis errors (`redis.exceptions.ConnectionError`, `TimeoutError`: a restart, a d
 connection) propagate from `publish`, `publish_many`, `read` and `ack`; nothing is retried
 here. Call again: a reader keeps its position (a group reader takes the entries a lost
 reply delivered from its pending list), and `publish_many` says what was written.
+
+Give the client a `socket_timeout` longer than the reads' `block_ms` (a second by default),
+or none: a blocking read waits that long for data, and a client that gives up sooner turns
+every idle read into a `TimeoutError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from redis.exceptions import ResponseError
 
 from daemon.entries import as_str, id_key
 from daemon.partitions import partition_for_symbol, partition_key
-from daemon.redis_faults import UNAVAILABLE
-from daemon.settings import Settings
 from daemon.wire import Bar, encode_bar
 from daemon.wire_events import PredictionEvent, decode_prediction
+
+if TYPE_CHECKING:  # the settings module loads the model side: a strategy need not
+    from daemon.settings import Settings
 
 __all__ = [
     "Bar",
@@ -56,6 +61,11 @@ class BarPublisher:
     A bar is a `daemon.wire.Bar` or a mapping with symbol, ts, open, high, low, close, volume.
     A bar the daemon would reject raises ValueError (the reason, e.g. `bad_value:close`)
     before anything is sent. Ordering by `ts` per symbol is the feeder's job.
+
+    Send a backfill in `ts` order across symbols (every symbol's bar of one time, then the
+    next time), not one symbol's whole history after another's: the daemon's TTL is event
+    time, so once one symbol's bars have moved the newest `ts` it has seen forward, another
+    symbol's older bars are stale as they come and each restarts that symbol's state.
 
     `maxlen` trims the input stream (`MAXLEN ~`); None (the default) never trims it. Size it
     for the longest daemon outage: bars trimmed before the daemon read them get no
@@ -116,16 +126,31 @@ class BarPublisher:
     async def publish_many(self, bars: Iterable[Bar | Mapping[str, Any]]) -> list[str]:
         """XADD many bars in pipelined round trips; returns their entry ids in order.
 
-        Every bar is validated first: one bad bar raises ValueError and nothing is sent.
-        A Redis error (a dropped connection, a timeout) is raised with `sent` set on it: the
-        ids of the first `len(sent)` bars, known written. Resend from bar `len(sent)` on. Of
-        the rest, some may have been written too: a resent copy is no second prediction (the
-        daemon skips it as a duplicate when it is its symbol's newest bar, and dead-letters
-        it as `out_of_order` when a newer bar of the symbol is in). A client that retries by
-        itself (`redis.asyncio.Redis()` does; `Redis.from_url` does not) may write a round
-        trip twice without raising: the same dead letters.
+        Every bar is validated and encoded first, in one go: one bad bar raises ValueError
+        and nothing is sent. That holds the event loop some 10-20 us a bar (a 100,000-bar
+        list: one to two seconds; numpy values take a slower path): send a big backfill in
+        slices of a few thousand bars to keep the loop's other tasks responsive.
+
+        Any other error (a dropped connection, a Redis timeout, a cancellation such as
+        `asyncio.wait_for`'s) is raised with `sent` set on it: the ids of the first
+        `len(sent)` bars, known written. `asyncio.wait_for` and `asyncio.timeout` raise a
+        TimeoutError of their own from the CancelledError that carries `sent`: it is then
+        `exc.__cause__.sent`. Resend from bar `len(sent)` on. Of the rest, some may have
+        been written too: a resent copy is no second prediction (the daemon skips it as a
+        duplicate when it is its symbol's newest bar, and dead-letters it as `out_of_order`
+        when a newer bar of the symbol is in). A client that retries by itself
+        (`redis.asyncio.Redis()` does; `Redis.from_url` does not) may write a round trip
+        twice without raising: the same dead letters.
         """
-        encoded = [(self.stream_for(_symbol_of(bar)), encode_bar(bar)) for bar in bars]
+        encoded: list[tuple[str, dict[str, bytes]]] = []
+        key_of: dict[str, str] = {}  # symbol -> stream key, routed once per call
+        for bar in bars:
+            fields = encode_bar(bar)  # a bad symbol raises here: routing takes a good one
+            symbol = bar.symbol if isinstance(bar, Bar) else bar["symbol"]
+            key = key_of.get(symbol)
+            if key is None:
+                key = key_of[symbol] = self.stream_for(_symbol_of(bar))
+            encoded.append((key, fields))
         ids: list[str] = []
         trim = self._trim()
         try:
@@ -136,8 +161,11 @@ class BarPublisher:
                 replies = await pipe.execute()
                 ids.extend(as_str(r) for r in replies)
                 self.published += len(replies)
-        except UNAVAILABLE as exc:
-            exc.sent = ids  # type: ignore[union-attr,attr-defined]
+        except BaseException as exc:  # a cancellation too: some bars may be written
+            try:
+                exc.sent = ids  # type: ignore[attr-defined]
+            except AttributeError:  # an exception type without a __dict__
+                pass
             raise
         return ids
 
@@ -166,10 +194,19 @@ class PredictionReader:
     pass it to a new reader to resume without gaps or duplicates, as long as the output
     stream still holds the entries after it: a reader that falls behind `streams.output_maxlen`
     (or resumes from an old position) loses the trimmed events; that is logged and counted in
-    `.trimmed_past` (looked at with every read, in its round trip).
+    `.trimmed_past` (looked at with every read, in its round trip; a trim that took only
+    entries this reader had read is no loss, and not counted once it has read past them: it
+    reads one entry more than it hands out to know the next one). When Redis comes back with
+    a stream older than the position (a restart from an older snapshot, or without its data:
+    entry ids went back), the reader reads that stream again from its start and skips every
+    event whose `ts` is not newer than the last one it handed out for that symbol (counted in
+    `.repeated`): a restored snapshot repeats nothing, a new bar still comes. For that it
+    keeps the newest `ts` handed out per symbol (one int each, for the reader's life).
 
     Group mode (`group` and `consumer`): XREADGROUP, the group created if missing (at
-    `start`, and again if Redis lost it). A restarted consumer first gets its own pending
+    `start`). When Redis lost it (a restart without its data), it is created again at the
+    last entry this reader read from that stream (at `start` if none), so nothing published
+    since Redis came back is skipped. A restarted consumer first gets its own pending
     entries again. With `auto_ack=True` entries are acknowledged as soon as they are read (at
     most once: a fetch, up to `count` entries per partition, 100 with `async for`, is
     acknowledged before its events are handed out, so a crash loses at most that many); with
@@ -217,6 +254,7 @@ class PredictionReader:
         self.last_ids: dict[str, str] = {k: as_str(v) for k, v in (last_ids or {}).items()}
         self.skipped = 0
         self.trimmed_past = 0  # plain mode: times the stream was found trimmed past us
+        self.repeated = 0  # plain mode: events skipped as already handed out (see above)
         self._unacked: dict[str, list[str]] = {}
         self._groups_ready = False
         self._pending_after: dict[str, str] = {}  # group mode: own pending entries re-read
@@ -226,6 +264,12 @@ class PredictionReader:
         self._stash: list[tuple[str, str, Any]] = []  # read, their auto-ack failed
         self._lost_checked_at = -LOST_CHECK_EVERY_S
         self._next_ids: dict[str, str] = {}  # plain mode: where the next XREAD starts
+        # Plain mode: the entry after _next_ids[key] when it was read (one more is read than
+        # handed out), to tell a trim of entries already read from a loss.
+        self._following: dict[str, str] = {}
+        self._went_back: set[str] = set()  # plain mode: streams found behind the position
+        self._last_ts: dict[str, int] = {}  # plain mode: symbol -> newest ts handed out
+        self._group_read: dict[str, str] = {}  # group mode: newest entry id read, per stream
         self._buffer: list[tuple[str, str, PredictionEvent | None]] = []  # read, not handed out
 
     @classmethod
@@ -262,9 +306,12 @@ class PredictionReader:
             rows, self._buffer = self._buffer, []
         else:
             rows = await self._fetch(count, block_ms)
-        for key, entry_id, _ in rows:
-            self._hand_out(key, entry_id)
-        return [event for _, _, event in rows if event is not None]
+        events: list[PredictionEvent] = []
+        for key, entry_id, event in rows:
+            shown = self._hand_out(key, entry_id, event)
+            if shown is not None:
+                events.append(shown)
+        return events
 
     def __aiter__(self) -> AsyncIterator[PredictionEvent]:
         return self._iterate()
@@ -277,9 +324,9 @@ class PredictionReader:
             key, entry_id, event = self._buffer.pop(0)
             # Counted as handed out before the caller sees it: a position saved (or an
             # ack made) after handling this event includes it, and nothing after it.
-            self._hand_out(key, entry_id)
-            if event is not None:
-                yield event
+            shown = self._hand_out(key, entry_id, event)
+            if shown is not None:
+                yield shown
 
     async def _fetch(
         self, count: int, block_ms: int | None
@@ -290,12 +337,29 @@ class PredictionReader:
             rows = await self._read_group(count, block_ms)
         return self._decode(rows)
 
-    def _hand_out(self, key: str, entry_id: str) -> None:
-        if self.group is None:
-            if id_key(entry_id) > id_key(self.last_ids[key]):
-                self.last_ids[key] = entry_id
-        elif not self.auto_ack:  # auto_ack: acknowledged when read
-            self._unacked.setdefault(key, []).append(entry_id)
+    def _hand_out(
+        self, key: str, entry_id: str, event: PredictionEvent | None
+    ) -> PredictionEvent | None:
+        """Move the position (or the ack list) past an entry; the event to give the caller,
+        None for a malformed entry or a repeat of an event handed out before."""
+        if self.group is not None:
+            if not self.auto_ack:  # auto_ack: acknowledged when read
+                self._unacked.setdefault(key, []).append(entry_id)
+            return event
+        if id_key(entry_id) > id_key(self.last_ids[key]):
+            self.last_ids[key] = entry_id
+        if event is None:
+            return None
+        last_ts = self._last_ts.get(event.symbol)
+        if last_ts is not None and event.ts <= last_ts:
+            # Normally a symbol's events come in increasing ts; after a stream went back
+            # (see _check_trimmed) one that is not newer was handed out before.
+            if key in self._went_back:
+                self.repeated += 1
+                return None
+            return event
+        self._last_ts[event.symbol] = event.ts
+        return event
 
     async def ack(self) -> int:
         """Acknowledge every entry handed out so far (group mode); returns how many."""
@@ -334,19 +398,15 @@ class PredictionReader:
             # Partitions live in different hash slots: one XREAD per key, all of which must
             # return: blocked in short slices, so data on any partition is returned soon.
             return await read_in_slices(lambda b: self._gather_plain(count, b), block_ms)
-        reply = await self.redis.xread(dict(self._next_ids), count=count, block=block_ms)
-        rows = stream_rows(reply)
-        self._advance(rows)
-        return rows
+        reply = await self.redis.xread(dict(self._next_ids), count=count + 1, block=block_ms)
+        return self._advance(stream_rows(reply), count)
 
     async def _gather_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
         replies = await asyncio.gather(*(
-            self.redis.xread({key: self._next_ids[key]}, count=count, block=block_ms)
+            self.redis.xread({key: self._next_ids[key]}, count=count + 1, block=block_ms)
             for key in self.keys
         ))
-        rows = [row for reply in replies for row in stream_rows(reply)]
-        self._advance(rows)
-        return rows
+        return self._advance([row for reply in replies for row in stream_rows(reply)], count)
 
     async def _per_key(self, add: Callable[[Any, str], None]) -> list[list[Any]]:
         """The commands `add` queues for each stream key, in one round trip (one per key in
@@ -380,9 +440,11 @@ class PredictionReader:
         """Say when the output stream was trimmed past this reader's position (it fell
         behind `streams.output_maxlen`, resumed from an old position, or Redis lost the
         stream): the events in between are gone for it. Counted in `.trimmed_past` (one per
-        partition and time; also, rarely, when a trim took exactly the entries up to the
-        position). A stream whose newest entry is older than the position was recreated
-        (ids went back): it is read from its start; True then."""
+        partition and time), unless the oldest entry left is the one that followed the
+        position when it was read: then the trim took only entries read already. A stream
+        whose newest entry is older than the position went back (Redis restored an older
+        snapshot, or lost its data and its clock is behind): it is read from its start,
+        repeats of events handed out skipped (see `_hand_out`); True then."""
         recreated = False
         for key, (first, last) in ends.items():
             position = self._next_ids[key]
@@ -390,12 +452,19 @@ class PredictionReader:
                 continue
             if last and id_key(as_str(last[0][0])) < id_key(position):
                 log.warning("the output stream's entries are older than this reader's"
-                            " position (recreated: Redis lost its data?): read from its start",
+                            " position (an older snapshot, or Redis lost its data): read"
+                            " from its start, events already handed out skipped",
                             stream=key, position=position, newest=as_str(last[0][0]))
                 self._next_ids[key] = self.last_ids[key] = "0-0"
+                self._following.pop(key, None)
+                self._went_back.add(key)
                 recreated = True
                 continue
-            if first and id_key(as_str(first[0][0])) > id_key(position):
+            oldest = as_str(first[0][0]) if first else None
+            if oldest is not None and id_key(oldest) > id_key(position):
+                following = self._following.get(key)
+                if following is not None and id_key(oldest) <= id_key(following):
+                    continue  # what was trimmed had all been read
                 self.trimmed_past += 1
                 log.warning(
                     "the output stream was trimmed past this reader's position: the events"
@@ -404,10 +473,27 @@ class PredictionReader:
                 )
         return recreated
 
-    def _advance(self, rows: Sequence[tuple[str, str, Any]]) -> None:
-        for key, entry_id, _ in rows:
-            if id_key(entry_id) > id_key(self._next_ids[key]):
-                self._next_ids[key] = entry_id
+    def _advance(
+        self, rows: Sequence[tuple[str, str, Any]], count: int
+    ) -> list[tuple[str, str, Any]]:
+        """The first `count` rows of each stream (read with `count + 1`), moving where its next
+        read starts; the one after them is not handed out (the next read gets it again), only
+        remembered for `_check_trimmed`."""
+        per_key: dict[str, list[tuple[str, str, Any]]] = {}
+        for row in rows:
+            per_key.setdefault(row[0], []).append(row)
+        kept: list[tuple[str, str, Any]] = []
+        for key, found in per_key.items():
+            if len(found) > count:
+                self._following[key] = found[count][1]
+                found = found[:count]
+            else:
+                self._following.pop(key, None)  # nothing followed when read
+            newest = found[-1][1]
+            if id_key(newest) > id_key(self._next_ids[key]):
+                self._next_ids[key] = newest
+            kept.extend(found)
+        return kept
 
     # ---- consumer group -------------------------------------------------------------------
 
@@ -415,8 +501,11 @@ class PredictionReader:
         if self._groups_ready:
             return
         for key in self.keys:
+            # Again after Redis lost the group: from the last entry read, not `start`: "$"
+            # would skip what was published between Redis's return and this read.
+            start = self._group_read.get(key, self.start)
             try:
-                await self.redis.xgroup_create(key, self.group, id=self.start, mkstream=True)
+                await self.redis.xgroup_create(key, self.group, id=start, mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -429,8 +518,9 @@ class PredictionReader:
             if "NOGROUP" not in str(exc):
                 raise
             # Redis lost the group (a restart without its data): create it again, as the
-            # daemon does for its own, and read on.
-            log.warning("consumer group gone: created again", group=self.group)
+            # daemon does for its own, after the entries read already, and read on.
+            log.warning("consumer group gone: created again after the entries read",
+                        group=self.group, read_up_to=dict(self._group_read))
             self._groups_ready = False
             self._pending_after.clear()
             self._pending_done.clear()
@@ -530,6 +620,10 @@ class PredictionReader:
                     block=block_ms,
                 )
                 rows = stream_rows(reply)
+        for key, entry_id, _ in rows:
+            read_up_to = self._group_read.get(key)
+            if read_up_to is None or id_key(entry_id) > id_key(read_up_to):
+                self._group_read[key] = entry_id
         if self.auto_ack:  # at most once: acknowledged as read
             by_key: dict[str, list[str]] = {}
             for key, entry_id, _ in rows:

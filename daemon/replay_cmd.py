@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import logging
 import math
 import os
-import shutil
+import re
+import secrets
+import signal
+import stat
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from daemon.cli_common import (
     EXIT_CONFIG,
@@ -26,9 +31,14 @@ from daemon.cli_common import (
 )
 from daemon.cli_common import fail as _fail
 from daemon.cli_common import print_refusals as _print_refusals
-from daemon.replay import ReplayCounts
+
+if TYPE_CHECKING:  # pandas comes with it: loaded when a replay runs, not for `--help`
+    from daemon.replay import ReplayCounts
 
 DEFAULT_TTL_S = 900.0
+EXIT_TERMINATED = 128 + signal.SIGTERM
+_MAX_LINKS = 40  # as the kernel's ELOOP limit
+_CREATE_TRIES = 16
 # Epoch milliseconds of bars from 1973 to 5138: outside, the unit is probably not ms.
 PLAUSIBLE_MS = (1e11, 1e14)
 
@@ -85,7 +95,7 @@ def options_from(args: argparse.Namespace) -> ReplayOptions:
 def cmd_replay(args: argparse.Namespace) -> int:
     from daemon.bars_file import BarsFileError, open_bars
     from daemon.model_setup import run_id_of
-    from daemon.replay import replay
+    from daemon.replay import ReplayCounts, replay
     from handlers.errors import LivepredError
 
     try:
@@ -117,7 +127,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     seen = ReplayCounts()
     output = Output(args.out)
     try:
-        with output.open() as out:
+        with _sigterm_unwinds(), output.open() as out:
             seen = replay(engine, bars, out, source=bars_path.name, ttl_s=options.ttl_s,
                           with_features=args.with_features, run_id=run_id_of(engine),
                           progress=progress)
@@ -125,6 +135,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if show:
             print(file=sys.stderr)
         return _fail(f"interrupted: --out {args.out} {output.unfinished()}", EXIT_INTERRUPTED)
+    except _Terminated:
+        if show:
+            print(file=sys.stderr)
+        return _fail(f"terminated: --out {args.out} {output.unfinished()}", EXIT_TERMINATED)
     except BarsFileError as exc:
         return _fail(f"{exc} (--out {args.out} {output.unfinished()})")
     except OSError as exc:
@@ -166,21 +180,61 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _keep_owner_and_mode(original: Path, replacement: Path) -> None:
-    shutil.copymode(original, replacement)
+def _keep_owner_and_mode(original: Path, replacement: int) -> None:
     st = original.stat()
+    os.fchmod(replacement, stat.S_IMODE(st.st_mode))
     if st.st_uid != os.geteuid() or st.st_gid != os.getegid():
         try:  # root replacing another user's file: theirs still
-            os.chown(replacement, st.st_uid, st.st_gid)
+            os.fchown(replacement, st.st_uid, st.st_gid)
         except PermissionError:
             pass
 
 
+def _follow(path: Path) -> tuple[Path, bool]:
+    """The file `path` names, its links followed one at a time, and whether one of them leads
+    into /proc: a process's open file (/dev/stdout, /dev/fd/N), written through, never
+    replaced. A loop of links is left at a link (the open then says so)."""
+    current = Path(os.path.abspath(path))
+    for _ in range(_MAX_LINKS):
+        if current.name in ("", ".", ".."):
+            current = Path(os.path.realpath(current))
+        else:  # the folder's own links resolved, the file's not yet
+            current = Path(os.path.realpath(current.parent)) / current.name
+        if current.parts[1:2] == ("proc",):
+            return current, True
+        if not current.is_symlink():
+            return current, False
+        current = current.parent / os.readlink(current)
+    return current, False
+
+
+def _own_fd(path: Path) -> int | None:
+    """N for /proc/<this process>/fd/N: one of this process's open files, as /dev/stdout is."""
+    match = re.fullmatch(r"/proc/(\d+)/fd/(\d+)", str(path))
+    return int(match[2]) if match and int(match[1]) == os.getpid() else None
+
+
+def _create_beside(target: Path) -> tuple[int, Path]:
+    """A new file of this process's own beside `target`: never a file or link someone else put
+    there (O_EXCL), with the mode a new file gets (0o666 less the umask)."""
+    # A short name (the output's may be near the 255-byte limit), unguessable.
+    tag = hashlib.sha256(target.name.encode()).hexdigest()[:12]
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(_CREATE_TRIES):
+        partial = target.with_name(
+            f".livepred-{tag}-{os.getpid()}-{secrets.token_hex(4)}.partial")
+        try:
+            return os.open(partial, flags, 0o666), partial
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no new partial file could be made beside it")
+
+
 class Output:
     """Where replay writes. A file is written beside itself and renamed into place once
-    complete, so an interrupted or failed replay leaves the previous one as it was; stdout,
-    a device or pipe, or a file in a folder this user may not create files in is written as
-    it goes (`in_place`)."""
+    complete, so an interrupted or failed replay leaves the previous one as it was; stdout
+    (`-`, /dev/stdout, /dev/fd/N), a device or pipe, or a file in a folder this user may not
+    create files in is written as it goes (`in_place`)."""
 
     def __init__(self, out: str) -> None:
         self.out = out
@@ -189,43 +243,77 @@ class Output:
     @contextlib.contextmanager
     def open(self) -> Iterator[TextIO]:
         if self.out == "-":
+            self.in_place = True
             yield sys.stdout
             sys.stdout.flush()
             return
         path = Path(self.out)
         if path.is_dir():
             raise IsADirectoryError(21, "is a directory")
-        try:  # a link: its file, replaced beside it
-            target = Path(os.path.realpath(path, strict=False)) if path.is_symlink() else path
-        except (OSError, RuntimeError):  # a loop of links: said by the open below
-            target = path
-        if target.is_symlink() or target.exists() and not target.is_file():
-            # a link left unresolved (a loop: the open says so), a device, a pipe
-            with path.open("w") as fh:
+        target, open_file = _follow(path)
+        if (fd := _own_fd(target)) is not None:
+            # this process's stdout (or another open file): written where it stands, an
+            # appended log (`>> app.log`) appended to
+            sys.stdout.flush()
+            with os.fdopen(os.dup(fd), "w") as fh:
                 self.in_place = True
                 yield fh
             return
-        # A short name (the output's may be near the 255-byte limit), this process's own.
-        tag = hashlib.sha256(target.name.encode()).hexdigest()[:12]
-        partial = target.with_name(f".livepred-{tag}-{os.getpid()}.partial")
+        if open_file or target.is_symlink() or target.exists() and not target.is_file():
+            # another process's open file, a loop of links (the open says so), a device, a
+            # pipe: written through, never truncated nor replaced
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC), "w") as fh:
+                self.in_place = True
+                yield fh
+            return
         try:
-            fh = partial.open("w")
+            fd, partial = _create_beside(target)
         except PermissionError:  # a folder this user cannot create files in: in place
             with path.open("w") as fh:
                 self.in_place = True
                 yield fh
             return
         try:
-            with fh:
+            with os.fdopen(fd, "w") as fh:
                 if target.exists():
-                    _keep_owner_and_mode(target, partial)
+                    _keep_owner_and_mode(target, fd)
                 yield fh
-            os.replace(partial, target)
+                fh.flush()
+                _check_still_ours(partial, fd)
+                os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
 
     def unfinished(self) -> str:
         return "holds part of the output" if self.in_place else "not written"
+
+
+def _check_still_ours(partial: Path, fd: int) -> None:
+    """The partial file's name still names the file written: in a folder others can write,
+    it could have been swapped for a link to some other file."""
+    named, written = os.lstat(partial), os.fstat(fd)
+    if (named.st_dev, named.st_ino) != (written.st_dev, written.st_ino):
+        raise OSError(errno.EEXIST, f"{partial.name} was replaced by someone else")
+
+
+class _Terminated(BaseException):
+    """SIGTERM while replay writes: unwinds as Ctrl-C does, so the partial file is removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _summarise(seen: ReplayCounts, source: str, out: str, ttl_s: float) -> None:

@@ -8,22 +8,30 @@ import json
 import math
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import msgpack
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daemon.client import read_in_slices, stream_keys, stream_rows
 from daemon.entries import as_str, id_key
-from daemon.settings import Settings
+from daemon.redis_faults import refuses_the_config
 from daemon.wire_events import decode_prediction
+
+if TYPE_CHECKING:
+    from daemon.settings import Settings
 
 FOLLOW_BLOCK_MS = 1000
 FOLLOW_COUNT = 100  # entries per stream and read while following
 OUTAGE_RETRY_S = 1.0
 
 Row = tuple[tuple[int, int], str, str, Any]  # (id order, stream, entry id, fields)
+
+# Redis away for now (a restart, a dropped connection, a cluster without a node answering):
+# following waits. A refusal of the configuration itself (a wrong password) does not pass.
+_OUTAGE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError)
 
 
 async def tail(
@@ -38,35 +46,72 @@ async def tail(
     notes: TextIO = sys.stderr,
 ) -> int:
     """Print the newest `count` entries of every partition merged, oldest first; then, with
-    `follow`, every new one in entry order until `stop()` says so (a Redis outage is waited
-    out). Returns the entries printed."""
+    `follow`, every new one in entry order until `stop()` says so. With `follow` a Redis
+    outage, at the start too, is waited out, said in one line on `notes`; without, its
+    error is raised. An entry that is not what the stream should hold prints as a line
+    with `error` (and its fields as they are), never stops it. Returns the lines printed."""
     s = settings.streams
     keys = stream_keys(s.dead_letter if dead else s.output, s.partitions, settings.redis.cluster)
     show = _dead_letter if dead else _prediction
-    newest: list[Row] = []
+    outage = _Outage(notes)
+    while True:
+        try:
+            newest = await _newest(redis, keys, count)
+            break
+        except _OUTAGE as exc:
+            if not follow or refuses_the_config(exc):
+                raise
+            await outage.wait(exc)
+            if stop():
+                return 0
     after = dict.fromkeys(keys, "0-0")  # an empty stream: everything in it later is new
-    for key in keys:
-        for entry_id, fields in await redis.xrevrange(key, count=max(count, 1)):
-            newest.append((id_key(as_str(entry_id)), key, as_str(entry_id), fields))
-    newest.sort()
     for _, key, entry_id, _fields in newest:
         after[key] = entry_id  # sorted: the last one of each stream wins
     printed = 0
     for _, key, entry_id, fields in newest[-count:] if count else []:
-        _print(out, key, entry_id, show(fields))
+        _print(out, key, entry_id, show, fields)
         printed += 1
     while follow and not stop():
         try:
             rows = await _read_after(redis, keys, after, settings.redis.cluster)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            print(f"livepred tail: Redis: {exc}; retrying", file=notes, flush=True)
-            await asyncio.sleep(OUTAGE_RETRY_S)
+        except _OUTAGE as exc:
+            if refuses_the_config(exc):
+                raise
+            await outage.wait(exc)
             continue
+        outage.over()
         for _, key, entry_id, fields in rows:
-            _print(out, key, entry_id, show(fields))
+            _print(out, key, entry_id, show, fields)
             after[key] = entry_id
             printed += 1
     return printed
+
+
+class _Outage:
+    """Says a Redis outage once (not once per retry), and waits before the next try."""
+
+    def __init__(self, notes: TextIO) -> None:
+        self.notes = notes
+        self.said = False
+
+    async def wait(self, exc: BaseException) -> None:
+        if not self.said:
+            print(f"livepred tail: Redis: {exc}; retrying", file=self.notes, flush=True)
+            self.said = True
+        await asyncio.sleep(OUTAGE_RETRY_S)
+
+    def over(self) -> None:
+        self.said = False
+
+
+async def _newest(redis: Any, keys: list[str], count: int) -> list[Row]:
+    """The newest `count` (at least one) entries of each stream, all in entry order."""
+    newest: list[Row] = []
+    for key in keys:
+        for entry_id, fields in await redis.xrevrange(key, count=max(count, 1)):
+            newest.append((id_key(as_str(entry_id)), key, as_str(entry_id), fields))
+    newest.sort(key=lambda row: (row[0], row[1]))
+    return newest
 
 
 async def _read_after(
@@ -95,9 +140,18 @@ async def _read_after(
     return [row for row in rows if limit is None or row[0] <= limit]
 
 
-def _print(out: TextIO, key: str, entry_id: str, body: Mapping[str, Any]) -> None:
-    line = {"stream": key, "id": entry_id, **_plain(body)}
-    out.write(json.dumps(line, allow_nan=False) + "\n")
+def _print(
+    out: TextIO, key: str, entry_id: str, show: Callable[[Any], dict[str, Any]], fields: Any
+) -> None:
+    """One JSON line for an entry, whatever it holds: one that `show` cannot make a line of
+    (nesting too deep for JSON, say) prints as a line saying so."""
+    try:
+        text = json.dumps({"stream": key, "id": entry_id, **_plain(show(fields))},
+                          allow_nan=False)
+    except Exception as exc:  # any entry: tail goes on
+        text = json.dumps({"stream": key, "id": entry_id,
+                           "error": f"cannot be shown: {type(exc).__name__}: {exc}"})
+    out.write(text + "\n")
     out.flush()
 
 
@@ -117,10 +171,12 @@ def _plain(value: Any) -> Any:
 
 
 def _prediction(fields: Mapping[Any, Any]) -> dict[str, Any]:
+    """The wire map of a valid prediction, as written; any other entry: `error` and its
+    fields as they are (a msgpack `data` decoded), never a value rewritten to look valid."""
     try:
         return decode_prediction(fields).to_dict()
     except ValueError as exc:
-        return {"error": f"not a prediction: {exc}"}
+        return {"error": f"not a prediction: {exc}", "fields": _dead_letter(fields)}
 
 
 def _dead_letter(fields: Mapping[Any, Any]) -> dict[str, Any]:

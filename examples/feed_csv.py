@@ -21,9 +21,9 @@ from typing import Any
 import pandas as pd
 import redis.asyncio as aioredis
 
-from daemon.client import BarPublisher
 from daemon.bars_file import epoch_ms
-from daemon.wire import BAR_FIELDS, encode_bar
+from daemon.client import BarPublisher, encode_bar
+from daemon.wire import BAR_FIELDS
 
 CHUNK_ROWS = 1000
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fakeredis
+import msgpack
 import pytest
 import redis.asyncio as aioredis
 
@@ -682,3 +683,281 @@ async def test_a_stream_recreated_with_older_ids_is_read_from_its_start() -> Non
     assert await reader.read(block_ms=20) == []  # noticed: the position goes back
     assert [e.symbol for e in await reader.read(block_ms=20)] == ["B"]
     await r.aclose()
+
+
+# ---- what an audit found --------------------------------------------------------------------
+
+
+def _wire_map(**changes: Any) -> dict[str, Any]:
+    """A valid prediction map as CONTRACT section 4 writes it, with `changes` applied (a
+    `target` key changes the one target's result)."""
+    result: dict[str, Any] = {"preds": {"F": 0.5}, "selected": "F", "pred": 0.5,
+                              "warming": {"L": 2}, "failed": {"M": "non_finite_output"}}
+    result.update(changes.pop("target", {}))
+    m: dict[str, Any] = {"v": 1, "symbol": "OK", "ts": 1_700_000_000_000, "src": "bars/1-0",
+                         "run": "r", "lat_us": 5, "targets": {"t": result}}
+    m.update(changes)
+    return m
+
+
+def _packed(m: Any) -> dict[str, bytes]:
+    return {"symbol": b"X", "data": msgpack.packb(m, use_bin_type=True)}
+
+
+NOT_PREDICTIONS = {
+    "v True": _wire_map(v=True),
+    "v 1.0": _wire_map(v=1.0),
+    "ts text": _wire_map(ts="1700000000000"),
+    "ts fraction": _wire_map(ts=1.5),
+    "ts whole float": _wire_map(ts=1_700_000_000_000.0),
+    "ts list": _wire_map(ts=[1]),
+    "ts null": _wire_map(ts=None),
+    "ts bool": _wire_map(ts=True),
+    "symbol int": _wire_map(symbol=5),
+    "symbol null": _wire_map(symbol=None),
+    "src int": _wire_map(src=1),
+    "lat_us null": _wire_map(lat_us=None),
+    "lat_us timestamp": _wire_map(lat_us=msgpack.Timestamp(1, 0)),
+    "run ext": _wire_map(run=msgpack.ExtType(5, b"xx")),
+    "targets list": _wire_map(targets=[1]),
+    "target text": _wire_map(targets={"t": "x"}),
+    "pred text": _wire_map(target={"pred": "0.5"}),
+    "pred nan": _wire_map(target={"pred": float("nan")}),
+    "pred inf": _wire_map(target={"pred": float("inf")}),
+    "pred bool": _wire_map(target={"pred": True}),
+    "preds nan": _wire_map(target={"preds": {"F": float("nan")}}),
+    "preds inf": _wire_map(target={"preds": {"F": float("-inf")}}),
+    "preds text": _wire_map(target={"preds": {"F": "abc"}}),
+    "preds list": _wire_map(target={"preds": [["F", 1.0]]}),
+    "preds null": _wire_map(target={"preds": None}),
+    "selected int": _wire_map(target={"selected": 3}),
+    "warming null": _wire_map(target={"warming": {"L": None}}),
+    "warming text": _wire_map(target={"warming": {"L": "x"}}),
+    "warming float": _wire_map(target={"warming": {"L": 2.0}}),
+    "warming negative": _wire_map(target={"warming": {"L": -1}}),
+    "failed int": _wire_map(target={"failed": {"L": 3}}),
+}
+
+
+@pytest.mark.parametrize("group", [False, True])
+async def test_an_entry_whose_values_are_not_of_their_wire_type_is_skipped(
+    backend: Backend, group: bool
+) -> None:
+    # Each of these once came out as an event (and a strategy's arithmetic on it failed).
+    key = backend.key("predictions")
+    for m in NOT_PREDICTIONS.values():
+        await backend.redis.xadd(key, _packed(m))
+    # Valid: a whole-number value written as a msgpack int (a JavaScript writer) is a float.
+    await backend.redis.xadd(key, _packed(_wire_map(target={"preds": {"F": 2}, "pred": 2})))
+    kind: dict[str, Any] = {"group": backend.key("g"), "consumer": "c"} if group else {}
+    reader = PredictionReader(backend.redis, stream=key, start="0", **kind)
+    got = await reader.read(count=1000, block_ms=20)
+    assert reader.skipped == len(NOT_PREDICTIONS)
+    assert len(got) == 1
+    result = got[0].targets["t"]
+    assert (result.preds, result.pred) == ({"F": 2.0}, 2.0)
+    assert type(result.preds["F"]) is float and type(result.pred) is float
+    assert (got[0].symbol, got[0].ts, got[0].lat_us) == ("OK", 1_700_000_000_000, 5)
+
+
+async def test_a_plain_reader_repeats_nothing_when_redis_restores_an_older_snapshot(
+    backend: Backend,
+) -> None:
+    # Redis restarts from a snapshot taken before the last 20 events: their entries are gone,
+    # the stream's newest id is older than the reader's position. What the reader had handed
+    # out is not handed out again; events after the snapshot are.
+    key = backend.key("predictions")
+    events = [make_event(f"S{i % 3}", 1000 + i) for i in range(60)]
+    ids = await write_events(backend.redis, key, events)
+    reader = PredictionReader(backend.redis, stream=key, start="0")
+    assert len(await reader.read(count=100, block_ms=20)) == 60
+    snapshot = list(zip(ids[:40], events[:40], strict=True))
+    await backend.redis.delete(key)
+    for entry_id, event in snapshot:  # restored with the ids they had
+        await backend.redis.xadd(key, encode_prediction(event), id=entry_id)
+    assert await reader.read(count=100, block_ms=20) == []  # went back: read from the start
+    got: list[PredictionEvent] = []
+    for _ in range(8):  # 7 a read: a read of repeats only returns nothing
+        got.extend(await reader.read(count=7, block_ms=20))
+    assert got == []
+    assert reader.repeated == 40
+    assert reader.last_ids[key] == ids[39]
+    # The daemon goes on: a new bar of a symbol, and a bar it already had predicted (after
+    # the snapshot its input was restored too, so it predicts it again) which is a repeat.
+    newer = make_event("S0", 2000)
+    again = events[45]
+    await write_events(backend.redis, key, [again, newer])
+    assert await reader.read(count=100, block_ms=20) == [newer]
+    assert reader.repeated == 41
+
+
+async def test_a_plain_reader_hands_out_new_bars_of_a_stream_recreated_behind_it() -> None:
+    r = fakeredis.FakeAsyncRedis()
+    await r.xadd("predictions", encode_prediction(make_event("A", 5)), id="5000-0")
+    reader = PredictionReader(r, start="0")
+    assert len(await reader.read(block_ms=20)) == 1
+    await r.delete("predictions")  # Redis lost its data and its clock is behind
+    newer = [make_event("A", 6), make_event("A", 7)]
+    for i, event in enumerate(newer):
+        await r.xadd("predictions", encode_prediction(event), id=f"{100 + i}-0")
+    assert await reader.read(block_ms=20) == []  # the position goes back
+    assert await reader.read(block_ms=20) == newer
+    assert reader.repeated == 0
+    await r.aclose()
+
+
+async def test_a_group_reader_loses_nothing_published_after_redis_came_back_empty(
+    backend: Backend,
+) -> None:
+    key = backend.key("predictions")
+    group = backend.key("strategy")
+    reader = PredictionReader(backend.redis, stream=key, group=group, consumer="c1")  # "$"
+    assert await reader.read(block_ms=20) == []  # the group is made, at "$"
+    await write_events(backend.redis, key, [make_event("A", 1)])
+    assert [e.symbol for e in await reader.read(block_ms=20)] == ["A"]
+    await backend.redis.delete(key)  # Redis restarted without its data: stream and group gone
+    # The daemon publishes before the strategy's next read.
+    await write_events(backend.redis, key, [make_event("B", 2), make_event("C", 3)])
+    assert [e.symbol for e in await reader.read(block_ms=20)] == ["B", "C"]
+    await write_events(backend.redis, key, [make_event("D", 4)])
+    assert [e.symbol for e in await reader.read(block_ms=20)] == ["D"]
+
+
+@pytest.mark.parametrize("how", ["wait_for", "cancel"])
+async def test_publish_many_cancelled_midway_says_what_was_written(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    from daemon import client as client_module
+
+    monkeypatch.setattr(client_module, "PIPELINE_CHUNK", 10)
+    publisher = BarPublisher(backend.redis, stream=backend.key("bars"))
+    real = backend.redis.pipeline
+    calls = {"n": 0}
+    stuck = asyncio.Event()
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        pipe = real(*args, **kwargs)
+        if calls["n"] == 3:  # the third round trip never answers
+            async def hangs() -> Any:
+                stuck.set()
+                await asyncio.sleep(30)
+            pipe.execute = hangs
+        return pipe
+
+    backend.redis.pipeline = pipeline
+    bars = [make_bar("A", m) for m in range(35)]
+    try:
+        if how == "wait_for":
+            with pytest.raises(TimeoutError) as info:
+                await asyncio.wait_for(publisher.publish_many(bars), 0.5)
+            carrier: BaseException | None = info.value.__cause__
+        else:
+            task = asyncio.create_task(publisher.publish_many(bars))
+            await stuck.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as cancelled:
+                await task
+            carrier = cancelled.value
+    finally:
+        backend.redis.pipeline = real
+    assert carrier is not None
+    sent = carrier.sent  # type: ignore[attr-defined]
+    stored = [entry_id.decode() for entry_id, _ in await backend.redis.xrange(backend.key("bars"))]
+    assert len(sent) == 20 and stored == sent
+    assert len(await publisher.publish_many(bars[len(sent):])) == 15
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"open": 10**400}, "bad_value:open"),
+        ({"high": 10**400}, "bad_value:high"),
+        ({"low": 10**400}, "bad_value:low"),
+        ({"close": 10**400}, "bad_value:close"),
+        ({"volume": 10**400}, "bad_value:volume"),
+        ({"volume": -(10**400)}, "bad_value:volume"),
+        ({"close": -(10**400)}, "bad_value:close"),
+        ({"ts": -5, "open": 10**400}, "bad_value:ts"),  # the first bad field, in field order
+        ({"symbol": "\ud800"}, "bad_value:symbol"),
+        ({"symbol": "A\udcff"}, "bad_value:symbol"),
+        ({"close": True}, "bad_value:close"),
+        ({"close": float("nan")}, "bad_value:close"),
+        ({"symbol": "A" * 65}, "bad_value:symbol"),
+    ],
+)
+async def test_every_bar_the_daemon_would_refuse_is_a_value_error_naming_the_field(
+    changes: dict[str, Any], reason: str
+) -> None:
+    from daemon.client import encode_bar
+
+    bar = {**make_bar("AAPL", 1), **changes}
+    with pytest.raises(ValueError, match=f"^{reason}$"):
+        encode_bar(bar)
+    with pytest.raises(ValueError, match=f"^{reason}$"):
+        encode_bar(Bar(**bar))
+    publisher = BarPublisher(fakeredis.FakeAsyncRedis())
+    with pytest.raises(ValueError, match=f"^{reason}$"):
+        await publisher.publish_many([make_bar("OK", 1), bar])
+    assert await publisher.redis.xlen("bars") == 0
+
+
+def test_encode_bar_writes_what_the_daemon_reads() -> None:
+    # Plain values (the quick path) and numpy ones (the full path): the daemon decodes each
+    # to the bar given, prices as float64.
+    import numpy as np
+
+    from daemon.client import encode_bar
+
+    bars: list[Any] = [
+        make_bar("AAPL", 1, 101.25),
+        {**make_bar("INT", 2), "open": 3, "high": 4, "low": 2, "close": 3, "volume": 0},
+        {**make_bar("FLT", 3), "ts": 1_700_000_180_000.0, "extra": "ignored"},
+        {**make_bar("NP", 4), "ts": np.int64(1_700_000_240_000), "close": np.float32(1.5)},
+        Bar("BAR", 1_700_000_300_000, 1.0, 2.0, 0.5, 1.5, 7.0),
+        {**make_bar("ÆØÅ", 5), "volume": 2**70},
+    ]
+    for bar in bars:
+        values = {k: getattr(bar, k) for k in ("symbol", "ts", "open", "high", "low", "close",
+                                               "volume")} if isinstance(bar, Bar) else bar
+        decoded = decode_bar(encode_bar(bar), "bars", "1-0")
+        assert isinstance(decoded, Bar), decoded
+        assert decoded.symbol == values["symbol"] and decoded.ts == int(values["ts"])
+        for name in ("open", "high", "low", "close", "volume"):
+            got = getattr(decoded, name)
+            assert type(got) is float and got == float(values[name])
+
+
+async def test_an_exact_trim_of_entries_read_already_is_no_loss(backend: Backend) -> None:
+    # MAXLEN ~ trims whole nodes: a lagging reader's position can be the last entry of one.
+    key = backend.key("predictions")
+    ids = await write_events(backend.redis, key, [make_event("S", t) for t in range(50)])
+    reader = PredictionReader(backend.redis, stream=key, start="0")
+    got = [e.ts for e in await reader.read(count=20, block_ms=20)]
+    await write_events(backend.redis, key, [make_event("S", t) for t in range(50, 100)])
+    await backend.redis.xtrim(key, minid=ids[20], approximate=False)  # up to the position
+    while batch := await reader.read(count=30, block_ms=20):
+        got.extend(e.ts for e in batch)
+    assert got == list(range(100))
+    assert reader.trimmed_past == 0
+    # A trim that takes one entry more is a loss, said.
+    behind = PredictionReader(backend.redis, stream=key, start="0")
+    first = await behind.read(count=10, block_ms=20)
+    await backend.redis.xtrim(key, minid=ids[31], approximate=False)
+    rest = await behind.read(count=100, block_ms=20)
+    assert [e.ts for e in first] == list(range(20, 30))
+    assert [e.ts for e in rest] == list(range(31, 100))
+    assert behind.trimmed_past == 1
+
+
+def test_the_client_module_loads_no_model_code() -> None:
+    # A strategy or a feeder imports daemon.client (and `livepred tail` daemon.tail): neither
+    # should pull in the model side (handlers, its frameworks), seconds of start-up.
+    import subprocess
+    import sys
+
+    code = ("import sys, daemon.client, daemon.tail;"
+            " print(sorted(m for m in sys.modules if m.split('.')[0] == 'handlers'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

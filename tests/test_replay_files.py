@@ -380,3 +380,168 @@ def test_odd_output_paths(run_dir: Path, tmp_path: Path,
     (tmp_path / "dangling").symlink_to("made.jsonl")
     assert replay(run_dir, path, tmp_path / "dangling") == 0
     assert (tmp_path / "dangling").is_symlink() and len(lines(tmp_path / "made.jsonl")) == 15
+
+
+# ---- review fixes: planted partial names, stdout, far datetimes, signals, headers --------
+
+
+def test_a_link_planted_at_the_partial_files_name_is_never_written_through(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a folder others can write, someone could put a link where replay makes its partial
+    # file: replay must make a file of its own (O_EXCL), never write the link's file nor
+    # rename the link onto --out. The names are planted both as they once were (predictable)
+    # and as the first random one.
+    import hashlib
+    import os
+    import secrets
+
+    path = tmp_path / "bars.csv"
+    bars(5).to_csv(path, index=False)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = shared / "out.jsonl"
+    tag = hashlib.sha256(out.name.encode()).hexdigest()[:12]
+    tokens, real_token_hex = iter(["planted0"]), secrets.token_hex
+    monkeypatch.setattr(secrets, "token_hex",
+                        lambda nbytes=None: next(tokens, None) or real_token_hex(nbytes))
+    for name in (f".livepred-{tag}-{os.getpid()}.partial",
+                 f".livepred-{tag}-{os.getpid()}-planted0.partial"):
+        (shared / name).symlink_to(victim)
+    umask = os.umask(0o027)
+    try:
+        assert replay(run_dir, path, out) == 0
+    finally:
+        os.umask(umask)
+    assert victim.read_text() == "precious\n"
+    assert not out.is_symlink() and len(lines(out)) == 15
+    assert out.stat().st_mode & 0o777 == 0o640  # a new file: 0o666 less the umask
+    assert sorted(p.name for p in shared.iterdir() if "partial" in p.name and
+                  not p.is_symlink()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/stdout").exists(), reason="no /dev/stdout")
+def test_out_dev_stdout_writes_into_a_pipe_and_appends_to_an_appended_log(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    # /dev/stdout is a link into /proc: followed, a pipe's name does not exist (the write
+    # failed) and a regular file's was replaced whole (`>> app.log` lost the log).
+    import subprocess
+    import sys
+
+    path = tmp_path / "bars.csv"
+    bars(5).to_csv(path, index=False)
+    command = [sys.executable, "-m", "daemon.cli", "replay", "--run", str(run_dir),
+               "--bars", str(path), "--out", "/dev/stdout"]
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert len(piped.stdout.splitlines()) == 15 and "Traceback" not in piped.stderr
+    log = tmp_path / "app.log"
+    log.write_text("previous\n")
+    with log.open("a") as appended:
+        done = subprocess.run(command, stdout=appended, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = log.read_text().splitlines()
+    assert text[0] == "previous" and len(text) == 16
+    assert [json.loads(x)["src"] for x in text[1:]] == [f"bars.csv/{i}" for i in range(15)]
+
+
+def test_datetimes_past_2262_and_undecodable_binary_symbols_are_values_not_tracebacks(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # pandas' nanoseconds end in 2262: a timestamp[s] column in 2500 raised OutOfBoundsDatetime.
+    # A binary symbol that is not UTF-8 raised in msgpack: now its row is rejected, as the
+    # daemon rejects a flat-field symbol that is not UTF-8.
+    frame = bars(5)
+    seconds = frame["ts"].to_numpy() // 1000 + 16_000_000_000  # some 500 years on
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    far = table.set_column(table.schema.get_field_index("ts"), "ts",
+                           pa.array(seconds, pa.int64()).cast(pa.timestamp("s", tz="UTC")))
+    path = tmp_path / "far.parquet"
+    pq.write_table(far, path)
+    out = tmp_path / "far.jsonl"
+    assert replay(run_dir, path, out) == 0
+    assert [d["ts"] for d in lines(out)] == (seconds * 1000).tolist()
+
+    symbols = [s.encode() for s in frame["symbol"]]
+    symbols[4] = b"\xff\xfe"
+    odd = far.set_column(far.schema.get_field_index("symbol"), "symbol",
+                         pa.array(symbols, pa.binary())).replace_schema_metadata()
+    path = tmp_path / "odd.parquet"  # a binary column, not pandas' str
+    pq.write_table(odd, path)
+    capsys.readouterr()
+    assert replay(run_dir, path, out) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "rejected bad_value:symbol: 1 row(s), the first odd.parquet/4" in err
+    assert sorted(by_src_row(lines(out))) == [r for r in range(15) if r != 4]
+
+
+def test_blank_lines_before_the_header_leave_the_row_numbers_as_they_are(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    frame = bars(10)
+    plain, blank = tmp_path / "plain.csv", tmp_path / "blank.csv"
+    frame.to_csv(plain, index=False)
+    blank.write_text("\n\n" + frame.to_csv(index=False))
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    assert replay(run_dir, plain, outs[0]) == 0 and replay(run_dir, blank, outs[1]) == 0
+    assert by_src_row(lines(outs[1])) == by_src_row(lines(outs[0]))
+    assert sorted(by_src_row(lines(outs[1]))) == list(range(len(frame)))
+
+
+def test_sigterm_during_replay_leaves_no_partial_file_and_exits_143(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    # systemd and `timeout` stop with SIGTERM: the partial file must go as it does on Ctrl-C.
+    import subprocess
+    import sys
+
+    path = tmp_path / "bars.csv"
+    bars(30).to_csv(path, index=False)
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous\n")
+    script = (
+        "import os, signal, sys\n"
+        "from daemon import pipeline\n"
+        "from daemon.cli import main\n"
+        "import daemon.replay\n"
+        "daemon.replay.CHUNK_ROWS = 10\n"
+        "real, calls = pipeline.Pipeline.process, []\n"
+        "def process(self, items):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(self, items)\n"
+        "pipeline.Pipeline.process = process\n"
+        f"sys.exit(main(['replay', '--run', {str(run_dir)!r}, '--bars', {str(path)!r},"
+        f" '--out', {str(out)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 143, (done.returncode, done.stderr)
+    err = said(done.stderr)
+    assert err == [f"livepred: error: terminated: --out {out} not written"], err
+    assert out.read_text() == "previous\n"
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.parametrize(("header", "name"), [
+    ("symbol,ts,open,high,low,close,volume,close", "close"),
+    ("\ufeffsymbol,ts,open,high,low,close,volume,symbol", "symbol"),
+])
+def test_a_column_named_twice_in_a_csv_header_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], header: str, name: str
+) -> None:
+    # pandas renames the second `close` to `close.1`: it was read silently, while `Close`
+    # beside `close` was refused.
+    path = tmp_path / "dup.csv"
+    path.write_text(header + "\nAAA,1700000060000,50,51,49,50,100,60\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    assert replay(run_dir, path, out) == 1
+    err = said(capsys.readouterr().err)
+    assert err == [f"livepred: error: {path}: columns {name!r} and {name!r} are both {name}"]
+    assert not out.exists()
