@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -27,7 +29,7 @@ _CONFIG_TEXTS = ("DB INDEX", "UNKNOWN COMMAND", "NOT ALLOWED IN CLUSTER MODE",
 def refuses_the_config(exc: BaseException) -> bool:
     """Whether Redis refused the configured connection itself (a wrong password, an ACL, a
     database index the server does not have, a renamed command, cluster = true against a
-    plain server), as opposed to a passing state: BUSY (another client's script),
+    plain server, a TLS certificate that does not verify), as opposed to a passing state: BUSY (another client's script),
     MASTERDOWN or LOADING (a replica resyncing, a restart), READONLY (a failover), a
     cluster none of whose nodes answers yet. The cluster client wraps the reply it got in
     its own "cannot be connected ... Cluster mode is not enabled" whatever the reply was
@@ -35,6 +37,8 @@ def refuses_the_config(exc: BaseException) -> bool:
     for link in _chain(exc):
         if isinstance(link, AuthenticationError | AuthorizationError | NoPermissionError):
             return True
+        if isinstance(link, ssl.SSLCertVerificationError):  # rediss://: a certificate the
+            return True  # configured CA does not vouch for, or another host's name
         if isinstance(link, ResponseError):
             text = str(link).upper()
             if any(words in text for words in _CONFIG_TEXTS):

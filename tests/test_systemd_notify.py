@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -251,6 +252,17 @@ def _wrapped(reply: Exception) -> Exception:
             return outer
 
 
+def _tls(cause: Exception) -> Exception:
+    """As redis-py raises a failed TLS handshake: its ConnectionError from the ssl error."""
+    try:
+        try:
+            raise cause
+        except Exception as exc:
+            raise RedisConnectionError(f"Error connecting: {exc}") from exc
+    except RedisConnectionError as raised:
+        return raised
+
+
 @pytest.mark.parametrize(
     ("error", "config"),
     [
@@ -276,6 +288,11 @@ def _wrapped(reply: Exception) -> Exception:
         (_wrapped(_reply("WRONGPASS invalid username-password pair or user is disabled.")),
          True),
         (AuthenticationError("invalid username-password pair"), True),
+        # rediss:// (checked on redis-py 8.1 against a self-signed server): the certificate
+        # is the config; a handshake cut short is not.
+        (_tls(ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate"
+                                           " verify failed: self-signed certificate")), True),
+        (_tls(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")), False),
     ],
 )
 async def test_a_passing_redis_state_at_start_is_retried_not_taken_for_the_config(
