@@ -260,27 +260,54 @@ class PartitionWorker:
         cursor: dict[str, str] = {}
         while not stop.is_set() and not self.lease.handback.is_set():
             self.lease.check()
-            # A batch that failed again after a restart is retried one entry at a time (and
-            # read one at a time, so only the entry at the head gains deliveries): an entry
-            # that keeps failing ends as poison alone, never with its neighbours.
-            retried = await self.io.most_deliveries_pending(
-                self.batch, cursor, self._refused_writes
-            )
-            single = retried >= SINGLE_AFTER_DELIVERIES
-            entries = await self.io.read_own_pending(1 if single else self.batch, cursor)
-            if not entries:
+            batch = await self._next_pending(cursor, stop)
+            if batch is None:
                 self._refused_writes.clear()  # nothing of ours is pending: no record holds
                 return
-            stream = entries[0].stream
-            counts = await self.io.delivery_counts(stream, [e.entry_id for e in entries])
+            cursor[batch.streams[0]] = batch.ids[-1]
+            await self._process(batch, self.clock_us())
+
+    async def _next_pending(
+        self, cursor: dict[str, str], stop: asyncio.Event
+    ) -> EntryBatch | None:
+        """Our next pending entries after `cursor`, None when there are none. Reads only: a
+        Redis blip is waited out here, with the state kept (as while serving new entries),
+        unless the lease was lost meanwhile."""
+        backoff = Backoff()
+        while True:
+            try:
+                # A batch that failed again after a restart is retried one entry at a time
+                # (and read one at a time, so only the entry at the head gains deliveries):
+                # an entry that keeps failing ends as poison alone, never with its neighbours.
+                retried = await self.io.most_deliveries_pending(
+                    self.batch, cursor, self._refused_writes
+                )
+                single = retried >= SINGLE_AFTER_DELIVERIES
+                entries = await self.io.read_own_pending(1 if single else self.batch, cursor)
+                if not entries:
+                    return None
+                stream = entries[0].stream
+                counts = await self.io.delivery_counts(stream, [e.entry_id for e in entries])
+            except TRANSIENT as exc:
+                if self.lease.lost.is_set():
+                    raise LeaseLost() from exc
+                self._progressed()  # waiting on Redis, not hung
+                delay = backoff.next_s()
+                self.metrics.redis_error()
+                self._log.warning("reading pending entries failed, retrying",
+                                  error=short_error(exc), delay_s=round(delay, 3))
+                await sleep_unless(stop, delay)
+                if stop.is_set():
+                    return None
+                self.lease.check()
+                continue
             batch = EntryBatch.of(entries)
             batch.deliveries = [
                 counts.get(i, 1) - self._refused_writes.get(f"{stream}/{i}", 0)
                 for i in batch.ids
             ]
             batch.epoch = self.io.group_epoch  # read now: its write is probed as usual
-            cursor[stream] = batch.ids[-1]
-            await self._process(batch, self.clock_us())
+            return batch
 
     async def _serve_new(self, stop: asyncio.Event) -> None:
         self.reader.start()  # every pending entry of ours is published
