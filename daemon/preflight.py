@@ -14,6 +14,7 @@ from daemon.entries import as_str
 from daemon.partitions import partition_keys
 from daemon.redis_faults import UNAVAILABLE, refuses_the_config
 from daemon.settings import Settings, redact_url
+from daemon.streams import group_lag
 
 TIMEOUT_S = 5.0
 
@@ -116,16 +117,15 @@ async def _stream(redis: Any, key: str, role: str, report: RedisCheck) -> bool:
 async def _input(redis: Any, key: str, group: str, report: RedisCheck) -> None:
     if not await _stream(redis, key, "streams.input", report):
         return
-    groups = await asyncio.wait_for(redis.xinfo_groups(key), timeout=TIMEOUT_S)
-    for g in groups:
-        if as_str(g.get("name")) == group:
-            lag = g.get("lag")
-            report.lines.append(
-                f"group   {key} {group}: {g.get('pending', 0):,} pending, "
-                f"{g.get('consumers', 0)} consumers"
-                + ("" if lag is None else f", {lag:,} entries not yet read")
-            )
-            return
+    found = await asyncio.wait_for(group_lag(redis, key, group), timeout=TIMEOUT_S)
+    if found is not None:
+        g, lag = found
+        report.lines.append(
+            f"group   {key} {group}: {g.get('pending', 0):,} pending, "
+            f"{g.get('consumers', 0)} consumers"
+            + ("" if lag is None else f", {lag:,} entries not yet read")
+        )
+        return
     report.lines.append(
         f"group   {key} {group}: absent, created at start at the stream's end"
         " (the entries already there only warm the state up)"

@@ -28,7 +28,7 @@ from daemon.redis_client import make_redis
 from daemon.redis_faults import UNAVAILABLE, refuses_the_config
 from daemon.runtime import settle_heap
 from daemon.settings import Settings, redact_url
-from daemon.streams import StreamIO
+from daemon.streams import StreamIO, group_lag
 from daemon.waits import sleep_unless
 from daemon.worker import PartitionWorker, Role
 from handlers.engine import InferenceEngine
@@ -339,10 +339,9 @@ class Service:
             if w.role != Role.ACTIVE:
                 continue
             for stream in w.io.inputs:
-                for g in await self.redis.xinfo_groups(stream):
-                    name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-                    if name == self.settings.streams.group and g.get("lag") is not None:
-                        self.metrics.lag.labels(stream).set(int(g["lag"]))
+                found = await group_lag(self.redis, stream, self.settings.streams.group)
+                if found is not None and found[1] is not None:
+                    self.metrics.lag.labels(stream).set(found[1])
 
     async def health(self) -> str | None:
         """None when healthy, else the reason (for /healthz and the watchdog)."""

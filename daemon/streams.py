@@ -398,6 +398,23 @@ class StreamIO:
         return as_str(value) if value is not None else None
 
 
+async def group_lag(redis: Any, stream: str, group: str) -> tuple[dict[str, Any], int | None] | None:
+    """The group's XINFO GROUPS entry and its lag (entries not yet delivered to it), or None
+    when the group does not exist. A group whose last delivered entry is the stream's newest
+    has none, whatever Redis says: Redis 7.0 restarted from its append-only file can keep a
+    stale `lag` for good (its read counter is not logged; fixed upstream in 7.2)."""
+    for g in await redis.xinfo_groups(stream):
+        if as_str(g.get("name")) != group:
+            continue
+        newest = await redis.xrevrange(stream, count=1)
+        delivered = as_str(g.get("last-delivered-id") or "0-0")
+        if not newest or id_key(delivered) >= id_key(as_str(newest[0][0])):
+            return g, 0
+        lag = g.get("lag")
+        return g, None if lag is None else int(lag)
+    return None
+
+
 def _connection_died(exc: WatchError) -> bool:
     """A WatchError that redis-py raised for a dead connection (the error it replaces is the
     exception being handled then), not for EXEC refused because a watched key changed."""

@@ -55,3 +55,35 @@ async def test_the_daemon_warns_at_start_when_redis_evicts(tmp_path: Path) -> No
     await redis.aclose()
     warned = [e for e in logs if e.get("policy") == "allkeys-lru"]
     assert warned and "noeviction" in warned[0]["event"]
+
+
+@pytest.mark.redis
+async def test_the_lag_is_what_the_group_has_not_read_and_none_once_it_has_read_all(
+    real_redis: Any, key_prefix: str
+) -> None:
+    # livepred_consumer_lag and `run --check` showed Redis's own `lag`, which Redis 7.0 keeps
+    # stale for good after a restart from its append-only file (4,800 with nothing unread,
+    # in an audit): a group that has delivered the newest entry has no lag, whatever it says.
+    from daemon.streams import group_lag
+
+    stream = f"{key_prefix}bars"
+    for i in range(10):
+        await real_redis.xadd(stream, {"n": i})
+    await real_redis.xgroup_create(stream, "g", id="0")
+    await real_redis.xreadgroup("g", "c", {stream: ">"}, count=4)
+    found = await group_lag(real_redis, stream, "g")
+    assert found is not None
+    want_lag = found[0].get("lag")  # what Redis counts, when it counts (>= 7.0)
+    assert found[1] == (None if want_lag is None else 6)
+    await real_redis.xreadgroup("g", "c", {stream: ">"})
+    assert (await group_lag(real_redis, stream, "g"))[1] == 0
+    assert await group_lag(real_redis, stream, "absent") is None
+
+    class StaleLag:  # the restarted Redis 7.0's reply: everything read, lag not 0
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_redis, name)
+
+        async def xinfo_groups(self, key: str) -> Any:
+            return [{**g, "lag": 4800} for g in await real_redis.xinfo_groups(key)]
+
+    assert (await group_lag(StaleLag(), stream, "g"))[1] == 0
