@@ -33,10 +33,13 @@ async def rebuild_pipeline(
     warmup_bars: int,
     check: Callable[[], None] = lambda: None,
     progressed: Callable[[], None] = lambda: None,
+    scanned: Callable[[int], None] = lambda entries: None,
 ) -> int:
     """Apply every input stream's history up to its last acknowledged entry to `pipeline`;
     returns the bars applied. `check` runs after each chunk read (it raises to give up);
-    `progressed` after each chunk read or applied (the worker's stall clock)."""
+    `progressed` after each chunk read or applied (the worker's stall clock); `scanned` with
+    each chunk's number of entries read (the whole retained history is: an older entry can
+    still move the live run's clock or hold a symbol's bars)."""
     loop = asyncio.get_running_loop()
     total = 0
     for stream in io.inputs:
@@ -54,6 +57,7 @@ async def rebuild_pipeline(
             )
             check()
             progressed()
+            scanned(len(ids))
         if decoding is not None:
             kept.append(await decoding)
         if len(io.inputs) == 1:  # several streams are replayed one after the other

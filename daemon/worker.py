@@ -39,6 +39,8 @@ log = structlog.get_logger("livepred.worker")
 
 FAILURE_LOG_EVERY_S = 60.0  # a family that fails on every bar: one warning a minute
 UNREACHABLE_LOG_EVERY_S = 30.0
+UNTRIMMED_HINT_ENTRIES = 200_000  # a rebuild reading more, mostly unused, says to trim
+UNTRIMMED_HINT_S = 2.0  # ... and taking longer than this
 FAILURE_BACKOFF_CAP_S = 10.0  # a partition that keeps failing retries at least this often
 MAX_DELIVERIES = 5  # an entry delivered more often than this is dead-lettered as poison
 SINGLE_AFTER_DELIVERIES = 2  # pending entries delivered this often are retried one by one
@@ -239,9 +241,14 @@ class PartitionWorker:
         """State from the retained history up to the last acknowledged entry (CONTRACT §5)."""
         started = time.perf_counter()
         pipeline = Pipeline(self.engine(), ttl_s=self.ttl_s)
+        read = [0]
+
+        def scanned(entries: int) -> None:
+            read[0] += entries
+
         total = await rebuild_pipeline(
             self.io, pipeline, executor=self.executor, warmup_bars=self.warmup_bars,
-            check=self.lease.check, progressed=self._progressed,
+            check=self.lease.check, progressed=self._progressed, scanned=scanned,
         )
         self.pipeline = pipeline
         elapsed = time.perf_counter() - started
@@ -250,9 +257,19 @@ class PartitionWorker:
             "state rebuilt",
             bars=total,
             symbols=len(pipeline.table),
+            entries_read=read[0],
             seconds=round(elapsed, 3),
             bars_per_s=round(total / elapsed) if elapsed > 0 else None,
         )
+        if read[0] > UNTRIMMED_HINT_ENTRIES and read[0] > 4 * max(total, 1) and elapsed > UNTRIMMED_HINT_S:
+            # Every retained entry is read at a restart; most were of no use to the state.
+            self._log.warning(
+                "the restart read the input stream's whole retained history, most of it older"
+                " than any symbol's state needs: trim the input stream (XADD MAXLEN ~, or"
+                " BarPublisher(maxlen=...)) to a few times symbols x state.warmup_bars,"
+                " and no shorter than the longest outage to ride out",
+                entries_read=read[0], bars_applied=total, seconds=round(elapsed, 1),
+            )
 
     # ---- processing ----------------------------------------------------------------------
 

@@ -231,6 +231,38 @@ async def test_a_rebuild_counts_each_chunk_as_progress(
     await redis.aclose()
 
 
+async def test_a_restart_that_read_a_long_history_to_little_use_says_to_trim_it(
+    lgb_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A restart reads the input stream's whole retained history (an old entry can still move
+    # the live run's clock): an untrimmed stream makes every restart slower, unseen.
+    from structlog.testing import capture_logs
+
+    from daemon import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "UNTRIMMED_HINT_ENTRIES", 100)
+    monkeypatch.setattr(worker_module, "UNTRIMMED_HINT_S", 0.0)
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB"], 150, seed=9)
+    for b in bars:
+        await redis.xadd("bars", encode_bar(b))
+    service = Service(settings_for(lgb_run), redis=redis)
+    await service.start()
+    await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars)))
+    for warmup, hinted in (("30", True), ("256", False)):  # 300 read: 60 used / all used
+        service = Service(settings_for(lgb_run, LIVEPRED_STATE__WARMUP_BARS=warmup),
+                          redis=redis)
+        await service.start()
+        with capture_logs() as logs:
+            await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars)))
+        rebuilt = [e for e in logs if e["event"] == "state rebuilt"]
+        assert rebuilt and rebuilt[0]["entries_read"] == len(bars)
+        hints = [e for e in logs if e["event"].startswith("the restart read the input stream")]
+        assert bool(hints) is hinted, (warmup, rebuilt)
+    await redis.aclose()
+
+
 async def _xlen_at_least(r, n: int) -> bool:
     return await r.xlen("predictions") >= n
 
