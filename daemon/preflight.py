@@ -11,7 +11,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from daemon.entries import as_str
-from daemon.partitions import partition_keys
+from daemon.partitions import partition_key, partition_keys
 from daemon.redis_faults import UNAVAILABLE, refuses_the_config
 from daemon.settings import Settings, redact_url
 from daemon.streams import group_lag
@@ -47,6 +47,10 @@ async def check_redis(redis: Any, settings: Settings) -> RedisCheck:
     policy = await evicting_policy(redis)
     if policy is not None:
         report.lines.append("warning: " + EVICTION_WARNING.format(policy=policy))
+    odd = await unread_inputs(redis, settings)
+    if odd:
+        report.lines.append("warning: " + UNREAD_WARNING.format(
+            keys=", ".join(odd), n=settings.streams.partitions))
     group = settings.streams.group
     try:
         for keys in partition_keys(settings):
@@ -71,6 +75,33 @@ async def evicting_policy(redis: Any) -> str | None:
     policies = {str(node.get("maxmemory_policy", "noeviction")) for node in _nodes(info)}
     evicting = sorted(policies - {"", "noeviction"})
     return "/".join(evicting) or None
+
+
+async def unread_inputs(redis: Any, settings: Settings) -> list[str]:
+    """Input stream keys that hold entries but that no instance with these settings reads: a
+    feeder on another partition layout (`bars` while the daemon reads `bars:{p}`, or a
+    partition past `streams.partitions`). Its bars would wait for ever, unseen."""
+    n = settings.streams.partitions if settings.partitioned else 0
+    odd: list[str] = []
+    for name in settings.streams.input:
+        candidates = [partition_key(name, 0)] if n == 0 else [name, partition_key(name, n)]
+        if settings.redis.cluster:
+            candidates = [k for k in candidates if k != name]  # no unsuffixed key on a cluster
+        for key in candidates:
+            try:
+                if await asyncio.wait_for(_type(redis, key), timeout=TIMEOUT_S) == "stream" \
+                        and await asyncio.wait_for(redis.xlen(key), timeout=TIMEOUT_S) > 0:
+                    odd.append(key)
+            except Exception:  # TYPE or XLEN not granted, a cluster slot moving: not known
+                continue
+    return odd
+
+
+UNREAD_WARNING = (
+    "input stream {keys} holds entries no instance with this config reads (streams.partitions"
+    " = {n}): a feeder on another partition layout? Its bars get no prediction; feeders send"
+    " a symbol to <input>:{{crc32(symbol) % partitions}} (daemon.client does)"
+)
 
 
 EVICTION_WARNING = (

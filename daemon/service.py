@@ -22,7 +22,12 @@ from daemon.model_setup import (
 )
 from daemon.observe import HealthServer, Metrics, SystemdNotifier
 from daemon.partitions import partition_keys
-from daemon.preflight import EVICTION_WARNING, evicting_policy
+from daemon.preflight import (
+    EVICTION_WARNING,
+    UNREAD_WARNING,
+    evicting_policy,
+    unread_inputs,
+)
 from daemon.reads import TRANSIENT
 from daemon.redis_client import make_redis
 from daemon.redis_faults import UNAVAILABLE, refuses_the_config
@@ -185,6 +190,10 @@ class Service:
         policy = await evicting_policy(self.redis)
         if policy is not None:
             log.warning(EVICTION_WARNING.format(policy=policy), policy=policy)
+        odd = await unread_inputs(self.redis, self.settings)
+        if odd:
+            log.warning(UNREAD_WARNING.format(keys=", ".join(odd),
+                                              n=self.settings.streams.partitions), keys=odd)
 
     async def run(self) -> int:
         if not self._started:

@@ -87,3 +87,32 @@ async def test_the_lag_is_what_the_group_has_not_read_and_none_once_it_has_read_
             return [{**g, "lag": 4800} for g in await real_redis.xinfo_groups(key)]
 
     assert (await group_lag(StaleLag(), stream, "g"))[1] == 0
+
+
+@pytest.mark.parametrize(
+    ("partitions", "written", "flagged"),
+    [
+        ("4", ["bars:{0}", "bars:{3}"], []),
+        ("4", ["bars"], ["bars"]),  # a feeder left unpartitioned
+        ("4", ["bars:{1}", "bars:{4}"], ["bars:{4}"]),  # a feeder on 8 partitions
+        ("1", ["bars"], []),
+        ("1", ["bars:{0}"], ["bars:{0}"]),  # a feeder partitioned, the daemon not
+    ],
+)
+async def test_input_streams_no_instance_reads_are_named(
+    partitions: str, written: list[str], flagged: list[str]
+) -> None:
+    # A feeder on another partition layout wrote where no instance reads: every bar waited
+    # unseen, with nothing in the log.
+    from daemon.preflight import check_redis, unread_inputs
+    from daemon.settings import load_settings
+
+    redis = fakeredis.FakeAsyncRedis()
+    for key in written:
+        await redis.xadd(key, {"symbol": "AAPL"})
+    settings = load_settings(None, {"LIVEPRED_STREAMS__PARTITIONS": partitions})
+    assert await unread_inputs(redis, settings) == flagged
+    lines = (await check_redis(redis, settings)).lines
+    said = [line for line in lines if "no instance with this config reads" in line]
+    assert bool(said) is bool(flagged) and all(k in said[0] for k in flagged), lines
+    await redis.aclose()
