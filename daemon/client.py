@@ -173,6 +173,11 @@ class BarPublisher:
         return {"maxlen": self.maxlen, "approximate": True} if self.maxlen else {}
 
 
+def _plus_one(count: int) -> int:
+    """One entry more than handed out (see `_advance`), within Redis's int64 COUNT."""
+    return min(count, 2**62) + 1
+
+
 def _symbol_of(bar: Bar | Mapping[str, Any]) -> str:
     symbol = bar.symbol if isinstance(bar, Bar) else bar.get("symbol")
     if not isinstance(symbol, str) or not symbol:
@@ -195,8 +200,10 @@ class PredictionReader:
     stream still holds the entries after it: a reader that falls behind `streams.output_maxlen`
     (or resumes from an old position) loses the trimmed events; that is logged and counted in
     `.trimmed_past` (looked at with every read, in its round trip; a trim that took only
-    entries this reader had read is no loss, and not counted once it has read past them: it
-    reads one entry more than it hands out to know the next one). When Redis comes back with
+    entries this reader had read is no loss, and not counted when the reader had seen the
+    entry after its position: it reads one entry more than it hands out to know it. A reader
+    that had caught up knows no next entry, and a trim of exactly its entries between two of
+    its reads, rare, is still counted). When Redis comes back with
     a stream older than the position (a restart from an older snapshot, or without its data:
     entry ids went back), the reader reads that stream again from its start and skips every
     event whose `ts` is not newer than the last one it handed out for that symbol (counted in
@@ -398,12 +405,12 @@ class PredictionReader:
             # Partitions live in different hash slots: one XREAD per key, all of which must
             # return: blocked in short slices, so data on any partition is returned soon.
             return await read_in_slices(lambda b: self._gather_plain(count, b), block_ms)
-        reply = await self.redis.xread(dict(self._next_ids), count=count + 1, block=block_ms)
+        reply = await self.redis.xread(dict(self._next_ids), count=_plus_one(count), block=block_ms)
         return self._advance(stream_rows(reply), count)
 
     async def _gather_plain(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
         replies = await asyncio.gather(*(
-            self.redis.xread({key: self._next_ids[key]}, count=count + 1, block=block_ms)
+            self.redis.xread({key: self._next_ids[key]}, count=_plus_one(count), block=block_ms)
             for key in self.keys
         ))
         return self._advance([row for reply in replies for row in stream_rows(reply)], count)
@@ -501,15 +508,34 @@ class PredictionReader:
         if self._groups_ready:
             return
         for key in self.keys:
-            # Again after Redis lost the group: from the last entry read, not `start`: "$"
-            # would skip what was published between Redis's return and this read.
-            start = self._group_read.get(key, self.start)
+            # Again after Redis lost the group: from the last entry read (or where the group
+            # stood when first seen), never "$", which would skip what was published between
+            # Redis's return and this read (on a quiet partition too).
+            start = self._group_read.get(key)
+            if start is None:
+                start = self.start
+                if start == "$":  # the stream's end now, by its id
+                    newest = await self.redis.xrevrange(key, count=1)
+                    start = as_str(newest[0][0]) if newest else "0-0"
             try:
                 await self.redis.xgroup_create(key, self.group, id=start, mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+                start = await self._group_position(key) or start
+            self._group_read.setdefault(key, start)
         self._groups_ready = True
+
+    async def _group_position(self, key: str) -> str | None:
+        """The existing group's last delivered id (None when XINFO is not granted)."""
+        try:
+            groups = await self.redis.xinfo_groups(key)
+        except ResponseError:
+            return None
+        for g in groups:
+            if as_str(g.get("name")) == self.group:
+                return as_str(g.get("last-delivered-id") or "0-0")
+        return None
 
     async def _read_group(self, count: int, block_ms: int | None) -> list[tuple[str, str, Any]]:
         try:

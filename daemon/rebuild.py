@@ -12,7 +12,10 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+import numpy as np
+
 from daemon.batch import (
+    BarColumns,
     HistoryChunk,
     drop_stale_symbols,
     oldest_first,
@@ -60,9 +63,10 @@ async def rebuild_pipeline(
             scanned(len(ids))
         if decoding is not None:
             kept.append(await decoding)
-        if len(io.inputs) == 1:  # several streams are replayed one after the other
-            kept = drop_stale_symbols(kept, per_symbol, pipeline.table.ttl_ms)
-        history, clock = oldest_first(kept)
+        # Off the event loop (the heartbeat, /healthz): a long history takes a while to order.
+        history, clock = await loop.run_in_executor(
+            executor, _ordered, kept, per_symbol, pipeline.table.ttl_ms, len(io.inputs) == 1
+        )
         del kept
         for i in range(0, len(history), REBUILD_CHUNK):
             total += await loop.run_in_executor(
@@ -71,3 +75,14 @@ async def rebuild_pipeline(
             )
             progressed()
     return total
+
+
+def _ordered(
+    kept: list[HistoryChunk], per_symbol: dict[str, list[int]], ttl_ms: int, one_input: bool
+) -> tuple[BarColumns, np.ndarray]:
+    """The kept chunks oldest first, with the live run's clock; symbols stale at the end of
+    the history left out when it is one input stream's (several are replayed one after the
+    other)."""
+    if one_input:
+        kept = drop_stale_symbols(kept, per_symbol, ttl_ms)
+    return oldest_first(kept)

@@ -28,13 +28,28 @@ _WHERE = {
     "predict": "handlers.engine",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "FeatureBuilder",
+    "InferenceEngine",
+    "InferenceError",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "ModelLoader",
+    "build_features_from_prices",
+    "load_model_from_run",
+    "predict",
+]
 
 
 def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'handlers' has no attribute {name!r}")
+    if module is None:  # a submodule (`handlers.engine`), as when the package loaded them all
+        try:
+            return importlib.import_module(f"handlers.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"handlers.{name}":
+                raise
+            raise AttributeError(f"module 'handlers' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # the next lookup is a plain one
     return value

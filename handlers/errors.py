@@ -18,6 +18,9 @@ class ModelLoadError(LivepredError):
         self.reason = reason
         super().__init__(f"model {target}/{family}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # pickled across processes
+        return type(self), (self.family, self.target, self.reason)
+
 
 class InferenceError(LivepredError):
     """A prediction failed for one family (and one symbol, for the single-row API)."""
@@ -28,6 +31,9 @@ class InferenceError(LivepredError):
         self.reason = reason
         super().__init__(f"inference {family} for {symbol}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return type(self), (self.family, self.symbol, self.reason)
+
 
 class MissingDependencyError(LivepredError):
     """An optional framework is not installed; the message names the pip extra."""
@@ -36,6 +42,9 @@ class MissingDependencyError(LivepredError):
         self.package = package
         self.extra = extra
         super().__init__(f"{package} is not installed: pip install 'livepred[{extra}]'")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.package, self.extra)
 
 
 def short_error(exc: BaseException) -> str:

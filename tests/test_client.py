@@ -823,6 +823,33 @@ async def test_a_group_reader_loses_nothing_published_after_redis_came_back_empt
     assert [e.symbol for e in await reader.read(block_ms=20)] == ["D"]
 
 
+async def test_a_group_reader_loses_nothing_on_a_quiet_partition_after_redis_came_back_empty(
+    backend: Backend,
+) -> None:
+    # A partition the reader had read nothing from was created again at "$": what the daemon
+    # published there after Redis came back, before the reader's next read, was skipped.
+    keys = [backend.key("predictions:{0}"), backend.key("predictions:{1}")]
+    group = backend.key("strategy")
+    readers = [PredictionReader(backend.redis, stream=key, group=group, consumer="c1")
+               for key in keys]
+    for reader in readers:
+        assert await reader.read(block_ms=20) == []  # groups made at "$"
+    await write_events(backend.redis, keys[0], [make_event("A", 1)])
+    assert [e.symbol for e in await readers[0].read(block_ms=20)] == ["A"]
+    await backend.redis.delete(*keys)  # Redis restarted without its data
+    await write_events(backend.redis, keys[0], [make_event("A", 2)])
+    await write_events(backend.redis, keys[1], [make_event("B", 2)])  # the quiet one
+    assert [e.symbol for e in await readers[0].read(block_ms=20)] == ["A"]
+    assert [e.symbol for e in await readers[1].read(block_ms=20)] == ["B"]
+
+
+async def test_a_read_of_the_largest_count_still_works(backend: Backend) -> None:
+    key = backend.key("predictions")
+    await write_events(backend.redis, key, [make_event("A", t) for t in range(3)])
+    reader = PredictionReader(backend.redis, stream=key, start="0")
+    assert [e.ts for e in await reader.read(count=2**63 - 1, block_ms=20)] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("how", ["wait_for", "cancel"])
 async def test_publish_many_cancelled_midway_says_what_was_written(
     backend: Backend, monkeypatch: pytest.MonkeyPatch, how: str

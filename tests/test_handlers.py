@@ -684,3 +684,29 @@ def test_an_sklearn_model_fitted_on_more_columns_is_refused_at_load(tmp_path: Pa
     mf.write_meta(directory, ["ret_1d", "ret_5d", "vol_10d"])
     with pytest.raises(ModelLoadError, match="trained on 4 columns, model_meta.json"):
         ModelLoader(tmp_path).load_model(TARGET, "Wide")
+
+
+def test_the_api_names_load_on_first_use_and_errors_survive_pickling() -> None:
+    # handlers' names load on first use (a config read or `livepred tail` needs no engine);
+    # its submodules stay reachable as attributes, and its errors cross process boundaries
+    # (multiprocessing pickles them; a missing __reduce__ made them fail to unpickle).
+    import pickle
+    import subprocess
+    import sys
+
+    code = ("import sys, handlers; from handlers.errors import ModelLoadError; "
+            "assert 'handlers.engine' not in sys.modules; "
+            "from handlers import InferenceEngine, predict, FeatureBuilder; "
+            "assert handlers.engine.InferenceEngine is InferenceEngine; "
+            "print(sorted(n for n in handlers.__all__ if not hasattr(handlers, n)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
+    from handlers import InferenceError, MissingDependencyError, ModelLoadError
+
+    for error in (ModelLoadError("LSTM", "fwd", "sha256 mismatch"),
+                  InferenceError("LSTM", "AAPL", "warming"),
+                  MissingDependencyError("onnxruntime", "onnx")):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
+        assert vars(again) == vars(error)
