@@ -86,17 +86,22 @@ def test_a_row_with_more_cells_than_the_header_is_an_error_naming_it(
     assert "not written" in err[-1] and not out.exists()
 
 
-def test_a_trailing_delimiter_on_every_line_reads_like_none(
-    run_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("edit", ["trailing delimiter", "blank lines before the header"])
+def test_a_csv_written_otherwise_reads_like_the_plain_one(
+    run_dir: Path, tmp_path: Path, edit: str
 ) -> None:
+    # A delimiter ending every line, or blank lines before the header (they shifted every
+    # row's `src` by one: the header became row 0, rejected): the same rows, numbered alike.
     frame = bars(25)
-    plain, trailing = tmp_path / "plain.csv", tmp_path / "trailing.csv"
+    plain, edited = tmp_path / "plain.csv", tmp_path / "edited.csv"
     frame.to_csv(plain, index=False)
-    trailing.write_text("".join(line + ",\n" for line in frame.to_csv(index=False).splitlines()))
+    text = frame.to_csv(index=False)
+    edited.write_text("".join(line + ",\n" for line in text.splitlines())
+                      if edit == "trailing delimiter" else "\n\n" + text)
     outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
-    assert replay(run_dir, plain, outs[0]) == 0 and replay(run_dir, trailing, outs[1]) == 0
-    assert by_src_row(lines(outs[0])) == by_src_row(lines(outs[1]))
-    assert len(lines(outs[0])) == len(frame)
+    assert replay(run_dir, plain, outs[0]) == 0 and replay(run_dir, edited, outs[1]) == 0
+    assert by_src_row(lines(outs[1])) == by_src_row(lines(outs[0]))
+    assert sorted(by_src_row(lines(outs[1]))) == list(range(len(frame)))
 
 
 def test_a_compressed_csv_and_rows_across_read_chunks(
@@ -478,19 +483,6 @@ def test_datetimes_past_2262_and_undecodable_binary_symbols_are_values_not_trace
     assert "Traceback" not in err
     assert "rejected bad_value:symbol: 1 row(s), the first odd.parquet/4" in err
     assert sorted(by_src_row(lines(out))) == [r for r in range(15) if r != 4]
-
-
-def test_blank_lines_before_the_header_leave_the_row_numbers_as_they_are(
-    run_dir: Path, tmp_path: Path
-) -> None:
-    frame = bars(10)
-    plain, blank = tmp_path / "plain.csv", tmp_path / "blank.csv"
-    frame.to_csv(plain, index=False)
-    blank.write_text("\n\n" + frame.to_csv(index=False))
-    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
-    assert replay(run_dir, plain, outs[0]) == 0 and replay(run_dir, blank, outs[1]) == 0
-    assert by_src_row(lines(outs[1])) == by_src_row(lines(outs[0]))
-    assert sorted(by_src_row(lines(outs[1]))) == list(range(len(frame)))
 
 
 def test_sigterm_during_replay_leaves_no_partial_file_and_exits_143(

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import lightgbm as lgb
@@ -207,14 +208,7 @@ async def test_a_rebuild_counts_each_chunk_as_progress(
     from daemon import rebuild as rebuild_module
     from daemon.worker import PartitionWorker
 
-    redis = fakeredis.FakeAsyncRedis()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
-    bars = walk_bars(["AAA", "BBB"], 40, seed=9)
-    for b in bars:
-        await redis.xadd("bars", encode_bar(b))
-    service = Service(settings_for(lgb_run), redis=redis)
-    await service.start()
-    await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars)))
+    redis, bars = await _served_history(lgb_run, 40)
     monkeypatch.setattr(rebuild_module, "REBUILD_CHUNK", 7)
     calls: list[str] = []
     real = PartitionWorker._progressed
@@ -242,14 +236,7 @@ async def test_a_restart_that_read_a_long_history_to_little_use_says_to_trim_it(
 
     monkeypatch.setattr(worker_module, "UNTRIMMED_HINT_ENTRIES", 100)
     monkeypatch.setattr(worker_module, "UNTRIMMED_HINT_S", 0.0)
-    redis = fakeredis.FakeAsyncRedis()
-    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
-    bars = walk_bars(["AAA", "BBB"], 150, seed=9)
-    for b in bars:
-        await redis.xadd("bars", encode_bar(b))
-    service = Service(settings_for(lgb_run), redis=redis)
-    await service.start()
-    await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars)))
+    redis, bars = await _served_history(lgb_run, 150)
     for warmup, hinted in (("30", True), ("256", False)):  # 300 read: 60 used / all used
         service = Service(settings_for(lgb_run, LIVEPRED_STATE__WARMUP_BARS=warmup),
                           redis=redis)
@@ -261,6 +248,20 @@ async def test_a_restart_that_read_a_long_history_to_little_use_says_to_trim_it(
         hints = [e for e in logs if e["event"].startswith("the restart read the input stream")]
         assert bool(hints) is hinted, (warmup, rebuilt)
     await redis.aclose()
+
+
+async def _served_history(run: Path, ticks: int) -> tuple[Any, list[dict]]:
+    """fakeredis holding two symbols' `ticks` bars, each served once (the history of a
+    restart)."""
+    redis = fakeredis.FakeAsyncRedis()
+    await redis.xgroup_create("bars", "livepred", id="$", mkstream=True)
+    bars = walk_bars(["AAA", "BBB"], ticks, seed=9)
+    for b in bars:
+        await redis.xadd("bars", encode_bar(b))
+    service = Service(settings_for(run), redis=redis)
+    await service.start()
+    await run_until(service, redis, lambda r: _xlen_at_least(r, len(bars)))
+    return redis, bars
 
 
 async def _xlen_at_least(r, n: int) -> bool:

@@ -131,6 +131,23 @@ def test_a_model_with_categorical_splits_stays_with_lightgbm(tmp_path: Path) -> 
         assert not np.array_equal(forced(rows), want)
 
 
+NOBODY = 65534
+
+
+def _as_root_with_a_private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A LightGBM model file, with the temporary folder (the cache's fallback) in tmp_path;
+    the test skipped unless it can act for another user (root)."""
+    import os
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    path, _ = _model(tmp_path, "regression")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return path
+
+
 def test_a_library_someone_else_could_have_planted_is_never_loaded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,25 +156,19 @@ def test_a_library_someone_else_could_have_planted_is_never_loaded(
     # user owns and nobody else may write are trusted.
     import hashlib
     import os
-    import tempfile
 
     import tl2cgen
     import treelite
 
-    if os.geteuid() != 0:
-        pytest.skip("planting a file as another user needs root")
-    nobody = 65534
-    path, _ = _model(tmp_path, "regression")
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    path = _as_root_with_a_private_tmp(tmp_path, monkeypatch)
     shared = tmp_path / "cache" / "livepred" / "trees"
     shared.mkdir(parents=True)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     planted = shared / f"{digest}-tl2cgen{tl2cgen.__version__}-q.so"
     planted.write_bytes(b"not a library")
-    os.chown(planted, nobody, nobody)
+    os.chown(planted, NOBODY, NOBODY)
     # Another user's folder: not used at all, the library goes to this user's private one.
-    os.chown(shared, nobody, nobody)
+    os.chown(shared, NOBODY, NOBODY)
     library = tree_compiler._library(path, "lightgbm", treelite, tl2cgen)
     assert library.parent == tmp_path / "tmp" / f"livepred-trees-{os.geteuid()}"
     assert planted.read_bytes() == b"not a library"
@@ -177,25 +188,19 @@ def test_a_link_another_user_made_to_a_folder_of_ours_is_not_trusted(
     # owner check followed it and passed, and the link's maker could point it at their own
     # folder between the check and the load.
     import os
-    import tempfile
 
     import tl2cgen
     import treelite
 
-    if os.geteuid() != 0:
-        pytest.skip("making a link as another user needs root")
-    nobody = 65534
-    path, _ = _model(tmp_path, "regression")
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    path = _as_root_with_a_private_tmp(tmp_path, monkeypatch)
     theirs = tmp_path / "cache" / "livepred"
     theirs.mkdir(parents=True)
-    os.chown(theirs, nobody, nobody)  # the cache unusable: the /tmp fallback is tried
+    os.chown(theirs, NOBODY, NOBODY)  # the cache unusable: the /tmp fallback is tried
     ours = tmp_path / "ours"
     ours.mkdir(mode=0o700)
     link = tmp_path / "tmp" / f"livepred-trees-{os.geteuid()}"
     link.symlink_to(ours)
-    os.lchown(link, nobody, nobody)
+    os.lchown(link, NOBODY, NOBODY)
     with pytest.raises(PermissionError):
         tree_compiler._library(path, "lightgbm", treelite, tl2cgen)
     assert list(ours.iterdir()) == []
