@@ -60,6 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         except (LivepredError, OSError) as exc:
             return _fail(str(exc))
         _print_models(engine)
+        if settings.metrics.port:  # what `run` would meet first: a port taken
+            from daemon.service import try_listen
+
+            problem = asyncio.run(try_listen(settings.metrics.host, settings.metrics.port))
+            if problem is not None:
+                return _fail(problem, EXIT_CONFIG)
         if not args.offline:
             code = _check_redis(settings)
             if code:

@@ -158,7 +158,8 @@ def to_config_error(exc: ValidationError, sources: Mapping[str, str]) -> ConfigE
     if cause is not None:
         message = str(cause)
     elif error["type"] in _TYPE_MESSAGES:
-        message = f"{_TYPE_MESSAGES[error['type']]} (got {error['input']!r})"
+        shown = error["input"] if key != "redis.url" else "..."  # it may hold a password
+        message = f"{_TYPE_MESSAGES[error['type']]} (got {shown!r})"
     else:
         message = error["msg"]
     if indexes:

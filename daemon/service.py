@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import socket
 import time
@@ -49,6 +50,31 @@ STALL_MIN_S = 10.0  # no progress for this long (or 50 reads' block_ms) is a sta
 
 class MetricsPortError(RuntimeError):
     """The metrics/health port cannot be listened on (taken, or not allowed)."""
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """The one line for a metrics port that cannot be listened on, with the likely cause."""
+    if isinstance(exc, socket.gaierror):
+        hint = "metrics.host is not a name this host resolves"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        hint = "metrics.host is not an address of this host"
+    elif exc.errno == errno.EADDRINUSE:
+        hint = "another process has it? pick another port, or 0 for none"
+    else:
+        hint = "pick another port, or 0 for none"
+    return (f"metrics.port = {port} (metrics.host = {host!r}): cannot listen:"
+            f" {exc.strerror or exc} ({hint})")
+
+
+async def try_listen(host: str, port: int) -> str | None:
+    """Why the metrics port could not be listened on now, or None (`run --check`)."""
+    try:
+        server = await asyncio.start_server(lambda r, w: None, host, port)
+    except OSError as exc:
+        return cannot_listen(host, port, exc)
+    server.close()
+    await server.wait_closed()
+    return None
 
 
 class RedisRefusedError(RuntimeError):
@@ -124,11 +150,7 @@ class Service:
                 await self.health_server.start()
             except OSError as exc:
                 self.health_server = None
-                raise MetricsPortError(
-                    f"metrics.port = {port} (metrics.host = {host!r}): cannot listen:"
-                    f" {exc.strerror or exc} (another process has it? pick another port, or 0"
-                    " for none)"
-                ) from None
+                raise MetricsPortError(cannot_listen(host, port, exc)) from None
         if self.redis is None:
             self.redis = make_redis(self.settings)
             await self._check_redis()

@@ -99,25 +99,35 @@ def _non_empty_list(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|pass|pwd)=)[^&#]*")
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = f"{parts.username}:***@" if parts.username else ":***@"
-        return parts._replace(netloc=user + netloc).geturl()
-    except ValueError:
-        return "<unparsable url>"
+    """The URL without its secrets, for logs and error messages: the password of its user
+    part and a `password=` query value. Read as text, not parsed, so that a URL that does not
+    parse (a password with an unencoded `/`, `#` or `@`) is masked all the same: everything
+    between `://` and the last `@` but the user name."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, after = rest.rpartition("@")
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        elif "@" in userinfo:  # a password's "@" unencoded: which part is the user is unsure
+            userinfo = ":***"
+        rest = f"{userinfo}@{after}"  # a user name alone (no password) stays
+    return _SECRET_QUERY.sub(r"\1***", scheme + sep + rest)
 
 
 def _redis_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        raise ValueError(f"is not a valid URL: {exc} (got {redact_url(url)!r})") from None
+    except ValueError:  # its text would quote the URL's parts: a password's, maybe
+        raise ValueError(
+            f"is not a valid URL: its host:port does not parse (got {redact_url(url)!r}; a"
+            " password with / # @ : or % in it must be URL-encoded, e.g."
+            " urllib.parse.quote(password, safe=''))"
+        ) from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError(
             f"must start with redis://, rediss:// or unix:// (got {redact_url(url)!r})"
@@ -155,9 +165,18 @@ def _device(value: str) -> str:
     return value
 
 
+def _path_name(value: str) -> str:
+    """A target, view or family name: a folder of the training run, one path component."""
+    _non_empty(value)
+    if value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError(f"must be one folder name, without / or \\ (got {value!r})")
+    return value
+
+
 Name = Annotated[StrictStr, AfterValidator(_non_empty)]
+PathName = Annotated[StrictStr, AfterValidator(_path_name)]
+PathNameList = Annotated[tuple[StrictStr, ...], AfterValidator(_unique_names(_path_name))]
 KeyName = Annotated[StrictStr, AfterValidator(_key_name)]
-NameList = Annotated[tuple[StrictStr, ...], AfterValidator(_unique_names(_non_empty))]
 KeyNameList = Annotated[tuple[StrictStr, ...], AfterValidator(_unique_names(_key_name))]
 
 
@@ -185,14 +204,14 @@ class StreamsSettings(_Section):
     consumer: StrictStr = ""  # "" = <hostname>-<pid>
     batch: Annotated[StrictInt, _between(1, 100_000)] = 512
     # Never 0: XREADGROUP BLOCK 0 waits forever and a stop request would hang on it.
-    block_ms: Annotated[StrictInt, _at_least(1)] = 100
-    output_maxlen: Annotated[StrictInt, _at_least(1000)] = 1_000_000
+    block_ms: Annotated[StrictInt, _between(1, 60_000)] = 100
+    output_maxlen: Annotated[StrictInt, _between(1000, 2**63 - 1)] = 1_000_000
     partitions: Annotated[StrictInt, _between(1, MAX_PARTITIONS)] = 1
     partitions_owned: tuple[StrictInt, ...] = ()  # () = all
     # Of the owned partitions, those this instance serves first; it stands by for the others
     # and asks their holder to hand them back. () = all owned partitions are preferred.
     partitions_preferred: tuple[StrictInt, ...] = ()
-    lease_ms: Annotated[StrictInt, _at_least(100)] = 5000
+    lease_ms: Annotated[StrictInt, _between(100, 3_600_000)] = 5000
 
     @model_validator(mode="after")
     def _check_names_and_partitions(self) -> StreamsSettings:
@@ -235,9 +254,9 @@ class StreamsSettings(_Section):
 
 class ModelsSettings(_Section):
     run_root: Name = "runs/current"
-    view: Name = "CROSS_SECTIONAL"
-    targets: NameList = ()  # () = all
-    families: NameList = ()  # () = all
+    view: PathName = "CROSS_SECTIONAL"
+    targets: PathNameList = ()  # () = all
+    families: PathNameList = ()  # () = all
     device: Annotated[StrictStr, AfterValidator(_device)] = "cpu"
     allow_pickle: StrictBool = True
     interval_minutes: Annotated[StrictInt, _at_least(0)] = 0  # 0 = don't check

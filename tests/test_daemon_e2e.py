@@ -135,6 +135,26 @@ def test_check_rejects_a_bad_key_in_one_line(
 
 
 @pytest.mark.e2e
+def test_check_tries_the_metrics_port_as_run_would(lgb_run: Path, tmp_path: Path) -> None:
+    # `run --check` said "config ok" for a port another process held; `run` then exited 2.
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        env = h.daemon_env(LIVEPRED_METRICS__PORT=str(port), LIVEPRED_METRICS__HOST="127.0.0.1")
+        done = h.run_cli("run", "--config", str(_config(tmp_path, lgb_run)), "--check",
+                         "--offline", env=env)
+    finally:
+        holder.close()
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"livepred: error: metrics.port = {port}") and "another process" in line
+
+
+@pytest.mark.e2e
 def test_an_environment_override_is_checked_too(lgb_run: Path, tmp_path: Path) -> None:
     env = h.daemon_env(LIVEPRED_STATE__SYMBOL_TTL_S="0")
     done = h.run_cli("run", "--config", str(_config(tmp_path, lgb_run)), "--check", env=env)

@@ -182,10 +182,11 @@ ENV_CASES = [
     ("streams__batch", "0", "streams.batch: must be between 1 and 100000 (got 0)"),
     ("streams__batch", "100001", "streams.batch: must be between 1 and 100000 (got 100001)"),
     ("streams__batch", "ten", "streams.batch: must be an integer (got 'ten')"),
-    ("streams__block_ms", "0", "streams.block_ms: must be >= 1 (got 0)"),
-    ("streams__output_maxlen", "999", "streams.output_maxlen: must be >= 1000 (got 999)"),
+    ("streams__block_ms", "0", "streams.block_ms: must be between 1 and 60000 (got 0)"),
+    ("streams__output_maxlen", "999",
+     "streams.output_maxlen: must be between 1000 and 9223372036854775807 (got 999)"),
     ("streams__partitions", "0", "streams.partitions: must be between 1 and 16384 (got 0)"),
-    ("streams__lease_ms", "99", "streams.lease_ms: must be >= 100 (got 99)"),
+    ("streams__lease_ms", "99", "streams.lease_ms: must be between 100 and 3600000 (got 99)"),
     ("streams__input", "", "streams.input: must list at least one name"),
     ("streams__input", "bars,", "streams.input: each name must not be empty"),
     ("streams__input", "bars,bars", "streams.input: must not repeat a name (got 'bars' twice)"),
@@ -265,6 +266,59 @@ def test_url_error_hides_the_password() -> None:
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
 
 
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("redis://127.0.0.1:6398/0?password=S3cretPW&username=plain", "S3cretPW"),
+        ("unix:///run/redis.sock?password=S3cretPW&db=1", "S3cretPW"),
+        ("redis://lp:p@ss:w/rd#?%x@127.0.0.1:6398/0", "ss:w/rd"),  # unencoded: no parse
+        ("redis://plain:pa#ss@127.0.0.1:6398/0", "pa#ss"),
+        ("redis://:abc/def@h:1/0", "abc/def"),
+    ],
+)
+def test_no_form_of_a_password_in_a_url_is_ever_shown(
+    url: str, secret: str, tmp_path: Path
+) -> None:
+    # A query-string password (redis-py reads it) was never masked; an unencoded one made
+    # the URL unparsable, and the error showed it whole, or quoted its first letters.
+    assert secret not in redact_url(url) and "***" in redact_url(url)
+    try:
+        settings = load_settings(None, {"LIVEPRED_REDIS__URL": url})
+    except ConfigError as exc:
+        assert secret not in str(exc) and f"'{secret[:2]}'" not in str(exc)
+    else:
+        assert secret not in redact_url(settings.redis.url)
+    config = tmp_path / "livepred.toml"
+    config.write_text(f"[redis]\nurl = [{url!r}]\n")
+    with pytest.raises(ConfigError) as typed:
+        load_settings(config, {})
+    assert secret not in str(typed.value) and "must be a string" in str(typed.value)
+
+
+@pytest.mark.parametrize("value", ["a/b", ".", "..", "x/../CROSS_SECTIONAL", "/etc"])
+def test_a_view_target_or_family_must_be_one_folder_name(value: str) -> None:
+    # A "/" in models.view reached the loader: a traceback and exit 1 (a restart loop).
+    for key in ("view", "targets", "families"):
+        raw = value if key == "view" else f'["{value}"]'
+        with pytest.raises(ConfigError) as error:
+            load_settings(None, {f"LIVEPRED_MODELS__{key.upper()}": raw})
+        assert str(error.value).startswith(f"models.{key}: ") and "one folder name" in str(
+            error.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("output_maxlen", "99999999999999999999"), ("lease_ms", "99999999999999"),
+     ("block_ms", "600001")],
+)
+def test_stream_numbers_redis_would_refuse_are_config_errors(key: str, value: str) -> None:
+    # Past int64 Redis refused every write or read: the partition failed for ever, and an
+    # output XADD before the refused trim stayed in the stream at every retry.
+    with pytest.raises(ConfigError) as error:
+        load_settings(None, {f"LIVEPRED_STREAMS__{key.upper()}": value})
+    assert str(error.value).startswith(f"streams.{key}: must be between")
+
+
 def test_unix_socket_url_is_valid() -> None:
     s = load_settings(None, {"LIVEPRED_REDIS__URL": "unix:///run/redis.sock?db=1"})
     assert s.redis.url == "unix:///run/redis.sock?db=1"
@@ -287,7 +341,7 @@ TOML_CASES = [
     ("[stream]\nbatch = 5\n", "stream: unknown section"),
     ("streams = 5\n", "streams: must be a table ([streams])"),
     ('[redis]\ncluster = "yes"\n', "redis.cluster: must be true or false (got 'yes')"),
-    ("[redis]\nurl = 5\n", "redis.url: must be a string (got 5)"),
+    ("[redis]\nurl = 5\n", "redis.url: must be a string (got '...')"),  # never shown
     (
         '[streams]\npartitions_owned = ["0"]\n',
         "streams.partitions_owned: item 0: must be an integer",
