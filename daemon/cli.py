@@ -232,7 +232,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
         except BrokenPipeError:
             raise  # an OSError too, but no Redis one: the reader left (below)
         except UNAVAILABLE as exc:
-            return _fail(f"redis.url = {redact_url(settings.redis.url)!r}: {exc}")
+            from daemon.redis_faults import refuses_the_config
+
+            return _fail(f"redis.url = {redact_url(settings.redis.url)!r}: {exc}",
+                         EXIT_CONFIG if refuses_the_config(exc) else EXIT_FAILURE)
         finally:
             await redis.aclose()
         return 0
@@ -384,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "config") and not args.config:
+        # A container's way to name the file; `--config` wins.
+        args.config = os.environ.get("LIVEPRED_CONFIG") or None
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:

@@ -115,7 +115,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from daemon.model_setup import why_nothing_loaded
 
         return _fail(f"--run {options.run}: no model could be loaded"
-                     f" ({why_nothing_loaded(engine)}): nothing to replay")
+                     f" ({why_nothing_loaded(engine)}): nothing to replay", EXIT_CONFIG)
     _print_refusals(engine)
     show = sys.stderr.isatty()
     total = f"/{bars.total_rows}" if bars.total_rows is not None else ""

@@ -155,6 +155,19 @@ def test_check_tries_the_metrics_port_as_run_would(lgb_run: Path, tmp_path: Path
 
 
 @pytest.mark.e2e
+def test_livepred_config_names_the_file_when_config_is_not_given(
+    lgb_run: Path, tmp_path: Path
+) -> None:
+    # LIVEPRED_CONFIG was reserved (no key may be called that) but read by nothing: the
+    # daemon started on the defaults, another run root and Redis, without a word.
+    config = _config(tmp_path, lgb_run, state={"symbol_ttl_s": 0})  # invalid: shows it is read
+    done = h.run_cli("run", "--check", "--offline",
+                     env=h.daemon_env(LIVEPRED_CONFIG=str(config)))
+    assert done.returncode == 2
+    assert "state.symbol_ttl_s" in _one_error_line(done.stderr)
+
+
+@pytest.mark.e2e
 def test_an_environment_override_is_checked_too(lgb_run: Path, tmp_path: Path) -> None:
     env = h.daemon_env(LIVEPRED_STATE__SYMBOL_TTL_S="0")
     done = h.run_cli("run", "--config", str(_config(tmp_path, lgb_run)), "--check", env=env)

@@ -330,7 +330,8 @@ def test_the_daemons_config_gives_the_run_the_ttl_and_the_families(
     assert sum(d["features"]["ret_1d"] is not None for d in lines(default)) == 3 * 29
 
     config.write_text(f'[models]\nrun_root = "{run_dir}"\nfamilies = ["NoSuchFamily"]\n')
-    assert main(["replay", "-c", str(config), "--bars", str(path), "--out", str(short)]) == 1
+    # as `inspect` and `run` say it: a configuration error (exit 2)
+    assert main(["replay", "-c", str(config), "--bars", str(path), "--out", str(short)]) == 2
     assert "no model could be loaded" in capsys.readouterr().err
 
 

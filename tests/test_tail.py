@@ -289,3 +289,23 @@ def test_tail_and_the_config_load_no_model_code() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_tail_refused_by_redis_exits_2_as_run_does(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A wrong password: `run` exits 2 (a configuration error), `tail` exited 1.
+    from redis.exceptions import AuthenticationError
+
+    from daemon import redis_client
+    from daemon.cli import main
+
+    class Refusing(fakeredis.FakeAsyncRedis):
+        async def execute_command(self, *args: object, **kwargs: object) -> object:
+            raise AuthenticationError("invalid username-password pair or user is disabled.")
+
+    monkeypatch.setattr(redis_client, "make_redis", lambda settings: Refusing())
+    monkeypatch.setenv("LIVEPRED_REDIS__URL", "redis://app:wrong@127.0.0.1:6379/13")
+    assert main(["tail", "-n", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid username-password" in err and "wrong" not in err
