@@ -306,13 +306,7 @@ class PartitionWorker:
                 stream = entries[0].stream
                 counts = await self.io.delivery_counts(stream, [e.entry_id for e in entries])
             except TRANSIENT as exc:
-                if self.lease.lost.is_set():
-                    raise LeaseLost() from exc
-                self._progressed()  # waiting on Redis, not hung
-                delay = backoff.next_s()
-                self.metrics.redis_error()
-                self._log.warning("reading pending entries failed, retrying",
-                                  error=short_error(exc), delay_s=round(delay, 3))
+                delay = self._retry_delay(exc, backoff, "reading pending entries failed")
                 await sleep_unless(stop, delay)
                 if stop.is_set():
                     return None
@@ -342,6 +336,18 @@ class PartitionWorker:
 
     def _progressed(self) -> None:
         self.last_progress_s = time.monotonic()
+
+    def _retry_delay(self, exc: BaseException, backoff: Backoff, what: str) -> float:
+        """A Redis call of the partition in hand failed for want of an answer: LeaseLost if
+        the lease went meanwhile, else the wait before the call is made again (said, counted,
+        and no stall: waiting on Redis is not a hang)."""
+        if self.lease.lost.is_set():
+            raise LeaseLost() from exc
+        self._progressed()
+        delay = backoff.next_s()
+        self.metrics.redis_error()
+        self._log.warning(f"{what}, retrying", error=short_error(exc), delay_s=round(delay, 3))
+        return delay
 
     async def _process(self, entries: EntryBatch, read_at_us: int) -> None:
         commit, report = await self._compute(entries, read_at_us)
@@ -450,13 +456,7 @@ class PartitionWorker:
                 await self.io.recreate_groups()
                 continue
             except TRANSIENT as exc:
-                if self.lease.lost.is_set():
-                    raise LeaseLost() from exc
-                self.last_progress_s = time.monotonic()  # waiting on Redis, not hung
-                delay = backoff.next_s()
-                self.metrics.redis_error()
-                self._log.warning("commit failed, retrying", error=short_error(exc), delay_s=delay)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._retry_delay(exc, backoff, "commit failed"))
                 continue
             if result == LEASE_LOST:
                 if await self.lease.reclaim():
